@@ -1,0 +1,53 @@
+"""Decoupled contrastive loss (DCL) and its weighted form (DCLW)."""
+
+from __future__ import annotations
+
+import jax
+
+from losses.infonce import softmax_contrastive
+
+
+def decoupled(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    sigma: float | None = None,
+    symmetric: bool = True,
+    intra_view: bool = False,
+    block_size: int | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    r"""Decoupled contrastive loss (Yeh et al. 2022, arXiv 2110.06848), tiled.
+
+    As :func:`losses.infonce`, but the positive pair is removed from every denominator:
+    ``ℓ_i = logsumexp_{j≠i} s_ij − w_i s_ii`` (and the same-view terms with
+    ``intra_view=True``), which removes the negative-positive coupling that makes InfoNCE
+    sensitive to the batch size. ``sigma=None`` gives DCL (``w_i = 1``); a float gives
+    DCLW, ``w_i = 2 − B · softmax_i(x_i · y_i / σ)`` over the global batch, computed
+    without gradient. Needs a global batch of at least 2 pairs.
+
+    Args:
+      x, y: ``(B, D)`` embeddings, as in :func:`losses.infonce`.
+      temperature: ``τ > 0``, float or scalar array (differentiable).
+      sigma: DCLW's ``σ > 0``, or None for DCL.
+      symmetric, intra_view, block_size, axis_name: as in :func:`losses.infonce`.
+
+    Returns:
+      The scalar float32 loss over the global batch.
+
+    Example:
+      >>> import jax, losses
+      >>> x = jax.random.normal(jax.random.key(0), (256, 32))
+      >>> y = x + 0.1 * jax.random.normal(jax.random.key(1), (256, 32))
+      >>> bool(losses.decoupled(x, y, sigma=0.5) < losses.infonce(x, y, temperature=0.1))
+      True
+    """
+    return softmax_contrastive(
+        x, y, loss="decoupled", temperature=temperature, symmetric=symmetric,
+        intra_view=intra_view, drop_positive=True, sigma=sigma, block_size=block_size,
+        axis_name=axis_name,
+    )  # fmt: skip
+
+
+

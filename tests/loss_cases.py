@@ -1,0 +1,124 @@
+"""Shared helpers of the loss tests: random embeddings, the loss options, comparisons."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+import losses
+from losses import reference
+
+LOSSES = ("infonce", "sigmoid", "decoupled")
+
+# Every option of every loss; hyperparameters that are arrays (differentiable) are kept
+# apart from the static ones.
+OPTIONS = {
+    "infonce": [
+        {},
+        {"symmetric": False},
+        {"intra_view": True},
+        {"intra_view": True, "symmetric": False},
+    ],
+    "decoupled": [
+        {},
+        {"symmetric": False},
+        {"sigma": 0.5},
+        {"intra_view": True},
+        {"intra_view": True, "sigma": 0.8, "symmetric": False},
+    ],
+    "sigmoid": [{}],
+}
+CASES = [(name, opts) for name in LOSSES for opts in OPTIONS[name]]
+
+
+def case_id(case) -> str:
+    name, opts = case
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+def embeddings(seed: int, batch: int, dim: int, *, normalise: bool = True, dtype=jnp.float32):
+    """A pair of (batch, dim) embeddings whose rows are noisy copies of each other."""
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (batch, dim), jnp.float32)
+    y = x + 0.7 * jax.random.normal(ky, (batch, dim), jnp.float32)
+    if normalise:
+        # Rows of norm <= 1, so |s| <= 1 / temperature, as for L2-normalised embeddings;
+        # dividing by the largest norm keeps the values continuous even at dim = 1.
+        x = x / jnp.max(jnp.linalg.norm(x, axis=1))
+        y = y / jnp.max(jnp.linalg.norm(y, axis=1))
+    return x.astype(dtype), y.astype(dtype)
+
+
+def hyper(name: str, temperature: float, bias: float = -1.0) -> dict:
+    """Array hyperparameters, so that their gradients are checked too."""
+    h = {"temperature": jnp.float32(temperature)}
+    if name == "sigmoid":
+        h["bias"] = jnp.float32(bias)
+    return h
+
+
+def dense_value_and_grads(name: str, opts: dict, x, y, hp):
+    f = getattr(reference, name)
+    fn = lambda x, y, hp: f(x, y, **hp, **opts)
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(x, y, hp)
+
+
+def enable_x64():
+    try:
+        return jax.enable_x64(True)
+    except AttributeError:  # older jax
+        from jax.experimental import enable_x64 as ctx
+
+        return ctx()
+
+
+def oracle(name: str, opts: dict, x, y, hp):
+    """The dense reference evaluated in float64: the truth, as numpy arrays.
+
+    Float64 keeps the oracle's own rounding out of the comparison: where the softmax
+    saturates, the float32 dense loss loses digits that the tiled one keeps.
+    """
+    with enable_x64():
+        x64, y64 = (np.asarray(a, np.float64) for a in (x, y))
+        hp64 = {k: np.float64(v) for k, v in hp.items()}
+        return jax.tree.map(np.asarray, dense_value_and_grads(name, opts, x64, y64, hp64))
+
+
+def tiled_value_and_grads(name: str, opts: dict, x, y, hp, **engine):
+    f = getattr(losses, name)
+    fn = lambda x, y, hp: f(x, y, **hp, **opts, **engine)
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(x, y, hp)
+
+
+def assert_close(actual, expected, *, rtol: float, what: str = "") -> None:
+    """Norm-wise relative comparison: max |a - e| <= rtol * max |e| (per array)."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert a.shape == e.shape, (what, a.shape, e.shape)
+        assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+        scale = max(np.max(np.abs(e)), 1e-30) if e.size else 1.0
+        err = np.max(np.abs(a - e)) / scale if e.size else 0.0
+        assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def check_against_dense(name, opts, x, y, hp, **engine):
+    v, (dx, dy, dh) = tiled_value_and_grads(name, opts, x, y, hp, **engine)
+    vr, (dxr, dyr, dhr) = oracle(name, opts, x, y, hp)
+    assert_close(v, vr, rtol=1e-5, what=f"{name}{opts} value")
+    assert_close((dx, dy), (dxr, dyr), rtol=1e-4, what=f"{name}{opts} dx, dy")
+    if "bias" in hp:
+        assert_close(dh["bias"], dhr["bias"], rtol=1e-4, what=f"{name}{opts} d bias")
+    # dL/dτ = -Σ_ij G_ij s_ij / τ is a sum of terms of both signs that can cancel to 0;
+    # compare it with the size of those terms, (Σ_i |x_i·dx_i| + Σ_j |y_j·dy_j|) / (2τ).
+    terms = np.sum(np.abs(np.sum(np.asarray(x, np.float64) * np.asarray(dxr), axis=1)))
+    terms += np.sum(np.abs(np.sum(np.asarray(y, np.float64) * np.asarray(dyr), axis=1)))
+    terms /= 2 * float(hp["temperature"])
+    err = abs(float(dh["temperature"]) - float(dhr["temperature"]))
+    scale = max(abs(float(dhr["temperature"])), terms, 1e-30)
+    assert err <= 1e-4 * scale, f"{name}{opts} d temperature: {err:.2e} vs scale {scale:.2e}"
+
+
+cases = st.sampled_from(CASES)
+temperatures = st.floats(min_value=0.01, max_value=10.0).map(lambda t: float(np.float32(t)))
