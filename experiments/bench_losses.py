@@ -15,6 +15,7 @@ Writes experiments/results/bench_losses.{json,md} and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -88,20 +89,12 @@ def main(argv=None) -> list[dict]:
         y = x + 0.5 * jax.random.normal(ky, (batch, args.dim), jnp.float32)
         x, y = (a / jnp.linalg.norm(a, axis=1, keepdims=True) for a in (x, y))
         for name, opts in cases:
-            tiled = jax.jit(
-                jax.value_and_grad(
-                    lambda x, y, f=getattr(losses, name), o=opts: f(
-                        x, y, block_size=args.block_size, **o
-                    ),
-                    argnums=(0, 1),
-                )
+            tiled_loss = functools.partial(
+                getattr(losses, name), block_size=args.block_size, **opts
             )
-            dense = jax.jit(
-                jax.value_and_grad(
-                    lambda x, y, f=getattr(losses.reference, name), o=opts: f(x, y, **o),
-                    argnums=(0, 1),
-                )
-            )
+            dense_loss = functools.partial(getattr(losses.reference, name), **opts)
+            tiled = jax.jit(jax.value_and_grad(tiled_loss, argnums=(0, 1)))
+            dense = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))
             t_tiled = median_seconds(tiled, x, y, repeats=args.repeats)
             t_dense = median_seconds(dense, x, y, repeats=args.repeats)
             flops = matmul_flops(batch, args.dim, opts)

@@ -10,7 +10,8 @@ matrix is never built: it is computed tile by tile (``block_size``) and, inside
 >>> loss = losses.infonce(x, x, temperature=0.1)
 
 ``losses.sharded(loss, mesh, axis)`` calls a loss on globally sharded arrays from plain
-``jax.jit`` code. ``losses.reference`` holds dense versions of the same losses: the oracle of the tests.
+``jax.jit`` code. ``losses.reference`` holds dense versions of the same losses: the
+oracle of the tests.
 """
 
 from losses import _reference as reference

@@ -100,9 +100,7 @@ def ring(step, visiting, travelling, local, *, axis_name: AxisName, n: int):
         travelling, local = step(visiting, travelling, local, False)
         return incoming, _shift(travelling, axis_name, n), local
 
-    visiting, travelling, local = lax.fori_loop(
-        0, n - 2, middle, (incoming, travelling, local)
-    )
+    visiting, travelling, local = lax.fori_loop(0, n - 2, middle, (incoming, travelling, local))
     travelling, local = step(visiting, travelling, local, False)
     return _shift(travelling, axis_name, n), local
 
@@ -226,23 +224,52 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tiling: Tiling):
         y_vis, col_vis, x_vis, row_vis = visiting
         # Cross-view tile: dx (local) += G · y_vis, dy_vis += Gᵀ · x.
         d_x, d_y_vis, d_hyper = sweep(
-            xp, y_vis, scale, bias, row_stats, col_vis, d_x, d_y_vis, d_hyper,
-            diagonal=first, drop_diagonal=softmax,
-        )  # fmt: skip
+            xp,
+            y_vis,
+            scale,
+            bias,
+            row_stats,
+            col_vis,
+            d_x,
+            d_y_vis,
+            d_hyper,
+            diagonal=first,
+            drop_diagonal=softmax,
+        )
         if rule.intra_view:
             # x·x tile: both anchors' terms, accumulated on the local side only (the
             # visiting side gets its own when this block visits it).
             d_x, _, d_hyper = sweep(
-                xp, x_vis, scale, bias, row_stats[:2], row_vis[:2], d_x, None, d_hyper,
-                diagonal=first, drop_diagonal=True, hyper_weight=0.5,
-            )  # fmt: skip
+                xp,
+                x_vis,
+                scale,
+                bias,
+                row_stats[:2],
+                row_vis[:2],
+                d_x,
+                None,
+                d_hyper,
+                diagonal=first,
+                drop_diagonal=True,
+                hyper_weight=0.5,
+            )
             if rule.columns:
                 # y·y tile with the visiting block as rows, so that its accumulator (which
                 # travels anyway) takes the update and no local dy buffer is needed.
                 d_y_vis, _, d_hyper = sweep(
-                    y_vis, yp, scale, bias, col_vis[:2], col_stats[:2], d_y_vis, None,
-                    d_hyper, diagonal=first, drop_diagonal=True, hyper_weight=0.5,
-                )  # fmt: skip
+                    y_vis,
+                    yp,
+                    scale,
+                    bias,
+                    col_vis[:2],
+                    col_stats[:2],
+                    d_y_vis,
+                    None,
+                    d_hyper,
+                    diagonal=first,
+                    drop_diagonal=True,
+                    hyper_weight=0.5,
+                )
         return d_y_vis, (d_x, d_hyper)
 
     d_y, (d_x, d_hyper) = ring(step, visiting, zeros, (zeros, d_hyper), axis_name=axis_name, n=n)

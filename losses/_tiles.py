@@ -27,6 +27,7 @@ Every reduction is float32; tiles are multiplied in the input dtype on the matmu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -96,9 +97,6 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
-
-
-
 def _dot_nn(g: jax.Array, b: jax.Array) -> jax.Array:
     # (t, t) · (t, D) -> (t, D)
     return lax.dot_general(g, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
@@ -109,18 +107,37 @@ def _dot_tn(g: jax.Array, a: jax.Array) -> jax.Array:
     return lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
-def _tile_masks(i, j, tiling: Tiling, diagonal: bool):
-    """(keep, positive) masks of tile (i, j), or None where nothing needs masking.
+def _tile_masks(i, j, tiling: Tiling, diagonal: bool, masked: bool):
+    """(valid, positive) masks of tile (i, j), or None where nothing needs masking.
 
-    keep: the entry is a real pair (not padding) and not a dropped diagonal.
+    valid: the entry is a real pair (not padding).
     positive: the entry is on the diagonal of the ring step that pairs a block with itself.
     """
+    if not masked:
+        return None, None
     t = tiling.tile
     r = i * t + lax.broadcasted_iota(jnp.int32, (t, 1), 0)
     c = j * t + lax.broadcasted_iota(jnp.int32, (1, t), 1)
     valid = (r < tiling.size) & (c < tiling.size) if tiling.ragged else None
     positive = (r == c) if diagonal else None
     return valid, positive
+
+
+def _with_masks(i, j, tiling: Tiling, diagonal: bool, fn, *operands):
+    """``fn(masked, *operands)``, with masks only on the tiles that need them.
+
+    Only diagonal tiles of the step that pairs a block with itself hold positives, and only
+    the last row and column of tiles hold padding; every other tile skips the mask work.
+    """
+    if not (diagonal or tiling.ragged):
+        return fn(False, *operands)
+    last = tiling.count - 1
+    need = jnp.bool_(False)
+    if diagonal:
+        need = need | (i == j)
+    if tiling.ragged:
+        need = need | (i == last) | (j == last)
+    return lax.cond(need, functools.partial(fn, True), functools.partial(fn, False), *operands)
 
 
 def _masked_logits(s, valid, drop):
@@ -193,9 +210,9 @@ def sweep_forward(
     row_acc = _split(row_acc, tiling)
     col_acc = None if col_acc is None else _split(col_acc, tiling)
 
-    def tile(i, j, r_acc, c_acc):
+    def tile(masked, i, j, r_acc, c_acc):
         raw = _dot_nt(rows_t[i], cols_t[j])  # (t, D) · (D, t) -> (t, t)
-        valid, positive = _tile_masks(i, j, tiling, diagonal)
+        valid, positive = _tile_masks(i, j, tiling, diagonal, masked)
         if kind == "softplus":
             u = raw * scale + bias
             if positive is not None:
@@ -215,7 +232,7 @@ def sweep_forward(
 
         def col_step(j, inner):
             r, c = inner
-            return tile(i, j, r, c)
+            return _with_masks(i, j, tiling, diagonal, tile, i, j, r, c)
 
         r, col_acc = lax.fori_loop(0, tiling.count, col_step, (row_acc[i], col_acc))
         return row_acc.at[i].set(r), col_acc
@@ -248,8 +265,9 @@ def sweep_backward(
     """Recompute every tile, form ``G = dL/ds`` and accumulate ``G · cols`` and ``Gᵀ · rows``.
 
     row_stats: for ``logsumexp``, ``(lse, ga)`` per row, ``lse`` as ``(m, S)`` pairs: a
-    negative's entry of ``G`` is ``ga · exp(scale (x·y - m)) / S``; with a third entry ``gc`` on the step that holds the positives,
-    whose entry is ``-gc`` (see ``_ring._softmax_anchor_losses``). ``(g,)`` for
+    negative's entry of ``G`` is ``ga · exp(scale (x·y - m)) / S``; with a third entry
+    ``gc`` on the step that holds the positives, whose entry is ``-gc`` (see
+    ``_ring._softmax_anchor_losses``). ``(g,)`` for
     ``softplus``, ``g`` the cotangent of the row's loss.
     col_stats: the same per column, or None when columns have no loss of their own.
     d_rows, d_cols: ``(P, D)`` float32 accumulators of ``scale * G · cols`` and
@@ -264,8 +282,8 @@ def sweep_backward(
     d_cols = None if d_cols is None else _split(d_cols, tiling)
     dtype = rows.dtype
 
-    def grad_tile(i, j, raw):
-        valid, positive = _tile_masks(i, j, tiling, diagonal)
+    def grad_tile(i, j, raw, masked):
+        valid, positive = _tile_masks(i, j, tiling, diagonal, masked)
         if kind == "softplus":
             g_r = rs[0][i][:, None]
             u = raw * scale + bias
@@ -292,11 +310,10 @@ def sweep_backward(
         d_rows, d_cols, d_hyper = carry
         a = rows_t[i]
 
-        def col_step(j, inner):
-            d_a, d_cols, d_hyper = inner
+        def tile(masked, j, d_a, d_cols, d_hyper):
             b = cols_t[j]
             raw = _dot_nt(a, b)  # (t, D) · (D, t) -> (t, t)
-            g = grad_tile(i, j, raw)
+            g = grad_tile(i, j, raw, masked)
             gq = g.astype(dtype)
             d_a = d_a + scale * _dot_nn(gq, b)  # (t, t) · (t, D) -> (t, D)
             if d_cols is not None:
@@ -306,14 +323,17 @@ def sweep_backward(
             d_tile = jnp.stack([jnp.sum(g * raw), jnp.sum(g) if kind == "softplus" else 0.0])
             return d_a, d_cols, d_hyper + hyper_weight * d_tile
 
+        def col_step(j, inner):
+            return _with_masks(i, j, tiling, diagonal, tile, j, *inner)
+
         d_a, d_cols, d_hyper = lax.fori_loop(
             0, tiling.count, col_step, (d_rows[i], d_cols, d_hyper)
         )
         return d_rows.at[i].set(d_a), d_cols, d_hyper
 
-    d_rows, d_cols, d_hyper = lax.fori_loop(
-        0, tiling.count, row_step, (d_rows, d_cols, d_hyper)
+    d_rows, d_cols, d_hyper = lax.fori_loop(0, tiling.count, row_step, (d_rows, d_cols, d_hyper))
+    return (
+        d_rows.reshape(-1, rows.shape[1]),
+        (None if d_cols is None else d_cols.reshape(-1, rows.shape[1])),
+        d_hyper,
     )
-    return d_rows.reshape(-1, rows.shape[1]), (
-        None if d_cols is None else d_cols.reshape(-1, rows.shape[1])
-    ), d_hyper

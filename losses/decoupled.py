@@ -44,10 +44,14 @@ def decoupled(
       True
     """
     return softmax_contrastive(
-        x, y, loss="decoupled", temperature=temperature, symmetric=symmetric,
-        intra_view=intra_view, drop_positive=True, sigma=sigma, block_size=block_size,
+        x,
+        y,
+        loss="decoupled",
+        temperature=temperature,
+        symmetric=symmetric,
+        intra_view=intra_view,
+        drop_positive=True,
+        sigma=sigma,
+        block_size=block_size,
         axis_name=axis_name,
-    )  # fmt: skip
-
-
-
+    )

@@ -26,17 +26,29 @@ def softmax_contrastive(
 ) -> jax.Array:
     """The family behind ``infonce`` and ``decoupled``: mean of per-anchor softmax losses."""
     global_batch, tiling = prepare(
-        x, y, loss, min_batch=2 if drop_positive else 1, block_size=block_size,
-        axis_name=axis_name, temperature=temperature, sigma=sigma,
-    )  # fmt: skip
+        x,
+        y,
+        loss,
+        min_batch=2 if drop_positive else 1,
+        block_size=block_size,
+        axis_name=axis_name,
+        temperature=temperature,
+        sigma=sigma,
+    )
     weights = None if sigma is None else dclw_weights(x, y, sigma, axis_name, global_batch)
     rule = TileRule(
         "logsumexp", columns=symmetric, drop_positive=drop_positive, intra_view=intra_view
     )
     rows, cols = anchor_losses(
-        x, y, scale=inverse_temperature(temperature), bias=jnp.zeros((), jnp.float32),
-        weights=weights, rule=rule, axis_name=axis_name, tiling=tiling,
-    )  # fmt: skip
+        x,
+        y,
+        scale=inverse_temperature(temperature),
+        bias=jnp.zeros((), jnp.float32),
+        weights=weights,
+        rule=rule,
+        axis_name=axis_name,
+        tiling=tiling,
+    )
     partial = jnp.sum(rows) if cols is None else 0.5 * (jnp.sum(rows) + jnp.sum(cols))
     return global_sum(partial / global_batch, axis_name)
 
@@ -107,7 +119,14 @@ def infonce(
       True
     """
     return softmax_contrastive(
-        x, y, loss="infonce", temperature=temperature, symmetric=symmetric,
-        intra_view=intra_view, drop_positive=False, sigma=None, block_size=block_size,
+        x,
+        y,
+        loss="infonce",
+        temperature=temperature,
+        symmetric=symmetric,
+        intra_view=intra_view,
+        drop_positive=False,
+        sigma=None,
+        block_size=block_size,
         axis_name=axis_name,
-    )  # fmt: skip
+    )

@@ -46,11 +46,22 @@ def sigmoid(
       (256, 32)
     """
     global_batch, tiling = prepare(
-        x, y, "sigmoid", min_batch=1, block_size=block_size, axis_name=axis_name,
+        x,
+        y,
+        "sigmoid",
+        min_batch=1,
+        block_size=block_size,
+        axis_name=axis_name,
         temperature=temperature,
-    )  # fmt: skip
+    )
     rows, _ = anchor_losses(
-        x, y, scale=inverse_temperature(temperature), bias=jnp.asarray(bias, jnp.float32),
-        weights=None, rule=TileRule("softplus"), axis_name=axis_name, tiling=tiling,
-    )  # fmt: skip
+        x,
+        y,
+        scale=inverse_temperature(temperature),
+        bias=jnp.asarray(bias, jnp.float32),
+        weights=None,
+        rule=TileRule("softplus"),
+        axis_name=axis_name,
+        tiling=tiling,
+    )
     return global_sum(jnp.sum(rows) / global_batch, axis_name)

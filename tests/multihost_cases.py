@@ -14,4 +14,5 @@ def inputs():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 16)).astype(np.float32)
     y = (x + 0.5 * rng.standard_normal((32, 16))).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+    norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    return norm(x), norm(y)

@@ -5,6 +5,7 @@ Each process has 4 CPU devices; gloo carries the collectives between them. Proce
 writes the losses and gradients (gathered to host) to OUT_FILE as .npz.
 """
 
+import functools
 import os
 import sys
 
@@ -18,9 +19,13 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
 # A missing peer ends this process after these deadlines instead of hanging forever.
 jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-    initialization_timeout=60, heartbeat_timeout_seconds=20, shutdown_timeout_seconds=20,
-)  # fmt: skip
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=pid,
+    initialization_timeout=60,
+    heartbeat_timeout_seconds=20,
+    shutdown_timeout_seconds=20,
+)
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -41,7 +46,7 @@ y = jax.make_array_from_process_local_data(sharding, y_all[rows], y_all.shape)
 results = {}
 for key, (name, opts) in CASES.items():
     loss = losses.sharded(getattr(losses, name), mesh, "data")
-    fn = jax.jit(jax.value_and_grad(lambda x, y: loss(x, y, **opts), argnums=(0, 1)))
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, **opts), argnums=(0, 1)))
     value, (dx, dy) = fn(x, y)
     results[f"{key}/value"] = np.asarray(value)
     results[f"{key}/dx"] = multihost_utils.process_allgather(dx, tiled=True)

@@ -43,9 +43,12 @@ def ring_value_and_grads(name, opts, x, y, hp, *, mesh, axis, check_vma, inside,
         out_specs = (P(), (spec, spec, P()))
         return jax.jit(
             jax.shard_map(
-                fn, mesh=mesh, in_specs=(spec, spec, P()), out_specs=out_specs,
+                fn,
+                mesh=mesh,
+                in_specs=(spec, spec, P()),
+                out_specs=out_specs,
                 check_vma=check_vma,
-            )  # fmt: skip
+            )
         )(x, y, hp)
     sm = jax.shard_map(
         local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P(), check_vma=check_vma
@@ -58,9 +61,17 @@ def check_ring(name, opts, n, local_batch, dim, block, temperature, seed, check_
     x, y = embeddings(seed, n * local_batch, dim)
     hp = hyper(name, temperature)
     got = ring_value_and_grads(
-        name, opts, x, y, hp, mesh=mesh, axis="data", check_vma=check_vma, inside=inside,
+        name,
+        opts,
+        x,
+        y,
+        hp,
+        mesh=mesh,
+        axis="data",
+        check_vma=check_vma,
+        inside=inside,
         block=block,
-    )  # fmt: skip
+    )
     want = oracle(name, opts, x, y, hp)
     what = f"{name}{opts} n={n} vma={check_vma} inside={inside}"
     assert_close(got[0], want[0], rtol=1e-5, what=what + " value")
@@ -93,13 +104,19 @@ def test_ring_matches_dense(case, n, local_batch, dim, block, temperature, seed,
     check_ring(name, opts, n, local_batch, dim, block, temperature, seed, check_vma, False)
 
 
+# The three ways a user takes gradients: outside shard_map with and without check_vma,
+# and inside it (check_vma on). Each (loss, option) meets each ring size once, and the
+# way rotates with the ring size, so every option is checked in every way.
+WAYS = [(True, False), (False, False), (True, True)]
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_every_option_on_every_ring_size(case, n):
-    """Gradients outside shard_map with and without check_vma, and inside with it."""
     name, opts = case
-    for check_vma, inside in [(True, False), (False, False), (True, True)]:
-        check_ring(name, opts, n, 5, 12, 2, 0.2, n, check_vma, inside)
+    k = [1, 2, 4, 8].index(n) + CASES.index(case)
+    check_vma, inside = WAYS[k % len(WAYS)]
+    check_ring(name, opts, n, 5, 12, 2, 0.2, n, check_vma, inside)
 
 
 def test_tuple_axis_on_a_2d_mesh():
@@ -108,9 +125,17 @@ def test_tuple_axis_on_a_2d_mesh():
     for name, opts in [("infonce", {"intra_view": True}), ("sigmoid", {})]:
         hp = hyper(name, 0.3)
         got = ring_value_and_grads(
-            name, opts, x, y, hp, mesh=mesh, axis=("replica", "data"), check_vma=True,
-            inside=False, block=None,
-        )  # fmt: skip
+            name,
+            opts,
+            x,
+            y,
+            hp,
+            mesh=mesh,
+            axis=("replica", "data"),
+            check_vma=True,
+            inside=False,
+            block=None,
+        )
         want = oracle(name, opts, x, y, hp)
         assert_close(got[0], want[0], rtol=1e-5, what=name)
         assert_close(got[1][:2], want[1][:2], rtol=1e-4, what=name)
@@ -138,9 +163,11 @@ def test_gathered_baseline_matches_dense():
     hp = hyper("infonce", 0.1)
     f = losses.gathered(losses.infonce, "data")
     sm = jax.shard_map(
-        lambda x, y, hp: f(x, y, **hp), mesh=mesh, in_specs=(P("data"), P("data"), P()),
+        lambda x, y, hp: f(x, y, **hp),
+        mesh=mesh,
+        in_specs=(P("data"), P("data"), P()),
         out_specs=P(),
-    )  # fmt: skip
+    )
     got = jax.jit(jax.value_and_grad(sm, argnums=(0, 1, 2)))(x, y, hp)
     want = oracle("infonce", {}, x, y, hp)
     assert_close(got[0], want[0], rtol=1e-5, what="gathered")
@@ -156,9 +183,11 @@ def test_errors():
         losses.sharded(losses.infonce, mesh, "batch")
     with pytest.raises(ValueError, match="not a mesh axis"):
         jax.shard_map(
-            lambda x, y: losses.infonce(x, y, axis_name="batch"), mesh=mesh,
-            in_specs=(P("data"), P("data")), out_specs=P(),
-        )(x[:8], y[:8])  # fmt: skip
+            lambda x, y: losses.infonce(x, y, axis_name="batch"),
+            mesh=mesh,
+            in_specs=(P("data"), P("data")),
+            out_specs=P(),
+        )(x[:8], y[:8])
     one = data_mesh(1)
     with pytest.raises(ValueError, match="global batch of at least 2 pairs, got 1"):
         losses.sharded(losses.decoupled, one, "data")(x[:1], y[:1])
@@ -171,8 +200,10 @@ def _ring_temp(name, opts, *, batch, dim, n, gathered=False):
         f = losses.gathered(f, "data")
     sm = jax.shard_map(
         lambda x, y: f(x, y, **opts, **({} if gathered else {"axis_name": "data"})),
-        mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P(),
-    )  # fmt: skip
+        mesh=mesh,
+        in_specs=(P("data"), P("data")),
+        out_specs=P(),
+    )
     spec = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=NamedSharding(mesh, P("data")))
     compiled = jax.jit(jax.value_and_grad(sm, argnums=(0, 1))).lower(spec, spec).compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -180,10 +211,15 @@ def _ring_temp(name, opts, *, batch, dim, n, gathered=False):
 
 @pytest.mark.parametrize(
     "case",
-    [("infonce", {}), ("sigmoid", {}), ("decoupled", {"sigma": 0.5}),
-     ("infonce", {"intra_view": True}), ("decoupled", {"intra_view": True})],
+    [
+        ("infonce", {}),
+        ("sigmoid", {}),
+        ("decoupled", {"sigma": 0.5}),
+        ("infonce", {"intra_view": True}),
+        ("decoupled", {"intra_view": True}),
+    ],
     ids=case_id,
-)  # fmt: skip
+)
 def test_memory_at_a_million_pairs_on_8_devices(case):
     """B = 1,048,576, D = 768 float32 on 8 devices: a local shard of x is 384 MiB."""
     name, opts = case

@@ -42,7 +42,7 @@ def test_tiled_matches_dense(case, batch, dim, block, temperature, bias, seed):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("batch,block", [(1, None), (7, 3), (64, 64), (130, 32), (129, 50)])
+@pytest.mark.parametrize("batch,block", [(1, None), (7, 3), (129, 50)])
 def test_every_option_and_ragged_blocks(case, batch, block):
     name, opts = case
     x, y = embeddings(batch, batch, 24)
@@ -129,7 +129,6 @@ def test_decoupled_needs_two_pairs():
 
 
 MiB = 2**20
-
 
 
 def _temp_bytes(fn, *specs) -> int:

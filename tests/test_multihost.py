@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -32,10 +33,19 @@ def test_two_hosts_match_one(tmp_path):
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), str(i),
-             str(out)],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "tests" / "multihost_worker.py"),
+                str(port),
+                str(i),
+                str(out),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     logs = []
@@ -54,7 +64,7 @@ def test_two_hosts_match_one(tmp_path):
     for key, (name, opts) in CASES.items():
         loss = losses.sharded(getattr(losses, name), mesh, "data")
         value, (dx, dy) = jax.jit(
-            jax.value_and_grad(lambda x, y: loss(x, y, **opts), argnums=(0, 1))
+            jax.value_and_grad(functools.partial(loss, **opts), argnums=(0, 1))
         )(x, y)
         np.testing.assert_allclose(two[f"{key}/value"], value, rtol=1e-6, err_msg=key)
         np.testing.assert_allclose(two[f"{key}/dx"], dx, rtol=1e-5, atol=1e-7, err_msg=key)

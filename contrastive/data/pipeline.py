@@ -1,0 +1,283 @@
+"""TFDS data sources + grain pipelines for contrastive training and evaluation.
+
+``tfds.data_source`` gives random access to array_record files (no TensorFlow); grain's
+``MapDataset`` turns it into an infinite, shuffled, augmented, batched *random-access*
+sequence: ``train_dataset(...)[step]`` is this host's batch for ``step``. Batches are a pure
+function of ``(seed, step, process_index)``, so the data-iterator position saved in a
+checkpoint is just the next step, and a resumed run sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from contrastive.data.augment import AugmentConfig, eval_view, random_resized_crop, simclr_view
+from contrastive.data.digits import NAME as DIGITS_TFDS_NAME
+from contrastive.data.digits import prepare_digits
+from contrastive.data.text import HashTokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one TFDS dataset and what its examples become."""
+
+    tfds_name: str
+    kind: Literal["image", "image_text"]
+    train_split: str
+    test_split: str
+    image_size: int  # side of the (square) images fed to the model
+    channels: int
+    num_classes: int = 0  # 0: no labels (image-text pairs)
+    augment: AugmentConfig = AugmentConfig()
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # Digits are not mirror-symmetric (a flipped 2 looks like a 5): no flips, grey jitter only.
+    "digits": DatasetSpec(
+        DIGITS_TFDS_NAME,
+        "image",
+        "train",
+        "test",
+        16,
+        1,
+        10,
+        AugmentConfig(image_size=16, crop_scale=(0.4, 1.0), flip=False),
+    ),
+    "cifar10": DatasetSpec("cifar10", "image", "train", "test", 32, 3, 10, AugmentConfig(32)),
+    "cifar100": DatasetSpec("cifar100", "image", "train", "test", 32, 3, 100, AugmentConfig(32)),
+    # STL-10 is 96x96; 64 keeps CPU runs affordable (use --image-size 96 for the full size).
+    "stl10": DatasetSpec("stl10", "image", "train", "test", 64, 3, 10, AugmentConfig(64)),
+    # Explicit version: TFDS then reads the prepared files' metadata instead of running the
+    # builder code, whose feature spec needs TensorFlow.
+    "coco_captions": DatasetSpec(
+        "coco_captions/2014:1.1.0",
+        "image_text",
+        "train",
+        "val",
+        64,
+        3,
+        0,
+        AugmentConfig(64, crop_scale=(0.5, 1.0), flip=False, jitter_prob=0.0, grayscale_prob=0.0),
+    ),
+}
+
+
+def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
+    """The spec of a known dataset, optionally at another image size."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if image_size is not None and image_size != spec.image_size:
+        if image_size < 4:
+            raise ValueError(f"image size must be at least 4, got {image_size}")
+        spec = dataclasses.replace(
+            spec,
+            image_size=image_size,
+            augment=dataclasses.replace(spec.augment, image_size=image_size),
+        )
+    return spec
+
+
+def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Sequence:
+    """Random-access TFDS source of ``split``; prepares the offline digits on first use.
+
+    Nothing else is downloaded: a missing dataset is a ``ValueError`` saying how to fix it.
+    """
+    spec = get_spec(name)
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    if name == "digits":
+        return prepare_digits(data_dir).as_data_source(split=split)
+    try:
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several types for "not there"; one message for all
+        where = data_dir or "the default TFDS data dir"
+        raise ValueError(
+            f"dataset {name!r} ({spec.tfds_name}, split {split!r}) is not prepared in {where}: "
+            f"prepare it with `tfds build {spec.tfds_name.split(':')[0]} --file_format="
+            f"array_record --data_dir DIR` and pass --data-dir DIR, or use --dataset digits "
+            f"(offline) [{type(e).__name__}]"
+        ) from e
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    return image.astype(np.float32) / 255.0
+
+
+def _first_caption(example: dict[str, Any]) -> Any:
+    return np.asarray(example["captions"]["text"]).reshape(-1)[0]
+
+
+def _two_views(spec: DatasetSpec):
+    def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
+        image = _to_float(example["image"])
+        return {
+            "view1": simclr_view(image, rng, spec.augment),
+            "view2": simclr_view(image, rng, spec.augment),
+            "label": np.int32(example["label"]),
+        }
+
+    return fn
+
+
+def _image_text(spec: DatasetSpec, tokenizer: HashTokenizer):
+    a = spec.augment
+
+    def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
+        image = _to_float(example["image"])
+        texts = np.asarray(example["captions"]["text"]).reshape(-1)
+        caption = texts[rng.integers(len(texts))] if len(texts) else ""
+        view = random_resized_crop(image, rng, a.image_size, a.crop_scale, a.crop_ratio)
+        return {"image": view.astype(np.float32), "text": tokenizer(caption)}
+
+    return fn
+
+
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Examples per host; the global batch must split evenly over the hosts."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the {process_count} hosts: "
+            f"use a multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def train_dataset(
+    name: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+    split: str | None = None,
+    image_size: int | None = None,
+    tokenizer: HashTokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: Sequence | None = None,
+) -> grain.MapDataset:
+    """Infinite random-access dataset of this host's training batches.
+
+    Each host reads the examples ``process_index::process_count`` (disjoint shards), shuffles
+    them with a new order every epoch, augments and batches. Element ``s`` is the batch of
+    step ``s``:
+
+    - ``kind="image"``: ``view1, view2: float32[b, S, S, C]`` (two SimCLR views in [0, 1]),
+      ``label: int32[b]``;
+    - ``kind="image_text"``: ``image: float32[b, S, S, C]``, ``text: int32[b, L]``;
+
+    with ``b = global_batch_size // process_count`` and ``S`` the spec's image size.
+    """
+    spec = get_spec(name, image_size)
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    b = host_batch_size(global_batch_size, pc)
+    src = source if source is not None else load_source(name, split or spec.train_split, data_dir)
+    ds = grain.MapDataset.source(src)[pi::pc]
+    if len(ds) < b:
+        raise ValueError(
+            f"dataset {name!r} has {len(ds)} training examples per host, fewer than the "
+            f"per-host batch of {b}: lower --batch-size"
+        )
+    # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
+    ds = ds.shuffle(seed=seed).repeat()
+    if spec.kind == "image":
+        ds = ds.random_map(_two_views(spec), seed=seed + 1)
+    else:
+        ds = ds.random_map(_image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1)
+    return ds.batch(b, drop_remainder=True)
+
+
+class BatchIterator:
+    """Iterator over ``dataset[position], dataset[position + 1], ...`` with a saveable position.
+
+    ``get_state()``/``set_state()`` are what the checkpoint stores: with a random-access
+    pipeline, the position is the whole state. With ``prefetch`` the next batch is built in
+    a background thread while the caller trains on the current one; batches are pure
+    functions of their index, so this changes no value.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, position: int = 0, *, prefetch: bool = True):
+        self.dataset = dataset
+        self.position = position
+        self._pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        self._pending: tuple[int, Future] | None = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def _fetch(self, index: int) -> Batch:
+        if self._pending is not None and self._pending[0] == index:
+            batch = self._pending[1].result()
+        else:
+            batch = self.dataset[index]
+        self._pending = None
+        if self._pool is not None:
+            self._pending = (index + 1, self._pool.submit(self.dataset.__getitem__, index + 1))
+        return batch
+
+    def __next__(self) -> Batch:
+        batch = self._fetch(self.position)
+        self.position += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending = None
+
+
+def eval_arrays(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    max_examples: int | None = None,
+    tokenizer: HashTokenizer | None = None,
+    source: Sequence | None = None,
+) -> Batch:
+    """The first ``max_examples`` of ``split`` as arrays, un-augmented, for evaluation.
+
+    ``image: float32[N, S, S, C]`` plus ``label: int32[N]`` (labelled datasets) or
+    ``text: int32[N, L]`` (first caption of each image).
+    """
+    spec = get_spec(name, image_size)
+    src = source if source is not None else load_source(name, split, data_dir)
+    n = len(src) if max_examples is None else min(len(src), max_examples)
+    images, labels, texts = [], [], []
+    tok = tokenizer or HashTokenizer()
+    for i in range(n):
+        ex = src[i]
+        images.append(eval_view(_to_float(ex["image"]), spec.image_size))
+        if spec.kind == "image":
+            labels.append(ex["label"])
+        else:
+            texts.append(tok(_first_caption(ex)))
+    out = {"image": np.stack(images).astype(np.float32)}
+    if spec.kind == "image":
+        out["label"] = np.asarray(labels, np.int32)
+    else:
+        out["text"] = np.stack(texts)
+    return out

@@ -1,0 +1,112 @@
+"""Dual encoders and the bundled encoders: shapes, normalisation, temperature, dropout keys."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from contrastive import models
+
+B, D = 6, 16
+
+
+def _image_batch(shape, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (B, *shape)), jax.random.normal(k2, (B, *shape))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("mlp", (64,)), ("resnet", (8, 8, 3)), ("vit", (8, 8, 3))]
+)
+def test_bundled_encoders_give_unit_embeddings_chunk_independent(name, shape):
+    rngs = nnx.Rngs(0)
+    model = models.DualEncoder(
+        models.make_image_encoder(name, shape, width=8 if name == "resnet" else None, rngs=rngs),
+        embed_dim=D,
+        rngs=rngs,
+    )
+    graphdef, params = nnx.split(model)
+    encode = jax.jit(models.encode_fn(graphdef))
+    batch = _image_batch(shape)
+    x, y = encode(params, batch, None)
+    assert x.shape == y.shape == (B, D) and x.dtype == jnp.float32
+    np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
+    # No batch statistics anywhere: a row's embedding ignores the other rows (so chunking
+    # cannot change it). Same shapes, one compilation: replace the last rows only.
+    other = jax.tree_util.tree_map(lambda a, o: a.at[3:].set(o[3:]), batch, _image_batch(shape, 1))
+    x_other, _ = encode(params, other, None)
+    np.testing.assert_allclose(x_other[:3], x[:3], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(x_other[3:], x[3:])
+    # One tower for both views (SimCLR): the same input gives the same embedding.
+    same, _ = encode(params, (batch[1], batch[0]), None)
+    np.testing.assert_allclose(same, y, rtol=1e-5, atol=1e-6)
+
+
+def test_image_text_two_towers_bf16_compute_f32_params():
+    rngs = nnx.Rngs(0)
+    image = models.ViTEncoder(8, 3, 4, 32, 1, 4, dtype=jnp.bfloat16, rngs=rngs)
+    text = models.TextTransformer(50, 10, 32, 1, 4, dtype=jnp.bfloat16, rngs=rngs)
+    model = models.DualEncoder(
+        image,
+        text,
+        embed_dim=D,
+        init_temperature=models.SIGLIP_INIT_TEMPERATURE,
+        init_bias=models.SIGLIP_INIT_BIAS,
+        dtype=jnp.bfloat16,
+        rngs=rngs,
+    )
+    tokens = jnp.array([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0]] * 3)
+    graphdef, params = nnx.split(model)
+    x, y = jax.jit(models.encode_fn(graphdef))(params, (jnp.ones((B, 8, 8, 3)), tokens), None)
+    assert x.shape == y.shape == (B, D) and x.dtype == y.dtype == jnp.float32
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
+    assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+    # SigLIP init: t' = log 10, b = -10.
+    np.testing.assert_allclose(model.log_inv_temperature[...], math.log(10.0), rtol=1e-6)
+    np.testing.assert_allclose(model.temperature(), 0.1, rtol=1e-6)
+    assert float(model.bias_value()) == -10.0
+
+
+def test_clip_init_and_shared_tower_has_no_second_tower():
+    rngs = nnx.Rngs(0)
+    model = models.DualEncoder(models.MLPEncoder(4, 8, 1, rngs=rngs), rngs=rngs)
+    np.testing.assert_allclose(model.temperature(), models.CLIP_INIT_TEMPERATURE, rtol=1e-6)
+    assert model.shared and model.bias_value() is None
+    _, params = nnx.split(model)
+    assert set(params.keys()) == {"tower_x", "head_x", "log_inv_temperature"}
+
+
+def test_dropout_follows_the_key():
+    rngs = nnx.Rngs(0)
+    tower = models.MLPEncoder(64, 32, 2, dropout_rate=0.5, rngs=rngs)
+    model = models.DualEncoder(tower, embed_dim=D, head_hidden=32, rngs=rngs)
+    graphdef, params = nnx.split(model)
+    encode = jax.jit(models.encode_fn(graphdef))
+    batch = _image_batch((64,))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a, b, c = encode(params, batch, k1), encode(params, batch, k1), encode(params, batch, k2)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.allclose(a[0], c[0])
+    # Without a key, dropout is off and the views of one input agree.
+    x, y = encode(params, (batch[0], batch[0]), None)
+    np.testing.assert_array_equal(x, y)
+    # With a key the two views get different masks.
+    x, y = encode(params, (batch[0], batch[0]), k1)
+    assert not np.allclose(x, y)
+
+
+def test_bad_arguments_are_clear_errors():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        models.make_image_encoder("vgg", (8, 8, 3), rngs=rngs)
+    with pytest.raises(ValueError, match="input_shape"):
+        models.make_image_encoder("resnet", (64,), rngs=rngs)
+    with pytest.raises(ValueError, match="init_temperature"):
+        models.DualEncoder(models.MLPEncoder(4, 8, 1, rngs=rngs), init_temperature=0.0, rngs=rngs)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        models.ViTEncoder(8, 3, 4, 30, 1, 4, rngs=rngs)
