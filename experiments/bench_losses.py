@@ -48,14 +48,17 @@ def matmul_flops(batch: int, dim: int, opts: dict) -> float:
     return (cross + intra) * batch * batch * dim
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
+def median_seconds(fns, *args, repeats: int) -> list[float]:
+    """Median wall time of each function; calls alternate so that load hits all alike."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, t in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def temp_bytes(fn, *args) -> int:
@@ -66,7 +69,7 @@ def temp_bytes(fn, *args) -> int:
 def matmul_rate(repeats: int) -> float:
     a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)
-    return 2 * 4096**3 / median_seconds(mm, a, a, repeats=repeats)
+    return 2 * 4096**3 / median_seconds([mm], a, a, repeats=repeats)[0]
 
 
 def main(argv=None) -> list[dict]:
@@ -95,8 +98,7 @@ def main(argv=None) -> list[dict]:
             dense_loss = functools.partial(getattr(losses.reference, name), **opts)
             tiled = jax.jit(jax.value_and_grad(tiled_loss, argnums=(0, 1)))
             dense = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))
-            t_tiled = median_seconds(tiled, x, y, repeats=args.repeats)
-            t_dense = median_seconds(dense, x, y, repeats=args.repeats)
+            t_tiled, t_dense = median_seconds([tiled, dense], x, y, repeats=args.repeats)
             flops = matmul_flops(batch, args.dim, opts)
             row = {
                 "batch": batch,

@@ -175,7 +175,8 @@ def lse_value(pairs: jax.Array, scale: jax.Array) -> jax.Array:
 
 def empty_lse(size: int) -> jax.Array:
     """``size`` log-sum-exps of nothing: ``(-inf, 0)`` pairs."""
-    return jnp.zeros((size, 2), F32).at[:, 0].set(NEG_INF)
+    # A broadcast, not a scatter into a constant: XLA would fold a (size, 2) constant.
+    return jnp.broadcast_to(jnp.array([NEG_INF, 0.0], F32), (size, 2))
 
 
 def _split(a: jax.Array, tiling: Tiling) -> jax.Array:
