@@ -37,7 +37,6 @@ def check_pair(
     min_batch: int,
     temperature=None,
     sigma=None,
-    batch_word: str = "batch",
 ) -> None:
     """Validate a pair of embedding matrices ``x``, ``y`` of shape ``(B, D)``."""
     for name, a in (("x", x), ("y", y)):
@@ -64,8 +63,7 @@ def check_pair(
         )
     if x.shape[0] < min_batch:
         raise ValueError(
-            f"{loss}: needs a {batch_word} of at least {min_batch} pairs, got x of shape "
-            f"{jnp.shape(x)}."
+            f"{loss}: needs a batch of at least {min_batch} pairs, got x of shape {jnp.shape(x)}."
         )
     if temperature is not None:
         check_scalar("temperature", temperature, positive=True)
