@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -43,6 +43,10 @@ def sharded(
     for a in names:
         n *= mesh.shape[a]
     spec = P(axis_name)
+    # On a mesh with Explicit axes, shard_map wants inputs already split as in_specs says;
+    # on an Auto mesh it reshards by itself.
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    explicit = any(t == AxisType.Explicit for t in types.values())
 
     @functools.wraps(loss)
     def call(x: jax.Array, y: jax.Array, **hyper) -> jax.Array:
@@ -53,6 +57,8 @@ def sharded(
                     f"{a.shape}) does not split into {n} equal shards along mesh axis "
                     f"{axis_name!r}; use a batch that is a multiple of {n}."
                 )
+        if explicit:
+            x, y = (jax.reshard(a, NamedSharding(mesh, spec)) for a in (x, y))
         arrays = {k: v for k, v in hyper.items() if isinstance(v, jax.Array)}
         static = {k: v for k, v in hyper.items() if k not in arrays}
 
