@@ -93,14 +93,16 @@ def tiled_value_and_grads(name: str, opts: dict, x, y, hp, **engine):
 
 
 def assert_close(actual, expected, *, rtol: float, what: str = "") -> None:
-    """Norm-wise relative comparison: max |a - e| <= rtol * max |e| (per array)."""
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    """Norm-wise relative comparison, leaf by leaf: max |a - e| <= rtol * max |e|."""
+    leaves = jax.tree_util.tree_leaves_with_path(actual)
+    for (path, a), e in zip(leaves, jax.tree.leaves(expected), strict=True):
+        where = f"{what}{jax.tree_util.keystr(path)}"
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        assert a.shape == e.shape, (what, a.shape, e.shape)
-        assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+        assert a.shape == e.shape, (where, a.shape, e.shape)
+        assert np.all(np.isfinite(a)), f"{where}: non-finite values"
         scale = max(np.max(np.abs(e)), 1e-30) if e.size else 1.0
         err = np.max(np.abs(a - e)) / scale if e.size else 0.0
-        assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+        assert err <= rtol, f"{where}: relative error {err:.2e} > {rtol:.0e}"
 
 
 def check_against_dense(name, opts, x, y, hp, **engine):

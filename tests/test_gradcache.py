@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import losses
 from contrastive import gradcache
+from tests.loss_cases import assert_close
 
 RTOL_VALUE, RTOL_GRAD = 1e-5, 1e-4
 
@@ -47,19 +48,6 @@ def _batch(key, b, d_in=5):
     return jax.random.normal(k1, (b, d_in)), jax.random.normal(k2, (b, d_in))
 
 
-def assert_trees_close(a, b, rtol):
-    """Leaf-wise ``max|a - b| <= rtol * max|b|`` (relative to each leaf's scale)."""
-    for (path, u), v in zip(
-        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
-    ):
-        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-        scale = max(np.max(np.abs(v)), 1e-30)
-        err = np.max(np.abs(u - v))
-        assert err <= rtol * scale, (
-            f"{jax.tree_util.keystr(path)}: err {err:.3g}, scale {scale:.3g}"
-        )
-
-
 @pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(
@@ -85,7 +73,7 @@ def test_cached_equals_reference(b, chunk, dropout, seed):
     both = jax.jit(lambda p: (cached(p, batch, drop_key), jax.value_and_grad(plain)(p)))
     (loss, grads), (ref_loss, ref_grads) = both(params)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL_VALUE)
-    assert_trees_close(grads, ref_grads, RTOL_GRAD)
+    assert_close(grads, ref_grads, rtol=RTOL_GRAD)
 
 
 def test_without_keys_equals_unchunked_plain_step():
@@ -95,7 +83,7 @@ def test_without_keys_equals_unchunked_plain_step():
     plain = jax.value_and_grad(lambda p: _toy_loss(p, _toy_encode(p, batch, None)))
     (loss, grads), (ref_loss, ref_grads) = jax.jit(lambda p: (cached(p, batch), plain(p)))(params)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL_VALUE)
-    assert_trees_close(grads, ref_grads, RTOL_GRAD)
+    assert_close(grads, ref_grads, rtol=RTOL_GRAD)
 
 
 def test_chunks_cover_every_row_once():

@@ -16,6 +16,7 @@ import losses
 from contrastive import gradcache, models, optim
 from contrastive import mesh as mesh_lib
 from contrastive import train_step as ts
+from tests.loss_cases import assert_close
 
 RTOL_VALUE, RTOL_GRAD = 1e-5, 1e-4
 D_IN, B = 12, 48
@@ -44,19 +45,6 @@ def _batch(b=B, seed=1):
     k1, k2 = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(k1, (b, D_IN))
     return x, x + 0.3 * jax.random.normal(k2, (b, D_IN))
-
-
-def assert_trees_close(a, b, rtol):
-    """Leaf-wise ``max|a - b| <= rtol * max|b|`` (relative to each leaf's scale)."""
-    for (path, u), v in zip(
-        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
-    ):
-        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-        scale = max(np.max(np.abs(v)), 1e-30)
-        err = np.max(np.abs(u - v))
-        assert err <= rtol * scale, (
-            f"{jax.tree_util.keystr(path)}: err {err:.3g}, scale {scale:.3g}"
-        )
 
 
 LOSS_CONFIGS = {
@@ -95,8 +83,8 @@ def test_cached_gradients_equal_plain(loss_name, num_devices, dropout):
 
     ((loss, aux), grads), ((ref_loss, ref_aux), ref_grads) = both(params, batch, key)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL_VALUE)
-    assert_trees_close(grads, ref_grads, RTOL_GRAD)
-    assert_trees_close(aux, ref_aux, RTOL_VALUE)
+    assert_close(grads, ref_grads, rtol=RTOL_GRAD)
+    assert_close(aux, ref_aux, rtol=RTOL_VALUE)
     # The temperature gets a gradient from the loss (and the bias too for the sigmoid loss).
     assert float(jnp.abs(grads["log_inv_temperature"][...])) > 0
     assert (float(jnp.abs(grads["bias"][...])) > 0) == (loss_name == "sigmoid")
@@ -132,8 +120,8 @@ def test_train_step_cached_equals_plain_on_8_devices():
         "learning_rate",
     }
     assert int(s1.step) == 2
-    assert_trees_close(m1, m0, RTOL_GRAD)
-    assert_trees_close(s1.params, s0.params, RTOL_GRAD)
+    assert_close(m1, m0, rtol=RTOL_GRAD)
+    assert_close(s1.params, s0.params, rtol=RTOL_GRAD)
     assert s1.params["tower_x"]["linears"][0]["kernel"][...].sharding.is_fully_replicated
 
 
@@ -181,7 +169,7 @@ def test_ring_hook_matches_gspmd_loss(loss_name):
         out.append(jax.jit(f)(params, batch, None))
     ((l0, _), g0), ((l1, _), g1) = out
     np.testing.assert_allclose(l1, l0, rtol=RTOL_VALUE)
-    assert_trees_close(g1, g0, RTOL_GRAD)
+    assert_close(g1, g0, rtol=RTOL_GRAD)
 
 
 def test_errors_are_clear():
