@@ -105,21 +105,41 @@ def assert_close(actual, expected, *, rtol: float, what: str = "") -> None:
         assert err <= rtol, f"{where}: relative error {err:.2e} > {rtol:.0e}"
 
 
+def summed_terms(x, y, hp, dx, dy) -> dict:
+    """The size of the terms each hyperparameter's gradient sums, float64.
+
+    dL/dτ = -Σ_ij G_ij s_ij / τ and dL/db = Σ_ij G_ij (G = dL/ds) are sums of terms of both
+    signs that can cancel to almost nothing (a hard negative against a misplaced positive),
+    where no float32 computation, the dense one included, keeps relative digits. They are
+    compared against the size of their terms: (Σ_i |x_i·dx_i| + Σ_j |y_j·dy_j|) / (2τ)
+    for the temperature and Σ_ij |G_ij| for the bias.
+    """
+    x, y, dx, dy = (np.asarray(a, np.float64) for a in (x, y, dx, dy))
+    tau = float(hp["temperature"])
+    terms = {"temperature": (np.abs(np.sum(x * dx, 1)).sum() + np.abs(np.sum(y * dy, 1)).sum())}
+    terms["temperature"] /= 2 * tau
+    if "bias" in hp:  # the sigmoid loss: |G_ij| = sigmoid(-z_ij (s_ij + b)) / B
+        n = x.shape[0]
+        zs = (2 * np.eye(n) - 1) * (x @ y.T / tau + float(hp["bias"]))
+        terms["bias"] = np.sum(np.exp(-np.logaddexp(0.0, zs))) / n
+    return terms
+
+
+def assert_hyper_grads_close(got: dict, want: dict, terms: dict, *, what: str) -> None:
+    """Each hyperparameter's gradient within 1e-4 of the larger of its value and its terms."""
+    for k, w in want.items():
+        err = abs(float(got[k]) - float(w))
+        scale = max(abs(float(w)), terms[k], 1e-30)
+        assert err <= 1e-4 * scale, f"{what} d{k}: {err:.2e} vs scale {scale:.2e}"
+
+
 def check_against_dense(name, opts, x, y, hp, **engine):
     v, (dx, dy, dh) = tiled_value_and_grads(name, opts, x, y, hp, **engine)
     vr, (dxr, dyr, dhr) = oracle(name, opts, x, y, hp)
     assert_close(v, vr, rtol=1e-5, what=f"{name}{opts} value")
     assert_close((dx, dy), (dxr, dyr), rtol=1e-4, what=f"{name}{opts} dx, dy")
-    if "bias" in hp:
-        assert_close(dh["bias"], dhr["bias"], rtol=1e-4, what=f"{name}{opts} d bias")
-    # dL/dτ = -Σ_ij G_ij s_ij / τ is a sum of terms of both signs that can cancel to 0;
-    # compare it with the size of those terms, (Σ_i |x_i·dx_i| + Σ_j |y_j·dy_j|) / (2τ).
-    terms = np.sum(np.abs(np.sum(np.asarray(x, np.float64) * np.asarray(dxr), axis=1)))
-    terms += np.sum(np.abs(np.sum(np.asarray(y, np.float64) * np.asarray(dyr), axis=1)))
-    terms /= 2 * float(hp["temperature"])
-    err = abs(float(dh["temperature"]) - float(dhr["temperature"]))
-    scale = max(abs(float(dhr["temperature"])), terms, 1e-30)
-    assert err <= 1e-4 * scale, f"{name}{opts} d temperature: {err:.2e} vs scale {scale:.2e}"
+    terms = summed_terms(x, y, hp, dxr, dyr)
+    assert_hyper_grads_close(dh, dhr, terms, what=f"{name}{opts}")
 
 
 cases = st.sampled_from(CASES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,11 +14,13 @@ import losses
 from tests.loss_cases import (
     CASES,
     assert_close,
+    assert_hyper_grads_close,
     case_id,
     cases,
     embeddings,
     hyper,
     oracle,
+    summed_terms,
     temperatures,
 )
 
@@ -76,14 +77,8 @@ def check_ring(name, opts, n, local_batch, dim, block, temperature, seed, check_
     what = f"{name}{opts} n={n} vma={check_vma} inside={inside}"
     assert_close(got[0], want[0], rtol=1e-5, what=what + " value")
     assert_close(got[1][:2], want[1][:2], rtol=1e-4, what=what + " dx, dy")
-    for k in hp:  # temperature (and bias): compared with the size of the summed terms
-        terms = sum(
-            np.sum(np.abs(np.sum(np.asarray(a, np.float64) * g, axis=1)))
-            for a, g in ((x, want[1][0]), (y, want[1][1]))
-        ) / (2 * temperature)
-        scale = max(abs(float(want[1][2][k])), terms if k == "temperature" else 0.0)
-        err = abs(float(got[1][2][k]) - float(want[1][2][k]))
-        assert err <= 1e-4 * scale, f"{what} d{k}: {err:.2e} vs {scale:.2e}"
+    terms = summed_terms(x, y, hp, want[1][0], want[1][1])
+    assert_hyper_grads_close(got[1][2], want[1][2], terms, what=what)
 
 
 @settings(max_examples=30, deadline=None)
