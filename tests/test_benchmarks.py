@@ -1,4 +1,4 @@
-"""The loss benchmark runs end to end at toy sizes and judges its rows by the issue's bounds."""
+"""The benchmarks run end to end at toy sizes; the loss benchmark judges rows by the issue."""
 
 from experiments import bench_losses
 
@@ -28,3 +28,11 @@ def test_targets_follow_the_issue_bounds():
     assert not bench_losses.meets_targets(row(16384, 1.01, 0.9))
     assert not bench_losses.meets_targets(row(16384, 0.5, 0.74))
     assert bench_losses.meets_targets(row(2048, 3.0, 0.8))  # small batches: rate bound only
+
+
+def test_tile_product_forms_agree():
+    from experiments import bench_tile_products
+
+    out = bench_tile_products.main(["--tile", "32", "--dim", "8", "--count", "3", "--repeats", "1"])
+    assert out["max_abs_difference"] < 1e-4
+    assert out["transposed"]["gflops"] > 0 and out["row-contraction"]["gflops"] > 0
