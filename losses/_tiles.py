@@ -103,10 +103,11 @@ def _dot_nn(g: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _dot_tn(a_t: jax.Array, g: jax.Array) -> jax.Array:
-    # (D, t) · (t, t) -> (D, t), then -> (t, D): Gᵀ · a. Contracting the tile's row axis
-    # straight into a (t, D) result runs a third slower on XLA:CPU than this product of the
-    # transposed anchor block (made once per row of tiles) and the turn of the small result.
-    # The barrier keeps XLA from folding the two transposes back into the slow contraction.
+    # (D, t) · (t, t) -> (D, t), then -> (t, D): Gᵀ · a. XLA:CPU takes ~1.5x as long to
+    # contract the tile's row axis straight into a (t, D) result as for this product of the
+    # transposed anchor block (made once per row of tiles) and the turn of the small result
+    # (experiments/bench_tile_products.py). The barrier keeps XLA from folding the two
+    # transposes back into the slow contraction.
     g_t_a = lax.dot_general(a_t, g, (((1,), (0,)), ((), ())), preferred_element_type=F32)
     return lax.optimization_barrier(g_t_a).T
 
