@@ -1,8 +1,22 @@
-"""Dense reference losses: the whole ``B x B`` similarity matrix, written for clarity.
+"""Dense reference losses: the whole ``B x M`` similarity matrix, written for clarity.
 
 These are the oracle every tiled, ring and cached path is tested against. They build the
-full matrix (``O(B^2)`` memory), so use them only for small batches and for tests.
-The formulas are the ones in ``losses/__init__.py`` and DESIGN.md.
+full matrix and its masks (``O(B M)`` memory), so use them only for small batches and for
+tests. The semantics are those of ``losses.infonce``, ``losses.decoupled`` and
+``losses.sigmoid``, written out plainly:
+
+* ``x`` ``(B, D)``, ``y`` ``(M, D)``: ``y[i]`` is the positive of ``x[i]`` (``i < B``),
+  ``y[B:]`` are extra negatives of every x anchor. The y→x direction has the ``B``
+  positives as anchors and the ``B`` rows of ``x`` as candidates.
+* ``valid`` ``(M,)``: an invalid pair is neither an anchor nor a negative anywhere; an
+  invalid extra row of ``y`` is no negative. Losses are means over the ``V`` valid pairs
+  (0 when there is none).
+* ``ids`` ``(M,)``: a candidate other than the positive that shares its anchor's id is
+  no negative (it leaves the denominator, or the sigmoid sum).
+* An anchor with no negative at all has loss 0.
+
+Every similarity is ``s_ij = x_i · y_j / τ``, accumulated in float32 (float64 for float64
+inputs, the x64 oracle of the tests).
 """
 
 from __future__ import annotations
@@ -10,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from losses._validate import check_pair
+from losses._validate import check_masks, check_pair, check_scalar
 
 Scalar = float | jax.Array
 
@@ -21,49 +35,82 @@ def _acc(a: jax.Array):
 
 
 def _logits(a: jax.Array, b: jax.Array, temperature: Scalar) -> jax.Array:
-    # (B, D) · (D, B) -> (B, B), accumulated in float32 whatever the input dtype.
+    # (B, D) · (D, M) -> (B, M), accumulated in float32 whatever the input dtype.
     s = jnp.einsum("id,jd->ij", a, b, preferred_element_type=_acc(a))
     return s / jnp.asarray(temperature, _acc(a))
 
 
-def _softmax_losses(
-    x: jax.Array,
-    y: jax.Array,
-    temperature: Scalar,
-    *,
-    drop_positive: bool,
-    weights: jax.Array,
-    intra_view: bool,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-anchor losses of the x->y and y->x directions, each of shape (B,).
+def _check(loss, x, y, valid, ids, *, min_batch=1, intra_view=False, **scalars):
+    check_pair(x, y, loss, min_batch=min_batch, dtypes=None, intra_view=intra_view)
+    check_masks(loss, valid, ids, y.shape[0])
+    for name, value in scalars.items():
+        if value is not None:
+            check_scalar(loss, name, value, positive=name != "bias")
 
-    With ``n_i = logsumexp`` of anchor ``i``'s negatives (every other candidate of the
-    other view, plus the same view's with ``intra_view``) and ``p_i = s_ii``:
-    InfoNCE's ``-log softmax`` is ``log(1 + exp(n_i - p_i)) = softplus(n_i - p_i)``, and
-    DCL drops the positive from the denominator: ``n_i - w_i p_i``. The softplus form is
-    the same number as ``logsumexp_j s_ij - s_ii`` but keeps its digits when the positive
-    dominates (there the difference of two nearly equal terms has none left).
+
+def _pair_masks(x, y, valid, ids):
+    """``(valid_pairs (B,), negative (B, M))``: which pairs count, and which entries of
+    ``s`` are negatives of the row's x anchor (for the columns ``j < B``, equally of the
+    column's y anchor)."""
+    b, m = x.shape[0], y.shape[0]
+    v = jnp.ones((m,), bool) if valid is None else valid
+    positive = jnp.arange(b)[:, None] == jnp.arange(m)[None, :]
+    negative = v[:b, None] & v[None, :] & ~positive
+    if ids is not None:
+        negative &= ids[:b, None] != ids[None, :]
+    return v[:b], negative
+
+
+def _logsumexp(s: jax.Array, keep: jax.Array) -> jax.Array:
+    """Per-row log-sum-exp of the kept entries; rows with none kept get a finite dummy
+    (the loss sets those anchors to 0), so that autodiff sees no -inf - -inf."""
+    has = jnp.any(keep, axis=1, keepdims=True)
+    return jax.nn.logsumexp(jnp.where(keep | ~has, s, -jnp.inf), axis=1)
+
+
+def _softmax_losses(x, y, temperature, *, drop_positive, weights, intra_view, valid, ids):
+    """Per-anchor losses of the x->y and y->x directions, each of shape (B,), 0 for invalid
+    anchors and for anchors without negatives.
+
+    With ``n_i = logsumexp`` of anchor ``i``'s negatives (the other view's candidates,
+    plus the same view's with ``intra_view``) and ``p_i = s_ii``: InfoNCE's
+    ``-log softmax`` is ``log(1 + exp(n_i - p_i)) = softplus(n_i - p_i)``, and DCL drops
+    the positive from the denominator: ``n_i - w_i p_i``. The softplus form is the same
+    number as ``logsumexp_j s_ij - s_ii`` but keeps its digits when the positive dominates
+    (there the difference of two nearly equal terms has none left).
     """
-    n = x.shape[0]
-    s = _logits(x, y, temperature)
-    eye = jnp.eye(n, dtype=bool)
-    positive = jnp.diagonal(s)
-    negatives = jnp.where(eye, -jnp.inf, s)
-    rows, cols = [negatives], [negatives.T]
-    if intra_view:
-        rows.append(jnp.where(eye, -jnp.inf, _logits(x, x, temperature)))
-        cols.append(jnp.where(eye, -jnp.inf, _logits(y, y, temperature)))
-    row_neg = jax.nn.logsumexp(jnp.concatenate(rows, axis=1), axis=1)
-    col_neg = jax.nn.logsumexp(jnp.concatenate(cols, axis=1), axis=1)
-    if drop_positive:
-        return row_neg - weights * positive, col_neg - weights * positive
-    return jax.nn.softplus(row_neg - positive), jax.nn.softplus(col_neg - positive)
+    b = x.shape[0]
+    pair, negative = _pair_masks(x, y, valid, ids)
+    s = _logits(x, y, temperature)  # (B, M)
+    positive = jnp.diagonal(s[:, :b])
+    rows, row_keep = [s], [negative]
+    cols, col_keep = [s[:, :b].T], [negative[:, :b].T]  # y anchors j < B against x
+    if intra_view:  # M = B: the same masks hold within each view
+        rows.append(_logits(x, x, temperature))
+        row_keep.append(negative)
+        cols.append(_logits(y, y, temperature))
+        col_keep.append(negative.T)
+    out = []
+    for parts, keeps in ((rows, row_keep), (cols, col_keep)):
+        keep = jnp.concatenate(keeps, axis=1)
+        neg = _logsumexp(jnp.concatenate(parts, axis=1), keep)
+        loss = neg - weights * positive if drop_positive else jax.nn.softplus(neg - positive)
+        out.append(jnp.where(pair & jnp.any(keep, axis=1), loss, 0.0))
+    return out
 
 
-def dclw_weights(x: jax.Array, y: jax.Array, sigma: float) -> jax.Array:
-    """DCLW weights ``w_i = 2 - B softmax_i(x_i . y_i / sigma)``, without gradient."""
-    positive = jnp.sum(x.astype(_acc(x)) * y.astype(_acc(x)), axis=-1)
-    w = 2.0 - x.shape[0] * jax.nn.softmax(positive / sigma)
+def _mean(losses: jax.Array, pair: jax.Array) -> jax.Array:
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(pair), 1)
+
+
+def dclw_weights(x, y, sigma, valid=None) -> jax.Array:
+    """DCLW weights ``w_i = 2 - V softmax_i(x_i . y_i / sigma)`` over the ``V`` valid
+    pairs, without gradient; 0 for invalid pairs."""
+    b = x.shape[0]
+    pair = jnp.ones((b,), bool) if valid is None else valid[:b]
+    positive = jnp.sum(x.astype(_acc(x)) * y[:b].astype(_acc(x)), axis=-1) / sigma
+    p = jax.nn.softmax(jnp.where(pair, positive, -jnp.inf))  # NaN only if no pair is valid
+    w = jnp.where(pair, 2.0 - jnp.sum(pair) * p, 0.0)
     return jax.lax.stop_gradient(w)
 
 
@@ -74,14 +121,24 @@ def infonce(
     temperature: Scalar = 0.07,
     symmetric: bool = True,
     intra_view: bool = False,
+    valid: jax.Array | None = None,
+    ids: jax.Array | None = None,
 ) -> jax.Array:
     """Dense InfoNCE / CLIP loss (NT-Xent with ``intra_view=True``)."""
-    check_pair(x, y, "infonce", min_batch=1, temperature=temperature)
+    _check("infonce", x, y, valid, ids, intra_view=intra_view, temperature=temperature)
     weights = jnp.ones((x.shape[0],), _acc(x))
     lr, lc = _softmax_losses(
-        x, y, temperature, drop_positive=False, weights=weights, intra_view=intra_view
+        x,
+        y,
+        temperature,
+        drop_positive=False,
+        weights=weights,
+        intra_view=intra_view,
+        valid=valid,
+        ids=ids,
     )
-    return 0.5 * (lr.mean() + lc.mean()) if symmetric else lr.mean()
+    pair, _ = _pair_masks(x, y, valid, ids)
+    return 0.5 * (_mean(lr, pair) + _mean(lc, pair)) if symmetric else _mean(lr, pair)
 
 
 def decoupled(
@@ -92,15 +149,36 @@ def decoupled(
     sigma: float | None = None,
     symmetric: bool = True,
     intra_view: bool = False,
+    valid: jax.Array | None = None,
+    ids: jax.Array | None = None,
 ) -> jax.Array:
     """Dense decoupled contrastive loss (DCL; DCLW when ``sigma`` is given)."""
-    check_pair(x, y, "decoupled", min_batch=2, temperature=temperature, sigma=sigma)
-    n = x.shape[0]
-    weights = jnp.ones((n,), _acc(x)) if sigma is None else dclw_weights(x, y, sigma)
-    lr, lc = _softmax_losses(
-        x, y, temperature, drop_positive=True, weights=weights, intra_view=intra_view
+    _check(
+        "decoupled",
+        x,
+        y,
+        valid,
+        ids,
+        intra_view=intra_view,
+        temperature=temperature,
+        sigma=sigma,
     )
-    return 0.5 * (lr.mean() + lc.mean()) if symmetric else lr.mean()
+    if y.shape[0] < 2:
+        raise ValueError(f"decoupled: needs a batch of at least 2 pairs, got y {y.shape}.")
+    n = x.shape[0]
+    weights = jnp.ones((n,), _acc(x)) if sigma is None else dclw_weights(x, y, sigma, valid)
+    lr, lc = _softmax_losses(
+        x,
+        y,
+        temperature,
+        drop_positive=True,
+        weights=weights,
+        intra_view=intra_view,
+        valid=valid,
+        ids=ids,
+    )
+    pair, _ = _pair_masks(x, y, valid, ids)
+    return 0.5 * (_mean(lr, pair) + _mean(lc, pair)) if symmetric else _mean(lr, pair)
 
 
 def sigmoid(
@@ -109,10 +187,15 @@ def sigmoid(
     *,
     temperature: Scalar = 0.1,
     bias: Scalar = -10.0,
+    valid: jax.Array | None = None,
+    ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Dense SigLIP sigmoid loss: ``-(1/B) sum_ij log sigmoid(z_ij (s_ij + b))``."""
-    check_pair(x, y, "sigmoid", min_batch=1, temperature=temperature)
-    n = x.shape[0]
+    """Dense SigLIP sigmoid loss: ``-(1/V) sum_ij log sigmoid(z_ij (s_ij + b))`` over the
+    pairs that count (``z = +1`` on the positives, ``-1`` on the negatives)."""
+    _check("sigmoid", x, y, valid, ids, temperature=temperature, bias=bias)
+    pair, negative = _pair_masks(x, y, valid, ids)
     s = _logits(x, y, temperature) + jnp.asarray(bias, _acc(x))
-    z = 2.0 * jnp.eye(n, dtype=_acc(x)) - 1.0
-    return -jnp.sum(jax.nn.log_sigmoid(z * s)) / n
+    positive = (jnp.arange(x.shape[0])[:, None] == jnp.arange(y.shape[0])[None, :]) & pair[:, None]
+    z = jnp.where(positive, 1.0, -1.0).astype(_acc(x))
+    terms = jnp.where(positive | negative, jax.nn.log_sigmoid(z * s), 0.0)
+    return -jnp.sum(terms) / jnp.maximum(jnp.sum(pair), 1)

@@ -1,20 +1,22 @@
-"""The ring: per-anchor losses over a batch sharded across devices, with a custom VJP.
+"""The engine: per-anchor losses over a batch sharded across devices, with a custom VJP.
 
 ``anchor_losses`` is the one engine behind every loss. Each of ``n`` devices keeps its
-``b`` rows of ``x`` and ``y``; the ``y`` block (and, for intra-view negatives, the ``x``
-block) travels around the ring with ``lax.ppermute``, ``n`` steps, meeting the local block
-in a tile sweep (``_tiles.py``) at each step. Column statistics of the visiting block
-travel with it and arrive home complete; in the backward pass its gradient accumulator
-travels the same way. No device ever holds more than its own block, one visiting block,
-the one being received and a few tiles. With ``axis_name=None`` the ring has one device
-and no communication: that is the single-device tiled loss.
+``b`` rows of ``x`` and ``m ≥ b`` rows of ``y`` (its ``b`` positives, then its extra
+negatives); the ``y`` block (and, for intra-view negatives, the ``x`` block) travels around
+the ring with ``lax.ppermute``, ``n`` steps, meeting the local block in a tile sweep
+(``_tiles.py``) at each step. Column statistics of the visiting block, and its per-row
+masks, travel with it and arrive home complete; in the backward pass its gradient
+accumulator travels the same way. No device ever holds more than its own block, one
+visiting block, the one being received and a few tiles. With ``axis_name=None`` the ring
+has one device and no communication: that is the single-device tiled loss.
 
 The engine returns per-anchor losses, local to the device:
 
-* ``logsumexp``: ``rows_i`` the loss of x anchor ``i`` (``lse_i - s_ii``, or for DCL
-  ``lse_{j≠i} - w_i s_ii``) and ``cols_j`` that of y anchor ``j``, each log-sum-exp over
-  the global batch.
-* ``softplus``: ``rows_i = sum_j softplus(-z_ij (s_ij + b))``.
+* ``logsumexp``: ``rows_i`` the loss of x anchor ``i`` (``softplus(lse_i - s_ii)``, or for
+  DCL ``lse_i - w_i s_ii``, ``lse_i`` over anchor ``i``'s negatives) and ``cols_j`` that of
+  y anchor ``j < b``, each log-sum-exp over the global batch. An anchor without a single
+  negative (an invalid one, or one whose candidates all share its id) has loss 0.
+* ``softplus``: ``rows_i = sum_j softplus(-z_ij (s_ij + b))`` over the pairs that count.
 
 The loss functions reduce these with a ``psum`` *outside* the custom VJP, so that JAX's own
 rules for ``psum`` decide the cotangents with and without ``check_vma``.
@@ -28,8 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from losses._axes import AxisName, axis_size, match_varying
 from losses._tiles import (
     F32,
+    AnchorGrads,
+    HyperGrads,
+    SideMasks,
     TileRule,
     Tiling,
     combine_lse,
@@ -39,16 +45,7 @@ from losses._tiles import (
     sweep_forward,
 )
 
-AxisName = str | tuple[str, ...] | None
-
-
 # ------------------------------------------------------------------ ring communication
-
-
-def axis_size(axis_name: AxisName) -> int:
-    if axis_name is None:
-        return 1
-    return int(lax.psum(1, axis_name))
 
 
 def _shift(tree, axis_name: AxisName, n: int):
@@ -59,33 +56,16 @@ def _shift(tree, axis_name: AxisName, n: int):
     return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), tree)
 
 
-def _varying_axes(a) -> frozenset:
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def match_varying(a: jax.Array, like: jax.Array) -> jax.Array:
-    """Mark ``a`` as varying over the mesh axes ``like`` varies over (under check_vma).
-
-    Loop carries and the scalar hyperparameters must have the same varying-axes type as
-    the sharded embeddings; without check_vma every set is empty and this is a no-op.
-    """
-    missing = tuple(sorted(_varying_axes(like) - _varying_axes(a)))
-    return lax.pcast(a, missing, to="varying") if missing else a
-
-
 def ring(step, visiting, travelling, local, *, axis_name: AxisName, n: int):
     """Run ``step`` on each of the ``n`` blocks that visit this device, in ring order.
 
-    ``step(visiting, travelling, local, first) -> (travelling, local)``: ``visiting`` is
-    read-only data of the visiting block, ``travelling`` its accumulators (they move on
-    with it after the step), ``local`` this device's accumulators. ``first`` (static) is
-    True for the step that pairs the device's block with itself. The next visiting block
-    is sent before the current one is used, so that communication overlaps the sweep.
-    Afterwards the travelling accumulators are back on their home device.
+    ``step(visiting, travelling, local, own_block) -> (travelling, local)``: ``visiting``
+    is read-only data of the visiting block, ``travelling`` its accumulators (they move on
+    with it after the step), ``local`` this device's accumulators. ``own_block`` (static)
+    is True for the step where the device meets its own block (the one that holds the
+    positive pairs). The next visiting block is sent before the current one is used, so
+    that communication overlaps the sweep. Afterwards the travelling accumulators are back
+    on their home device.
     """
     if n == 1:
         travelling, local = step(visiting, travelling, local, True)
@@ -105,69 +85,37 @@ def ring(step, visiting, travelling, local, *, axis_name: AxisName, n: int):
     return _shift(travelling, axis_name, n), local
 
 
-# ---------------------------------------------------------------------------- the engine
+# ----------------------------------------------------------------------------- helpers
 
 
-def _pad(a: jax.Array, tiling: Tiling, value=0.0) -> jax.Array:
-    if not tiling.ragged:
+def _pad(a: jax.Array, length: int, value=0) -> jax.Array:
+    """``a`` padded with ``value`` along its first axis to ``length`` rows."""
+    if a.shape[0] == length:
         return a
-    widths = [(0, tiling.padded - tiling.size)] + [(0, 0)] * (a.ndim - 1)
+    widths = [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
     return jnp.pad(a, widths, constant_values=value)
 
 
-def _positive_products(x, y):
+def _side_masks(valid, ids, size: int, tiling: Tiling) -> SideMasks | None:
+    """The first ``size`` rows' masks, padded with ``keep = False`` to whole tiles."""
+    if valid is None and ids is None:
+        return None
+    keep = jnp.ones((size,), bool) if valid is None else valid[:size]
+    return SideMasks(
+        keep=_pad(keep, tiling.padded, False),
+        ids=None if ids is None else _pad(ids[:size], tiling.padded, 0),
+    )
+
+
+def _positive_products(x, y, row_masks: SideMasks | None):
     # Row-wise dot products x_i · y_i, float32: the positive pairs' unscaled logits, (b,).
-    return jnp.einsum("bd,bd->b", x, y, preferred_element_type=F32)
+    pos = jnp.einsum("bd,bd->b", x, y[: x.shape[0]], preferred_element_type=F32)
+    if row_masks is not None:  # invalid rows may hold anything, NaN included
+        pos = jnp.where(row_masks.keep[: x.shape[0]], pos, 0.0)
+    return pos
 
 
-def _forward(x, y, scale, bias, weights, rule: TileRule, axis_name, tiling: Tiling):
-    """Per-anchor losses and the log-sum-exp vectors the backward pass needs."""
-    n = axis_size(axis_name)
-    xp, yp = _pad(x, tiling), _pad(y, tiling)
-    P = tiling.padded
-    softmax = rule.kind == "logsumexp"
-    init = match_varying(empty_lse(P) if softmax else jnp.zeros((P,), F32), x)
-    sweep = functools.partial(sweep_forward, tiling=tiling, kind=rule.kind)
-
-    visiting = (yp, xp) if rule.intra_view else (yp,)
-    travelling = init if (softmax and rule.columns) else None
-    y_intra = init if (rule.intra_view and rule.columns) else None
-    local = (init, y_intra)
-
-    def step(visiting, col_acc, local, first):
-        row_acc, y_acc = local
-        y_vis = visiting[0]
-        # Cross-view tile: local x anchors against the visiting y block.
-        # The positive is left out here (its logit enters the loss separately).
-        row_acc, col_acc = sweep(
-            xp, y_vis, scale, bias, row_acc, col_acc, diagonal=first, drop_diagonal=softmax
-        )
-        if rule.intra_view:
-            x_vis = visiting[1]
-            # Same-view negatives: local x against visiting x, local y against visiting y.
-            row_acc, _ = sweep(
-                xp, x_vis, scale, bias, row_acc, None, diagonal=first, drop_diagonal=True
-            )
-            if y_acc is not None:
-                y_acc, _ = sweep(
-                    yp, y_vis, scale, bias, y_acc, None, diagonal=first, drop_diagonal=True
-                )
-        return col_acc, (row_acc, y_acc)
-
-    col_acc, (row_acc, y_acc) = ring(step, visiting, travelling, local, axis_name=axis_name, n=n)
-    b = tiling.size
-    if not softmax:
-        return row_acc[:b], None, (None, None)
-    pos = _positive_products(x, y)
-    rows, row_res = _softmax_anchor_losses(row_acc[:b], pos, scale, weights, rule)
-    if not rule.columns:
-        return rows, None, (row_res, None)
-    neg_c = col_acc[:b] if y_acc is None else combine_lse(col_acc[:b], y_acc[:b], scale)
-    cols, col_res = _softmax_anchor_losses(neg_c, pos, scale, weights, rule)
-    return rows, cols, (row_res, col_res)
-
-
-def _softmax_anchor_losses(neg_lse, pos, scale, weights, rule: TileRule):
+def _softmax_loss_from_lse(neg_lse, pos, scale, weights, rule: TileRule):
     """Per-anchor loss from the log-sum-exp over negatives (``(m, S)`` pairs, see
     ``_tiles``) and the positive's unscaled product ``pos``.
 
@@ -179,79 +127,165 @@ def _softmax_anchor_losses(neg_lse, pos, scale, weights, rule: TileRule):
     (rather than ``lse - s_pos`` and ``p_pos - 1``) the loss and its gradient keep their
     digits when the positive dominates, where the naive forms cancel to nothing; and a
     row of ``G`` sums to zero up to rounding of ``a`` alone, which keeps ``dL/dτ``
-    accurate at large logits.
-    DCL: ``ℓ = lse_neg - w s_pos``, ``a = 1``, ``c = w``.
+    accurate at large logits. Without negatives (``S = 0``) ``m = -inf``: ``ℓ = 0``.
+    DCL: ``ℓ = lse_neg - w s_pos``, ``a = 1``, ``c = w``; 0 (and ``a = c = 0``) without
+    negatives, where ``lse_neg = -inf``.
     """
     if rule.drop_positive:
+        has_neg = neg_lse[:, 1] > 0
         w = jnp.ones_like(pos) if weights is None else weights
-        return lse_value(neg_lse, scale) - w * scale * pos, (neg_lse, jnp.ones_like(pos), w)
+        loss = jnp.where(has_neg, lse_value(neg_lse, scale) - w * scale * pos, 0.0)
+        a = has_neg.astype(F32)
+        return loss, (neg_lse, a, a * w)
     # m - pos is exact when they are close: the margin keeps its digits at any scale.
     margin = scale * (neg_lse[:, 0] - pos) + jnp.log(neg_lse[:, 1])
     c = jax.nn.sigmoid(margin)
     return jax.nn.softplus(margin), (neg_lse, c, c)
 
 
-def _backward(res, cotangents, rule: TileRule, axis_name, tiling: Tiling):
-    x, y, scale, bias, weights, (row_res, col_res) = res
+def _anchor_grads(res, g, length: int) -> AnchorGrads:
+    """Backward statistics of anchors, padded to ``length``. Padded anchors, and anchors
+    without negatives (``S = 0``), get ``lse = (+inf, 1)`` and weight 0, so that every term
+    they would add to ``G`` is exactly 0 (not 0/0)."""
+    lse, a, c = res
+    empty = lse[:, 1:2] == 0
+    lse = jnp.where(empty, jnp.array([jnp.inf, 1.0], F32), lse)
+    lse = _pad(lse, length, 1.0).at[lse.shape[0] :, 0].set(jnp.inf)
+    return AnchorGrads(weight=_pad(a * g, length), lse=lse, positive=_pad(c * g, length))
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def _forward(x, y, scale, bias, weights, valid, ids, rule: TileRule, axis_name, tilings):
+    """Per-anchor losses and the log-sum-exp vectors the backward pass needs."""
+    rt, ct = tilings
+    n = axis_size(axis_name)
+    b = rt.size
+    xp, yp = _pad(x, rt.padded), _pad(y, ct.padded)
+    x_masks = _side_masks(valid, ids, b, rt)
+    y_masks = _side_masks(valid, ids, ct.size, ct)
+    softmax = rule.kind == "logsumexp"
+    init_r = match_varying(empty_lse(rt.padded) if softmax else jnp.zeros((rt.padded,), F32), x)
+    init_c = match_varying(empty_lse(ct.padded), x) if softmax else None
+    sweep = functools.partial(sweep_forward, scale=scale, bias=bias, kind=rule.kind)
+
+    # The visiting block: y and its masks; x and its masks for same-view negatives (then
+    # m = b, so the x block's tiling and masks are those of y).
+    visiting = (yp, y_masks) + ((xp, x_masks) if rule.intra_view else ())
+    travelling = init_c if (softmax and rule.columns) else None
+    y_intra = init_c if (rule.intra_view and rule.columns) else None
+    local = (init_r, y_intra)
+
+    def step(visiting, col_acc, local, own_block):
+        row_acc, y_acc = local
+        y_vis, y_vis_masks = visiting[:2]
+        # Cross-view tile: local x anchors against the visiting y block. For the softmax
+        # losses the positive is left out here (its logit enters the loss separately).
+        row_acc, col_acc = sweep(
+            xp,
+            y_vis,
+            row_acc=row_acc,
+            col_acc=col_acc,
+            row_tiling=rt,
+            col_tiling=ct,
+            own_block=own_block,
+            row_masks=x_masks,
+            col_masks=y_vis_masks,
+        )
+        if rule.intra_view:
+            x_vis, x_vis_masks = visiting[2:]
+            # Same-view negatives: local x against visiting x, local y against visiting y.
+            same_view = dict(row_tiling=rt, col_tiling=rt, own_block=own_block, col_acc=None)
+            row_acc, _ = sweep(
+                xp, x_vis, row_acc=row_acc, row_masks=x_masks, col_masks=x_vis_masks, **same_view
+            )
+            if y_acc is not None:
+                y_acc, _ = sweep(
+                    yp, y_vis, row_acc=y_acc, row_masks=y_masks, col_masks=y_vis_masks, **same_view
+                )
+        return col_acc, (row_acc, y_acc)
+
+    col_acc, (row_acc, y_acc) = ring(step, visiting, travelling, local, axis_name=axis_name, n=n)
+    if not softmax:
+        return row_acc[:b], None, (None, None)
+    pos = _positive_products(x, y, x_masks)
+    rows, row_res = _softmax_loss_from_lse(row_acc[:b], pos, scale, weights, rule)
+    if not rule.columns:
+        return rows, None, (row_res, None)
+    # y anchors are the positives, the first b rows of the local y block.
+    neg_c = col_acc[:b] if y_acc is None else combine_lse(col_acc[:b], y_acc[:b], scale)
+    cols, col_res = _softmax_loss_from_lse(neg_c, pos, scale, weights, rule)
+    return rows, cols, (row_res, col_res)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
+    x, y, scale, bias, weights, valid, ids, (row_res, col_res) = res
+    rt, ct = tilings
     g_r, g_c = cotangents
     n = axis_size(axis_name)
+    b = rt.size
     softmax = rule.kind == "logsumexp"
-    P = tiling.padded
-    xp, yp = _pad(x, tiling), _pad(y, tiling)
-    g_r = _pad(g_r.astype(F32), tiling)
-    sweep = functools.partial(sweep_backward, tiling=tiling, kind=rule.kind)
+    xp, yp = _pad(x, rt.padded), _pad(y, ct.padded)
+    x_masks = _side_masks(valid, ids, b, rt)
+    y_masks = _side_masks(valid, ids, ct.size, ct)
+    g_r = g_r.astype(F32)
+    sweep = functools.partial(sweep_backward, scale=scale, bias=bias, kind=rule.kind)
 
-    zeros = match_varying(jnp.zeros((P, x.shape[1]), F32), x)
-    d_hyper = match_varying(jnp.zeros((2,), F32), x)  # (d scale, d bias)
+    d_x0 = match_varying(jnp.zeros((rt.padded, x.shape[1]), F32), x)
+    d_y0 = match_varying(jnp.zeros((ct.padded, y.shape[1]), F32), x)
+    zero = match_varying(jnp.zeros((), F32), x)
+    d_hyper = HyperGrads(scale=zero, bias=zero)
     if softmax:
-        # Per anchor: (lse_neg, g a, g c), see _softmax_anchor_losses. Padded anchors get
-        # lse = (+inf, 1) and g = 0, so their terms are exactly zero.
-        def stats(res, g):
-            lse, a, c = res
-            lse = _pad(lse, tiling, jnp.inf).at[tiling.size :, 1].set(1.0)
-            return (lse, _pad(a, tiling) * g, _pad(c, tiling) * g)
-
-        row_stats = stats(row_res, g_r)
-        col_stats = stats(col_res, _pad(g_c.astype(F32), tiling)) if rule.columns else None
+        row_grads = _anchor_grads(row_res, g_r, rt.padded)
+        # Columns past b (extra negatives, padding) are no anchors: weight 0.
+        col_grads = _anchor_grads(col_res, g_c.astype(F32), ct.padded) if rule.columns else None
     else:
-        row_stats, col_stats = (g_r,), None
+        row_grads, col_grads = AnchorGrads(weight=_pad(g_r, rt.padded)), None
 
-    # The visiting block carries its data and statistics; its dy accumulator travels too.
-    visiting = (yp, col_stats) + ((xp, row_stats) if rule.intra_view else (None, None))
+    # The visiting block carries its data, statistics and masks; its dy accumulator
+    # travels too.
+    visiting = (yp, col_grads, y_masks) + ((xp, row_grads, x_masks) if rule.intra_view else ())
 
-    def step(visiting, d_y_vis, local, first):
+    def step(visiting, d_y_vis, local, own_block):
         d_x, d_hyper = local
-        y_vis, col_vis, x_vis, row_vis = visiting
+        y_vis, col_vis, y_vis_masks = visiting[:3]
         # Cross-view tile: dx (local) += G · y_vis, dy_vis += Gᵀ · x.
         d_x, d_y_vis, d_hyper = sweep(
             xp,
             y_vis,
-            scale,
-            bias,
-            row_stats,
-            col_vis,
-            d_x,
-            d_y_vis,
-            d_hyper,
-            diagonal=first,
-            drop_diagonal=softmax,
+            row_grads=row_grads,
+            col_grads=col_vis,
+            d_rows=d_x,
+            d_cols=d_y_vis,
+            d_hyper=d_hyper,
+            row_tiling=rt,
+            col_tiling=ct,
+            own_block=own_block,
+            row_masks=x_masks,
+            col_masks=y_vis_masks,
         )
         if rule.intra_view:
+            x_vis, row_vis, x_vis_masks = visiting[3:]
+            # Same-view tiles hold no positives, and count every pair from both sides.
+            same_view = dict(
+                row_tiling=rt, col_tiling=rt, own_block=own_block, d_cols=None, hyper_weight=0.5
+            )
             # x·x tile: both anchors' terms, accumulated on the local side only (the
             # visiting side gets its own when this block visits it).
             d_x, _, d_hyper = sweep(
                 xp,
                 x_vis,
-                scale,
-                bias,
-                row_stats[:2],
-                row_vis[:2],
-                d_x,
-                None,
-                d_hyper,
-                diagonal=first,
-                drop_diagonal=True,
-                hyper_weight=0.5,
+                row_grads=row_grads._replace(positive=None),
+                col_grads=row_vis._replace(positive=None),
+                d_rows=d_x,
+                d_hyper=d_hyper,
+                row_masks=x_masks,
+                col_masks=x_vis_masks,
+                **same_view,
             )
             if rule.columns:
                 # y·y tile with the visiting block as rows, so that its accumulator (which
@@ -259,50 +293,49 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tiling: Tiling):
                 d_y_vis, _, d_hyper = sweep(
                     y_vis,
                     yp,
-                    scale,
-                    bias,
-                    col_vis[:2],
-                    col_stats[:2],
-                    d_y_vis,
-                    None,
-                    d_hyper,
-                    diagonal=first,
-                    drop_diagonal=True,
-                    hyper_weight=0.5,
+                    row_grads=col_vis._replace(positive=None),
+                    col_grads=col_grads._replace(positive=None),
+                    d_rows=d_y_vis,
+                    d_hyper=d_hyper,
+                    row_masks=y_vis_masks,
+                    col_masks=y_masks,
+                    **same_view,
                 )
         return d_y_vis, (d_x, d_hyper)
 
-    d_y, (d_x, d_hyper) = ring(step, visiting, zeros, (zeros, d_hyper), axis_name=axis_name, n=n)
-    b = tiling.size
-    d_x, d_y = d_x[:b], d_y[:b]
+    d_y, (d_x, d_hyper) = ring(step, visiting, d_y0, (d_x0, d_hyper), axis_name=axis_name, n=n)
+    d_x, d_y = d_x[:b], d_y[: ct.size]
     # Tile sums of G ∘ (x·yᵀ) and of G; the positives' -c terms sit in the diagonal tiles.
-    d_scale, d_bias = d_hyper[0], d_hyper[1]
-    d_weights = None if weights is None else jnp.zeros_like(weights)
     return (
         d_x.astype(x.dtype),
         d_y.astype(y.dtype),
-        d_scale.astype(jnp.result_type(scale)),
-        d_bias.astype(jnp.result_type(bias)),
-        d_weights,
+        d_hyper.scale.astype(jnp.result_type(scale)),
+        d_hyper.bias.astype(jnp.result_type(bias)),
+        None if weights is None else jnp.zeros_like(weights),
+        None,  # valid and ids are not differentiable
+        None,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _anchor_losses(x, y, scale, bias, weights, rule, axis_name, tiling):
-    rows, cols, _ = _forward(x, y, scale, bias, weights, rule, axis_name, tiling)
+# ------------------------------------------------------------------------ custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _anchor_losses_vjp(x, y, scale, bias, weights, valid, ids, rule, axis_name, tilings):
+    rows, cols, _ = _forward(x, y, scale, bias, weights, valid, ids, rule, axis_name, tilings)
     return rows, cols
 
 
-def _anchor_losses_fwd(x, y, scale, bias, weights, rule, axis_name, tiling):
-    rows, cols, stats = _forward(x, y, scale, bias, weights, rule, axis_name, tiling)
-    return (rows, cols), (x, y, scale, bias, weights, stats)
+def _anchor_losses_fwd(x, y, scale, bias, weights, valid, ids, rule, axis_name, tilings):
+    rows, cols, res = _forward(x, y, scale, bias, weights, valid, ids, rule, axis_name, tilings)
+    return (rows, cols), (x, y, scale, bias, weights, valid, ids, res)
 
 
-def _anchor_losses_bwd(rule, axis_name, tiling, res, cotangents):
-    return _backward(res, cotangents, rule, axis_name, tiling)
+def _anchor_losses_bwd(rule, axis_name, tilings, res, cotangents):
+    return _backward(res, cotangents, rule, axis_name, tilings)
 
 
-_anchor_losses.defvjp(_anchor_losses_fwd, _anchor_losses_bwd)
+_anchor_losses_vjp.defvjp(_anchor_losses_fwd, _anchor_losses_bwd)
 
 
 def anchor_losses(
@@ -312,20 +345,28 @@ def anchor_losses(
     scale: jax.Array,
     bias: jax.Array,
     weights: jax.Array | None,
+    valid: jax.Array | None,
+    ids: jax.Array | None,
     rule: TileRule,
     axis_name: AxisName,
-    tiling: Tiling,
+    row_tiling: Tiling,
+    col_tiling: Tiling,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-anchor losses of the local shard: ``(rows (b,), cols (b,) or None)``, float32.
 
-    ``scale`` (= 1 / temperature) and ``bias`` are float32 scalars; ``weights`` the DCLW
-    weights of the local positives (or None for 1). Differentiable in x, y, scale, bias.
+    x: ``(b, D)``; y: ``(m, D)``, its first ``b`` rows the positives of ``x``. ``scale``
+    (= 1 / temperature) and ``bias`` are float32 scalars; ``weights`` the DCLW weights of
+    the local positives (or None for 1); ``valid`` ``(m,)`` bool and ``ids`` ``(m,)`` int,
+    or None. row_tiling cuts the ``b`` rows of x, col_tiling the ``m`` rows of y.
+    Differentiable in x, y, scale, bias.
     """
     scale = match_varying(jnp.asarray(scale, F32), x)
     bias = match_varying(jnp.asarray(bias, F32), x)
     if weights is not None:
         weights = match_varying(lax.stop_gradient(weights.astype(F32)), x)
-    if rule.kind == "logsumexp" and not rule.columns:
-        rows, _ = _anchor_losses(x, y, scale, bias, weights, rule, axis_name, tiling)
-        return rows, None
-    return _anchor_losses(x, y, scale, bias, weights, rule, axis_name, tiling)
+    if valid is not None:
+        valid = match_varying(valid, x)
+    if ids is not None:
+        ids = match_varying(ids, x)
+    tilings = (row_tiling, col_tiling)
+    return _anchor_losses_vjp(x, y, scale, bias, weights, valid, ids, rule, axis_name, tilings)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from losses._common import global_sum, inverse_temperature, prepare
-from losses._ring import AxisName, anchor_losses
+from losses._axes import AxisName
+from losses._common import anchor_count, global_sum, prepare
+from losses._ring import anchor_losses
 from losses._tiles import TileRule
+from losses._validate import checked_scalar
 
 
 def sigmoid(
@@ -16,22 +18,32 @@ def sigmoid(
     *,
     temperature: float | jax.Array = 0.1,
     bias: float | jax.Array = -10.0,
+    valid: jax.Array | None = None,
+    ids: jax.Array | None = None,
     block_size: int | None = None,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Pairwise sigmoid loss (SigLIP, Zhai et al. 2023, arXiv 2303.15343), tiled.
 
-    ``L = −(1/B) Σ_i Σ_j log σ(z_ij (s_ij + b))`` with ``s_ij = x_i · y_j / τ``, ``z_ii = 1``
-    and ``z_ij = −1`` for ``i ≠ j``: every pair is an independent binary problem, so no
+    ``L = −(1/B) Σ_{i<B} Σ_{j<M} log σ(z_ij (s_ij + b))`` with ``s_ij = x_i · y_j / τ``,
+    ``z_ii = 1`` and ``z_ij = −1`` for ``i ≠ j``: every pair is an independent binary problem, so no
     normalisation over the batch is needed. Computed as ``softplus(−z (s + b))`` tile by
     tile, never as ``log(sigmoid(.))``. SigLIP learns ``t = 1/τ`` and ``b`` (initialised
     at ``τ = 0.1``, ``b = −10``); both arguments accept scalar arrays and are
     differentiable.
 
+    Retrieval batches: ``y`` ``(M, D)`` adds ``M − B`` extra negatives (``z = −1``) for
+    every anchor; ``valid`` drops pairs and extra negatives, and the sum is divided by the
+    number ``V`` of valid pairs instead of ``B`` (0 when there is none); a candidate
+    ``j ≠ i`` with ``ids[j] == ids[i]`` is dropped from the sum (not counted as a positive).
+
     Args:
-      x, y: ``(B, D)`` embeddings, as in :func:`losses.infonce`.
-      temperature: ``τ > 0``, float or scalar array.
-      bias: ``b``, float or scalar array.
+      x, y: ``(B, D)`` and ``(M, D)`` embeddings, as in :func:`losses.infonce`.
+      temperature: ``τ``, float or scalar array; a traced value must be finite and > 0
+        (checked under ``checkify``).
+      bias: ``b``, a finite float or scalar array (a traced value is checked for
+        finiteness under ``checkify``).
+      valid, ids: as in :func:`losses.infonce`.
       block_size, axis_name: as in :func:`losses.infonce`. Across devices this is the
         ring form of SigLIP's chunked loss: ``y`` blocks travel, nothing is gathered.
 
@@ -45,23 +57,28 @@ def sigmoid(
       >>> grads[0].shape
       (256, 32)
     """
-    global_batch, tiling = prepare(
+    p = prepare(
         x,
         y,
         "sigmoid",
         min_batch=1,
         block_size=block_size,
         axis_name=axis_name,
-        temperature=temperature,
+        valid=valid,
+        ids=ids,
+        scalars={"temperature": (temperature, True), "bias": (bias, False)},
     )
     rows, _ = anchor_losses(
-        x,
-        y,
-        scale=inverse_temperature(temperature),
-        bias=jnp.asarray(bias, jnp.float32),
+        p.x,
+        p.y,
+        scale=1.0 / checked_scalar("sigmoid", "temperature", temperature, positive=True),
+        bias=checked_scalar("sigmoid", "bias", bias, positive=False),
         weights=None,
+        valid=p.valid,
+        ids=p.ids,
         rule=TileRule("softplus"),
         axis_name=axis_name,
-        tiling=tiling,
+        row_tiling=p.row_tiling,
+        col_tiling=p.col_tiling,
     )
-    return global_sum(jnp.sum(rows) / global_batch, axis_name)
+    return global_sum(jnp.sum(rows) / anchor_count(p, axis_name), axis_name)

@@ -105,23 +105,36 @@ def assert_close(actual, expected, *, rtol: float, what: str = "") -> None:
         assert err <= rtol, f"{where}: relative error {err:.2e} > {rtol:.0e}"
 
 
-def summed_terms(x, y, hp, dx, dy) -> dict:
+def counted_pairs(batch: int, rows: int, valid=None, ids=None):
+    """NumPy ``(positive, negative)`` masks ``(B, M)`` of the pairs a loss counts."""
+    v = np.ones(rows, bool) if valid is None else np.asarray(valid)
+    eye = np.arange(batch)[:, None] == np.arange(rows)[None, :]
+    both = v[:batch, None] & v[None, :]
+    negative = both & ~eye
+    if ids is not None:
+        ids = np.asarray(ids)
+        negative &= ids[:batch, None] != ids[None, :]
+    return both & eye, negative
+
+
+def summed_terms(x, y, hp, dx, dy, valid=None, ids=None) -> dict:
     """The size of the terms each hyperparameter's gradient sums, float64.
 
     dL/dτ = -Σ_ij G_ij s_ij / τ and dL/db = Σ_ij G_ij (G = dL/ds) are sums of terms of both
     signs that can cancel to almost nothing (a hard negative against a misplaced positive),
     where no float32 computation, the dense one included, keeps relative digits. They are
     compared against the size of their terms: (Σ_i |x_i·dx_i| + Σ_j |y_j·dy_j|) / (2τ)
-    for the temperature and Σ_ij |G_ij| for the bias.
+    for the temperature and Σ_ij |G_ij| over the pairs that count for the bias.
     """
     x, y, dx, dy = (np.asarray(a, np.float64) for a in (x, y, dx, dy))
     tau = float(hp["temperature"])
     terms = {"temperature": (np.abs(np.sum(x * dx, 1)).sum() + np.abs(np.sum(y * dy, 1)).sum())}
     terms["temperature"] /= 2 * tau
-    if "bias" in hp:  # the sigmoid loss: |G_ij| = sigmoid(-z_ij (s_ij + b)) / B
-        n = x.shape[0]
-        zs = (2 * np.eye(n) - 1) * (x @ y.T / tau + float(hp["bias"]))
-        terms["bias"] = np.sum(np.exp(-np.logaddexp(0.0, zs))) / n
+    if "bias" in hp:  # the sigmoid loss: |G_ij| = sigmoid(-z_ij (s_ij + b)) / V
+        positive, negative = counted_pairs(x.shape[0], y.shape[0], valid, ids)
+        zs = np.where(positive, 1.0, -1.0) * (x @ y.T / tau + float(hp["bias"]))
+        g = np.where(positive | negative, np.exp(-np.logaddexp(0.0, zs)), 0.0)
+        terms["bias"] = np.sum(g) / max(np.sum(np.diag(positive[:, : x.shape[0]])), 1)
     return terms
 
 
@@ -138,7 +151,7 @@ def check_against_dense(name, opts, x, y, hp, **engine):
     vr, (dxr, dyr, dhr) = oracle(name, opts, x, y, hp)
     assert_close(v, vr, rtol=1e-5, what=f"{name}{opts} value")
     assert_close((dx, dy), (dxr, dyr), rtol=1e-4, what=f"{name}{opts} dx, dy")
-    terms = summed_terms(x, y, hp, dxr, dyr)
+    terms = summed_terms(x, y, hp, dxr, dyr, opts.get("valid"), opts.get("ids"))
     assert_hyper_grads_close(dh, dhr, terms, what=f"{name}{opts}")
 
 

@@ -104,20 +104,40 @@ def test_default_block_gives_the_same_result_for_awkward_batches():
 
 
 ERRORS = [
-    (lambda f: f(jnp.ones((4,)), jnp.ones((4,))), r"shape \(batch, dim\).*\(4,\)"),
-    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 2))), r"same shape.*\(4, 3\).*\(4, 2\)"),
-    (lambda f: f(jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), jnp.int32)), "floating-point"),
-    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=0.0), "temperature must be > 0"),
-    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=-1), "temperature must be > 0"),
-    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), block_size=0), "block_size"),
-    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), axis_name="data"), "not a mesh axis"),
+    (lambda f: f(jnp.ones((4,)), jnp.ones((4,))), ValueError, r"shape \(batch, dim\).*\(4,\)"),
+    (
+        lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 2))),
+        ValueError,
+        r"same shape.*\(4, 3\).*\(4, 2\)",
+    ),
+    (
+        lambda f: f(jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), jnp.int32)),
+        TypeError,
+        "floating-point",
+    ),
+    (
+        lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=0.0),
+        ValueError,
+        "temperature must be > 0",
+    ),
+    (
+        lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=-1),
+        ValueError,
+        "temperature must be > 0",
+    ),
+    (lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), block_size=0), ValueError, "block_size"),
+    (
+        lambda f: f(jnp.ones((4, 3)), jnp.ones((4, 3)), axis_name="data"),
+        ValueError,
+        "not a mesh axis",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name", ["infonce", "sigmoid", "decoupled"])
-@pytest.mark.parametrize("call,message", ERRORS)
-def test_errors(name, call, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("call,error,message", ERRORS)
+def test_errors(name, call, error, message):
+    with pytest.raises(error, match=message):
         call(getattr(losses, name))
 
 
