@@ -1,27 +1,76 @@
-"""Checkpoints with orbax: save every N steps, keep the last k, resume from the work dir.
+"""Verified checkpoints with orbax: save every N steps, keep the last k, resume from the newest
+checkpoint that is intact.
 
-A checkpoint holds two items:
+A checkpoint ``workdir/checkpoints/<step>`` holds three items:
 
 - ``state``: any PyTree of arrays (parameters, optimiser state, PRNG keys, step), saved
   with ``StandardSave`` and restored into the shardings of a template, so a sharded train
   state comes back sharded;
 - ``meta``: a small JSON dict (step, data-iterator position, seed, config) that says where
-  the run was.
+  the run was;
+- ``integrity``: a digest of every leaf of ``state`` and of ``meta``, computed when the
+  checkpoint was written and checked after every restore (:func:`state_digest`).
 
-orbax writes each step into a temporary folder and renames it when complete, so a run
-killed at any moment leaves only whole checkpoints; ``latest_step`` never sees a partial one.
+Three guarantees:
+
+1. **Atomic.** orbax writes each step into a temporary folder and renames it when complete,
+   so a run killed at any moment leaves only whole checkpoints.
+2. **Verified, with fallback.** :meth:`Checkpointer.restore_latest` restores the newest
+   checkpoint and compares its digests with the saved ones; on any failure (orbax/TensorStore
+   error, missing or truncated file, digest mismatch) it logs one line naming the step and the
+   reason and tries the next older one. Nothing is deleted: unusable checkpoints newer than the
+   restored one are moved to ``workdir/checkpoints_unusable/`` (orbax would otherwise never
+   save those steps again, since it skips steps at or below its latest one).
+3. **Only finite states are saved.** :meth:`Checkpointer.save` refuses a state with a NaN or
+   Inf in any floating-point leaf (:class:`NonFiniteStateError`). Rotation (keep the last k)
+   only ever deletes a checkpoint when a newer one is written, so refusing non-finite writes
+   is what guarantees that the newest finite checkpoint is never rotated out by a diverged run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["Checkpointer"]
+__all__ = [
+    "CheckpointCorruptError",
+    "Checkpointer",
+    "NoUsableCheckpointError",
+    "NonFiniteStateError",
+    "state_digest",
+]
+
+log = logging.getLogger(__name__)
+
+UNUSABLE_DIR = "checkpoints_unusable"
+
+
+class NonFiniteStateError(ValueError):
+    """A save was refused because the state holds NaN or Inf (one-line message)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """One checkpoint cannot be used: unreadable, incomplete or its digest differs."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """The work dir holds checkpoints but none of them can be restored (one-line message)."""
+
+
+# --- PRNG keys -----------------------------------------------------------------------------
 
 
 def _is_key(x: Any) -> bool:
@@ -59,19 +108,242 @@ def _rewrap_keys(restored: Any, template: Any) -> Any:
     return jax.tree_util.tree_map(one, restored, template)
 
 
+# --- digests -------------------------------------------------------------------------------
+#
+# Each leaf x with n elements is read as 32-bit words w_i (its bits; 8/16-bit elements are
+# zero-extended, 64-bit ones folded), i = the flat row-major position. For two seeds s,
+#     h_s(x) = sum_i fmix(w_i + fmix(i ^ s))   (mod 2^32),
+# fmix being MurmurHash3's 32-bit finaliser (a bijection of uint32). Changing any element
+# changes its term, and moving a value to another position changes two terms, so a corruption
+# goes unnoticed only when the changed terms cancel in both sums: about 2^-64 for a random
+# change. Addition mod 2^32 is associative and commutative, so the sum is exact in any order:
+# the digest of a global array does not depend on its sharding, on the device count or on
+# which process computes it (every process of a multi-host run gets the same numbers, from
+# one jitted reduction over the global array).
+
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32, one word per element (same shape as ``x``)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        parts = jnp.stack([jnp.real(x), jnp.imag(x)])
+        w = _words(parts)
+        return w[0] ^ _fmix(w[1] + jnp.uint32(_SEEDS[0]))
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = x.dtype.itemsize * 8
+    if bits == 64:
+        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+        return pair[..., 0] ^ _fmix(pair[..., 1] + jnp.uint32(_SEEDS[1]))
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """uint32[2]: the two sums h_s(x) above."""
+    w = _words(x)
+    pos = jnp.zeros(x.shape, jnp.uint32)  # flat row-major index, built without a reshape
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+        pos = pos + iota * jnp.uint32(stride & 0xFFFFFFFF)
+        stride *= x.shape[d]
+    return jnp.stack(
+        [jnp.sum(_fmix(w + _fmix(pos ^ jnp.uint32(s))), dtype=jnp.uint32) for s in _SEEDS]
+    )
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.array(True)
+
+
+def _digest_and_finite(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    digests = jnp.stack([_leaf_digest(x) for x in leaves])  # (n_leaves, 2)
+    finite = jnp.stack([_leaf_finite(x) for x in leaves])  # (n_leaves,)
+    return digests, finite
+
+
+def _device_group(x: Any) -> tuple:
+    # One jitted call per set of devices: leaves committed to different devices cannot meet
+    # in one computation. Host arrays and uncommitted ones go wherever jax puts them.
+    if isinstance(x, jax.Array) and x.committed:
+        return tuple(sorted(d.id for d in x.sharding.device_set))
+    return ()
+
+
+def _replicated_out(leaves: list[Any]) -> Any:
+    # Replicated outputs can be read on every process (addressable_data(0)), also multi-host.
+    for x in leaves:
+        s = getattr(x, "sharding", None)
+        if isinstance(x, jax.Array) and x.committed and isinstance(s, NamedSharding):
+            r = NamedSharding(s.mesh, PartitionSpec())
+            return (r, r)
+    return None
+
+
+def _scan(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """``({leaf path: digest}, [paths of non-finite leaves])`` of the stored form of ``tree``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(_keys_to_data(tree))
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
+    digests: dict[str, str] = {}
+    bad: list[str] = []
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(_device_group(x), []).append(i)
+    for idx in groups.values():
+        part = [leaves[i] for i in idx]
+        fn = jax.jit(_digest_and_finite, out_shardings=_replicated_out(part))
+        d, f = fn(part)
+        d = np.asarray(d.addressable_data(0))
+        f = np.asarray(f.addressable_data(0))
+        for k, i in enumerate(idx):
+            x = leaves[i]
+            digests[paths[i]] = f"{x.dtype}{list(x.shape)}:{int(d[k, 0]):08x}{int(d[k, 1]):08x}"
+            if not f[k]:
+                bad.append(paths[i])
+    return digests, bad
+
+
+def state_digest(tree: Any) -> dict[str, str]:
+    """Digest of every leaf of ``tree``: ``{leaf path: "dtype[shape]:16 hex digits"}``.
+
+    Computed on device by one jitted reduction per device set (see the comment above
+    ``_fmix`` for the math); equal for equal bits whatever the sharding, on every process.
+    PRNG keys are digested through their key data.
+
+    >>> d = state_digest({"w": jnp.zeros((2, 3))})
+    >>> list(d), d["['w']"].split(":")[0]
+    (["['w']"], 'float32[2, 3]')
+    """
+    return _scan(tree)[0]
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+# --- quieting orbax on a failed restore ----------------------------------------------------
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence orbax's and asyncio's multi-line logging while a checkpoint is tried.
+
+    A failed TensorStore read leaves orbax's event loop with pending tasks, which log
+    "Event loop is closed" tracebacks; the one-line reason is logged by the caller instead.
+    """
+    _silence_restore_stragglers()
+    names = ["absl", "orbax", "asyncio", "jax._src.distributed"]
+    loggers = [logging.getLogger(n) for n in names]
+    drop = _DropAll()
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+def _is_restore_straggler(u: Any) -> bool:
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(u.object, "cr_code", None)  # a coroutine of orbax's, never awaited to the end
+    return code is not None and code.co_filename.startswith(_ORBAX_DIR)
+
+
+def _silence_restore_stragglers() -> None:
+    """Drop the tracebacks that a failed restore leaves behind, from then on.
+
+    After a failed read orbax closes its event loop while TensorStore still completes the
+    other reads of that restore; each completion reports ``RuntimeError('Event loop is
+    closed')``, and each unfinished read coroutine its own error, through
+    ``sys.unraisablehook``, from other threads and possibly after the restore has returned
+    (hundreds of lines). The hook installed here (at the first restore, for good, since the
+    reports come late) drops exactly these and passes every other report to the hook that
+    was in place.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_restore_stragglers", False):
+        return
+
+    def hook(u: Any) -> None:
+        if not _is_restore_straggler(u):
+            previous(u)
+
+    hook.drops_restore_stragglers = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
+# --- multi-process agreement ---------------------------------------------------------------
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# --- the checkpointer ----------------------------------------------------------------------
+
+
 class Checkpointer:
-    """Periodic, keep-last-k checkpoints of a train state in ``workdir/checkpoints``.
+    """Periodic, keep-last-k, verified checkpoints of a train state in ``workdir/checkpoints``.
 
     Usage::
 
         ckpt = Checkpointer(workdir, every=100, keep=3)
-        state, meta = ckpt.restore_or(state)          # latest checkpoint, if any
+        state, meta, step = ckpt.restore_latest(state)   # newest intact checkpoint, if any
         for step in range(meta.get("step", 0), num_steps):
             ...
             ckpt.maybe_save(step + 1, state, {"step": step + 1, "data": it.get_state()})
         ckpt.close()
 
     ``step`` numbers the *completed* steps: a checkpoint at step ``s`` resumes at step ``s``.
+    In a multi-process run every process makes the same calls (saves and restores are
+    collective); only process 0 moves unusable checkpoints aside.
+
+    Raises (all with one-line messages): :class:`NonFiniteStateError` from :meth:`save`,
+    :class:`CheckpointCorruptError` from :meth:`read_meta` / :meth:`restore`,
+    :class:`NoUsableCheckpointError` from :meth:`restore_latest`.
     """
 
     def __init__(
@@ -86,7 +358,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint interval must be at least 1 step, got {every}")
         if keep < 1:
             raise ValueError(f"must keep at least 1 checkpoint, got {keep}")
-        self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.unusable_directory = os.path.join(self.workdir, UNUSABLE_DIR)
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -97,11 +371,13 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"), options=options
+            self.directory, item_names=("state", "meta", "integrity"), options=options
         )
+        #: ``[(step, reason)]`` of the checkpoints the last :meth:`restore_latest` skipped.
+        self.skipped: list[tuple[int, str]] = []
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or ``None``."""
+        """The newest complete checkpoint's step (not necessarily intact), or ``None``."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
@@ -111,12 +387,33 @@ class Checkpointer:
         return step % self.every == 0
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Save ``state`` and ``meta`` as checkpoint ``step``; True if one was written."""
+        """Save ``state`` and ``meta`` as checkpoint ``step``; True if one was written.
+
+        Raises :class:`NonFiniteStateError` (nothing written) when a floating-point leaf of
+        ``state`` holds NaN or Inf: see guarantee 3 in the module docstring.
+        """
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict of JSON values, got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(meta))  # exactly what JsonRestore will give back
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"meta must be a dict of JSON values: {e}") from None
+        if not force and not self._manager.should_save(step):
+            return False  # orbax would skip it (off the interval, or not after the latest)
+        digests, bad = _scan(state)
+        if bad:
+            more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+            raise NonFiniteStateError(
+                f"checkpoint {step} not written: state{bad[0]}{more} holds NaN or Inf; "
+                f"the older checkpoints in {self.directory} are kept"
+            )
+        integrity = {"state": digests, "meta": _meta_digest(meta)}
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_keys_to_data(state)),
-                meta=ocp.args.JsonSave(dict(meta)),
+                meta=ocp.args.JsonSave(meta),
+                integrity=ocp.args.JsonSave(integrity),
             ),
             force=force,
         )
@@ -128,23 +425,154 @@ class Checkpointer:
             return False
         return self.save(step, state, meta)
 
+    def _read_meta(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        if step not in self._manager.all_steps():
+            raise CheckpointCorruptError(f"checkpoint {step} does not exist in {self.directory}")
+        try:
+            with _quiet():
+                out = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()
+                    ),
+                )
+            meta, integrity = out.meta, out.integrity
+        except Exception as e:
+            raise CheckpointCorruptError(f"meta unreadable: {_one_line(e)}") from e
+        if not isinstance(meta, dict) or not isinstance(integrity, dict):
+            raise CheckpointCorruptError("meta or integrity record missing")
+        if not isinstance(integrity.get("state"), dict) or "meta" not in integrity:
+            raise CheckpointCorruptError("integrity record incomplete")
+        if _meta_digest(meta) != integrity["meta"]:
+            raise CheckpointCorruptError("meta differs from the one saved (digest mismatch)")
+        return dict(meta), integrity
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The meta dict of checkpoint ``step``, verified, without restoring the state.
+
+        Raises :class:`CheckpointCorruptError` when it is missing, unreadable or altered.
+        """
+        return self._read_meta(step)[0]
+
+    def _restore_verified(self, step: int, template: Any, integrity: dict[str, Any]) -> Any:
+        """Restore and verify the state of ``step`` (collective in a multi-process run)."""
+        stored: Any = None
+        reason = ""
+        try:
+            with _quiet():
+                out = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template))),
+                )
+            stored = out.state
+            if stored is None:
+                reason = "state item missing"
+        except Exception as e:
+            reason = f"state unreadable: {_one_line(e)}"
+        # Every process must take the same branch before the (collective) digest.
+        if not _all_processes(not reason):
+            raise CheckpointCorruptError(reason or "state unreadable on another process")
+        try:
+            got, _ = _scan(stored)
+        except Exception as e:  # e.g. a restored tree that does not match the template
+            raise CheckpointCorruptError(f"state unusable: {_one_line(e)}") from e
+        want = integrity["state"]
+        if set(got) != set(want):
+            raise CheckpointCorruptError(
+                f"state leaves differ from the saved ones: {sorted(set(got) ^ set(want))[:3]}"
+            )
+        bad = [p for p in want if got[p] != want[p]]
+        if bad:
+            more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+            raise CheckpointCorruptError(
+                f"digest of state{bad[0]}{more} differs from the saved one"
+            )
+        return _rewrap_keys(stored, template)
+
     def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
-        """Checkpoint ``step`` restored with the structure, dtypes and shardings of ``template``."""
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template)),
-                meta=ocp.args.JsonRestore(),
-            ),
+        """Checkpoint ``step`` restored with the structure, dtypes and shardings of ``template``,
+        verified against its digests; raises :class:`CheckpointCorruptError` if it is unusable.
+        """
+        meta, integrity = self._read_meta(step)
+        return self._restore_verified(step, template, integrity), meta
+
+    def restore_latest(
+        self,
+        template: Any,
+        *,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[Any, dict[str, Any], int | None]:
+        """The newest intact checkpoint as ``(state, meta, step)``; ``(template, {}, None)``
+        when the work dir has none.
+
+        Tries the checkpoints newest first. One that fails (unreadable, incomplete, digest
+        mismatch) is logged in one line (``checkpoint 12 unusable (...); trying 10``) and the
+        next older one is tried. ``check_meta(meta)`` runs on each candidate's verified meta
+        before its state is restored (e.g. to refuse a work dir of a different run); what it
+        raises propagates. Unusable checkpoints newer than the restored one are moved into
+        ``workdir/checkpoints_unusable/`` so that training can save those steps again.
+
+        Raises :class:`NoUsableCheckpointError` (nothing moved or deleted) when checkpoints
+        exist but none is usable.
+        """
+        self._manager.reload()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        self.skipped = []
+        for i, step in enumerate(steps):
+            try:
+                meta, integrity = self._read_meta(step)
+                ok = True
+            except CheckpointCorruptError as e:
+                reason, ok = str(e), False
+            if _all_processes(ok):
+                if check_meta is not None:
+                    check_meta(meta)
+                try:
+                    state = self._restore_verified(step, template, integrity)
+                except CheckpointCorruptError as e:
+                    reason, ok = str(e), False
+            elif ok:
+                reason, ok = "meta unreadable on another process", False
+            if ok:
+                self._set_aside([s for s, _ in self.skipped])
+                return state, meta, step
+            self.skipped.append((step, reason))
+            nxt = f"trying {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+            log.warning("checkpoint %d unusable (%s); %s", step, reason, nxt)
+        if not steps:
+            return template, {}, None
+        newest, why = self.skipped[0]
+        raise NoUsableCheckpointError(
+            f"none of the {len(steps)} checkpoints in {self.directory} is usable (newest, "
+            f"{newest}: {why}); nothing was deleted: move them away to start afresh"
         )
-        return _rewrap_keys(out.state, template), dict(out.meta)
 
     def restore_or(self, template: Any) -> tuple[Any, dict[str, Any]]:
-        """The latest checkpoint, or ``(template, {})`` when the work dir has none."""
-        step = self.latest_step()
-        if step is None:
-            return template, {}
-        return self.restore(step, template)
+        """``restore_latest`` without the step: ``(template, {})`` when there is none."""
+        state, meta, _ = self.restore_latest(template)
+        return state, meta
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move the checkpoints of ``steps`` (newer than the restored one) out of orbax's way."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            os.makedirs(self.unusable_directory, exist_ok=True)
+            moved = []
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst = os.path.join(self.unusable_directory, str(step))
+                n = 1
+                while os.path.exists(dst):
+                    dst = os.path.join(self.unusable_directory, f"{step}.{n}")
+                    n += 1
+                shutil.move(src, dst)
+                moved.append(os.path.basename(dst))
+            log.warning(
+                "moved the unusable checkpoints %s to %s", ", ".join(moved), self.unusable_directory
+            )
+        _sync("contrastive.checkpoint.set_aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -1,7 +1,17 @@
-"""Evaluation of frozen embeddings: linear probe, k-NN accuracy, image-text retrieval recall@k.
+"""Evaluation of frozen embeddings: linear probe, k-NN, zero-shot accuracy, retrieval recall@k.
 
 All functions take plain arrays (NumPy or JAX) of embeddings, so they work with any encoder;
 :func:`embed` computes embeddings in fixed-size batches with a jitted apply function.
+
+For an image-caption set with class captions (``shapes``)::
+
+    tokens, ids = contrastive.data.class_captions("shapes")       # int32[K, L], int32[K]
+    test = contrastive.data.eval_arrays("shapes", "test")
+    img = embed(image_fn, test["image"])                          # (N, D)
+    txt = embed(text_fn, test["text"])                            # (N, D)
+    cls = embed(text_fn, tokens)                                  # (K, D)
+    zero_shot_accuracy(img, cls, test["caption_id"])              # top-1 among K captions
+    retrieval_recall(img, txt, ks=(1, 5), ids=test["caption_id"])
 """
 
 from __future__ import annotations
@@ -12,20 +22,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["embed", "linear_probe", "knn_accuracy", "retrieval_recall"]
+__all__ = ["embed", "linear_probe", "knn_accuracy", "retrieval_recall", "zero_shot_accuracy"]
 
 
 def embed(
-    apply_fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray, *, batch_size: int = 256
+    apply_fn: Callable[[jax.Array], jax.Array],
+    inputs: np.ndarray,
+    *,
+    batch_size: int = 256,
+    jit: bool = True,
 ) -> np.ndarray:
     """``apply_fn`` over ``inputs [N, ...]`` in batches -> ``float32[N, D]`` on the host.
 
     The last batch is padded to ``batch_size`` so that ``apply_fn`` compiles once.
+    ``jit=False`` calls ``apply_fn`` as given (one that places its host input on a mesh
+    itself, then calls a jitted function, must not be traced).
     """
     n = len(inputs)
     if n == 0:
         raise ValueError("embed needs at least one input")
-    fn = jax.jit(apply_fn)
+    fn = jax.jit(apply_fn) if jit else apply_fn
     outs = []
     for start in range(0, n, batch_size):
         chunk = np.asarray(inputs[start : start + batch_size])
@@ -117,8 +133,66 @@ def knn_accuracy(
     return float((np.concatenate(preds) == test_y).mean())
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarities of the rows of ``a [N, D]`` and ``b [M, D]`` -> ``float32[N, M]``."""
+    # (N, D) · (D, M) -> (N, M)
+    return np.asarray(_normalise(jnp.asarray(a)) @ _normalise(jnp.asarray(b)).T)
+
+
+def zero_shot_accuracy(
+    image_emb: np.ndarray,
+    class_emb: np.ndarray,
+    labels: np.ndarray,
+    *,
+    k: int = 1,
+    chunk: int = 1024,
+) -> float:
+    """Zero-shot top-``k`` accuracy: each image against the embeddings of every class caption.
+
+    Args:
+      image_emb: ``[N, D]`` image embeddings.
+      class_emb: ``[K, D]`` embeddings of the ``K`` class captions (``class_captions``).
+      labels: ``int[N]``, the row of ``class_emb`` that describes each image (for ``shapes``
+        its ``caption_id``).
+      k: an image counts as right when its caption is among its ``k`` most similar.
+      chunk: images compared at a time (memory ``chunk * K`` floats).
+
+    The prediction is ``argmax_c cos(image, class_c)`` (CLIP's zero-shot classifier,
+    Radford et al. 2021). The rank of the true caption counts captions strictly more similar,
+    so ties do not count against it, as in :func:`retrieval_recall`.
+
+    Example::
+
+        >>> zero_shot_accuracy(np.eye(3), np.eye(3), np.array([0, 1, 1]))
+        0.6666666666666666
+    """
+    a, c = np.asarray(image_emb, np.float32), np.asarray(class_emb, np.float32)
+    labels = np.asarray(labels)
+    _check_features("image", a, labels)
+    _check_features("class", c)
+    if a.shape[1] != c.shape[1]:
+        raise ValueError(
+            f"image and class embeddings must have one width D, got {a.shape}, {c.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(c):
+        raise ValueError(f"labels must be integer rows of class_emb in [0, {len(c)}), got {labels}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    hits = []
+    for start in range(0, len(a), chunk):
+        sim = _cosine(a[start : start + chunk], c)  # (m, D) · (D, K) -> (m, K)
+        rows = np.arange(len(sim))
+        true = sim[rows, labels[start : start + chunk]]
+        hits.append((sim > true[:, None]).sum(1) < k)  # captions ahead of the true one
+    return float(np.concatenate(hits).mean())
+
+
 def retrieval_recall(
-    image_emb: np.ndarray, text_emb: np.ndarray, *, ks: Sequence[int] = (1, 5, 10)
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    ids: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@k for paired embeddings: row ``i`` of ``image_emb [N, D]`` matches row ``i`` of
     ``text_emb [N, D]``.
@@ -126,16 +200,32 @@ def retrieval_recall(
     Returns ``{"i2t_r@k": ..., "t2i_r@k": ...}`` for each ``k``: the fraction of queries whose
     match is among the ``k`` most cosine-similar candidates. The rank of the match counts
     candidates strictly more similar, so ties do not count against it.
+
+    Duplicates: with ``ids: int[N]`` (e.g. ``caption_id``), every candidate with the query's
+    id is a match, not only row ``i``: two test images with the same caption have
+    interchangeable texts, so retrieving either is right. A query's rank is then the number
+    of non-matching candidates strictly more similar than its most similar match. Without
+    ``ids`` (``ids = arange(N)``) only row ``i`` matches, the usual definition.
     """
     a, b = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
     _check_features("image", a)
     _check_features("text", b)
     if a.shape != b.shape:
         raise ValueError(f"image and text embeddings must have one shape, got {a.shape}, {b.shape}")
-    sim = np.asarray(_normalise(jnp.asarray(a)) @ _normalise(jnp.asarray(b)).T)  # (N, N)
-    pos = np.diag(sim)
-    rank_i2t = (sim > pos[:, None]).sum(1)  # candidates ahead of the match, per image query
-    rank_t2i = (sim > pos[None, :]).sum(0)  # per text query (columns)
+    sim = _cosine(a, b)  # (N, D) · (D, N) -> (N, N)
+    if ids is None:
+        pos = np.diag(sim)
+        rank_i2t = (sim > pos[:, None]).sum(1)  # candidates ahead of the match, per image query
+        rank_t2i = (sim > pos[None, :]).sum(0)  # per text query (columns)
+    else:
+        ids = np.asarray(ids)
+        if ids.shape != (len(a),):
+            raise ValueError(f"ids must be [N] with N={len(a)}, got shape {ids.shape}")
+        match = ids[:, None] == ids[None, :]  # (N, N): image i and text j show one caption
+        best_i2t = np.where(match, sim, -np.inf).max(1)  # most similar matching text, per image
+        best_t2i = np.where(match, sim, -np.inf).max(0)  # most similar matching image, per text
+        rank_i2t = ((sim > best_i2t[:, None]) & ~match).sum(1)
+        rank_t2i = ((sim > best_t2i[None, :]) & ~match).sum(0)
     out = {}
     for k in ks:
         out[f"i2t_r@{k}"] = float((rank_i2t < k).mean())

@@ -12,19 +12,20 @@ objective while holding the encoder activations of only one chunk at a time:
 The price is one extra forward pass of the encoder; activation memory is that of one chunk
 plus the ``[B, D]`` embeddings and their gradients.
 
-Chunk layout. With ``n = B // chunk_size`` full chunks, chunk ``k`` holds rows
-``k, k + n, k + 2n, ...`` (a strided split: ``batch[:n*c].reshape(c, n, ...)`` swapped to
-``(n, c, ...)``). When the batch is sharded over devices along its first axis and
-``chunk_size`` is a multiple of the device count, every chunk is spread evenly over all
-devices and the split needs no communication. A ragged tail of ``B % chunk_size`` rows is
-encoded as one extra, smaller chunk (never dropped). :func:`encode_in_chunks` is the
-differentiable reference with the same chunks and keys.
+Chunk layout. With ``n = B // chunk_size`` full chunks, chunk ``k`` holds the contiguous
+rows ``k c .. (k + 1) c - 1`` (a reshape: no copy of the inputs). The train step runs the
+cache inside ``shard_map``, on each device's own rows, so a chunk never spans devices. (A
+strided split, which spreads each chunk over the devices of a batch sharded under plain
+``jit``, costs two copies of the inputs: for uint8 CLIP images that was three times the
+memory per row.) A ragged tail of ``B % chunk_size`` rows is encoded as one extra,
+smaller chunk (never dropped). :func:`encode_in_chunks` is the differentiable reference
+with the same chunks and keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,14 @@ PyTree = Any
 EncodeFn = Callable[[PyTree, PyTree, jax.Array | None], PyTree]
 LossFn = Callable[[PyTree, PyTree], Any]
 
-__all__ = ["value_and_grad", "encode_in_chunks", "chunk_keys", "num_chunks"]
+__all__ = [
+    "value_and_grad",
+    "towers_value_and_grad",
+    "encode_in_chunks",
+    "encode_towers_in_chunks",
+    "chunk_keys",
+    "num_chunks",
+]
 
 
 def _batch_size(batch: PyTree) -> int:
@@ -80,8 +88,7 @@ def _split(batch: PyTree, chunk_size: int) -> tuple[PyTree, PyTree | None]:
 
     def full(x):
         x = x[: n * chunk_size] if rem else x
-        # Strided split: row j*n + k goes to chunk k (see the module docstring).
-        return jnp.swapaxes(x.reshape(chunk_size, n, *x.shape[1:]), 0, 1)
+        return x.reshape(n, chunk_size, *x.shape[1:])  # contiguous chunks (module docstring)
 
     main = jax.tree_util.tree_map(full, batch)
     tail = jax.tree_util.tree_map(lambda x: x[n * chunk_size :], batch) if rem else None
@@ -92,7 +99,7 @@ def _merge(main: PyTree, tail: PyTree | None) -> PyTree:
     """Inverse of :func:`_split`: chunks [n, c, ...] (+ tail) -> [B, ...]."""
 
     def full(x):
-        return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
     out = jax.tree_util.tree_map(full, main)
     if tail is None:
@@ -109,6 +116,56 @@ def _split_keys(keys: jax.Array | None, n_full: int) -> tuple[Any, Any]:
     if keys is None:
         return None, None
     return keys[:n_full], (keys[n_full] if keys.shape[0] > n_full else None)
+
+
+class _Chunks(NamedTuple):
+    """One tower's inputs cut into chunks: ``main`` [n, c, ...], ``tail`` [B % c, ...] or
+    None, and their keys."""
+
+    main: PyTree
+    tail: PyTree | None
+    keys_main: jax.Array | None
+    key_tail: jax.Array | None
+
+
+def _chunks(batch: PyTree, key: jax.Array | None, chunk_size: int) -> _Chunks:
+    b = _batch_size(batch)
+    _check_chunk_size(chunk_size, b)
+    main, tail = _split(batch, chunk_size)
+    keys_main, key_tail = _split_keys(chunk_keys(key, b, chunk_size), b // chunk_size)
+    return _Chunks(main, tail, keys_main, key_tail)
+
+
+def _encode(encode_fn: EncodeFn, params: PyTree, c: _Chunks) -> PyTree:
+    """Every chunk through ``encode_fn`` (``lax.map``: one chunk's activations at a time)."""
+    emb = jax.lax.map(lambda a: encode_fn(params, a[0], a[1]), (c.main, c.keys_main))
+    emb_tail = None if c.tail is None else encode_fn(params, c.tail, c.key_tail)
+    return _merge(emb, emb_tail)
+
+
+def _add(acc: PyTree, g: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda s, v: s + v.astype(s.dtype), acc, g)
+
+
+def _pull_back(encode_fn: EncodeFn, params: PyTree, c: _Chunks, g_emb: PyTree, acc: PyTree):
+    """Add every chunk's ``vjp`` of ``encode_fn`` at its cached embedding gradient to ``acc``."""
+    g_main, g_tail = _split(g_emb, jax.tree_util.tree_leaves(c.main)[0].shape[1])
+
+    def pull(chunk, k, g):
+        _, vjp = jax.vjp(lambda p: encode_fn(p, chunk, k), params)
+        return vjp(g)[0]
+
+    acc, _ = jax.lax.scan(
+        lambda s, a: (_add(s, pull(*a)), None), acc, (c.main, c.keys_main, g_main)
+    )
+    if c.tail is not None:
+        acc = _add(acc, pull(c.tail, c.key_tail, g_tail))
+    return acc
+
+
+def _tower_keys(key: jax.Array | None, towers: int) -> list[jax.Array | None]:
+    """Tower ``t``'s key: ``fold_in(key, t)``, so that the towers' dropout differs."""
+    return [None if key is None else jax.random.fold_in(key, t) for t in range(towers)]
 
 
 def encode_in_chunks(
@@ -131,13 +188,60 @@ def encode_in_chunks(
     Returns:
       The embeddings pytree, [B, ...] leaves, rows in the order of ``batch``.
     """
-    b = _batch_size(batch)
-    _check_chunk_size(chunk_size, b)
-    main, tail = _split(batch, chunk_size)
-    keys_main, key_tail = _split_keys(chunk_keys(key, b, chunk_size), b // chunk_size)
-    emb = jax.lax.map(lambda a: encode_fn(params, a[0], a[1]), (main, keys_main))
-    emb_tail = None if tail is None else encode_fn(params, tail, key_tail)
-    return _merge(emb, emb_tail)
+    return _encode(encode_fn, params, _chunks(batch, key, chunk_size))
+
+
+def encode_towers_in_chunks(
+    encode_fns: Sequence[EncodeFn],
+    params: PyTree,
+    batch: Sequence[PyTree],
+    key: jax.Array | None = None,
+    *,
+    chunk_size: int,
+) -> tuple[PyTree, ...]:
+    """:func:`encode_in_chunks` per tower: ``batch[t]`` through ``encode_fns[t]`` with the
+    key ``fold_in(key, t)``; towers may have different batch sizes. Differentiable."""
+    _check_towers(encode_fns, batch)
+    keys = _tower_keys(key, len(encode_fns))
+    return tuple(
+        encode_in_chunks(f, params, inputs, k, chunk_size=chunk_size)
+        for f, inputs, k in zip(encode_fns, batch, keys, strict=True)
+    )
+
+
+def _check_towers(encode_fns: Sequence[EncodeFn], batch: Sequence[PyTree]) -> None:
+    if not isinstance(batch, tuple | list) or len(batch) != len(encode_fns):
+        raise ValueError(
+            f"gradcache: {len(encode_fns)} towers need a batch of {len(encode_fns)} parts (one "
+            f"per tower), got {type(batch).__name__} {batch!r:.80}."
+        )
+
+
+def _cached_value_and_grad(encode_fns, loss_fn, chunk_size, has_aux, params, batch, keys):
+    """The gradient cache over towers; ``batch[t]`` and ``keys[t]`` belong to tower ``t``."""
+    chunks = [_chunks(inputs, k, chunk_size) for inputs, k in zip(batch, keys, strict=True)]
+
+    # Pass 1: embeddings only. Nothing here is differentiated, so no activation outlives
+    # its chunk's iteration of the map.
+    frozen = jax.lax.stop_gradient(params)
+    embeddings = tuple(
+        jax.lax.stop_gradient(_encode(f, frozen, c))
+        for f, c in zip(encode_fns, chunks, strict=True)
+    )
+
+    # Full-batch loss: its gradient w.r.t. params (temperature, bias) and embeddings.
+    out, (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
+        params, embeddings
+    )
+
+    # Pass 2: re-encode each chunk under vjp with its cached embedding gradient. The sum
+    # is float32 at least, whatever the parameter dtype; zeros_like keeps p's varying mesh
+    # axes inside shard_map, as the scan carry needs.
+    acc = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, _acc_dtype(p)), params)
+    for f, c, g in zip(encode_fns, chunks, g_emb, strict=True):
+        acc = _pull_back(f, params, c, g, acc)
+    grads = jax.tree_util.tree_map(lambda p, g, a: (g + a).astype(p.dtype), params, g_params, acc)
+    return out, grads
 
 
 def value_and_grad(
@@ -166,46 +270,37 @@ def value_and_grad(
     """
 
     def f(params: PyTree, batch: PyTree, key: jax.Array | None = None):
-        b = _batch_size(batch)
-        _check_chunk_size(chunk_size, b)
-        n_full = b // chunk_size
-        main, tail = _split(batch, chunk_size)
-        keys_main, key_tail = _split_keys(chunk_keys(key, b, chunk_size), n_full)
+        def loss_one(p, emb):
+            return loss_fn(p, emb[0])
 
-        # Pass 1: embeddings only. Nothing here is differentiated, so no activation
-        # outlives its chunk's iteration of the map.
-        def embed(p):
-            emb = jax.lax.map(lambda a: encode_fn(p, a[0], a[1]), (main, keys_main))
-            emb_tail = None if tail is None else encode_fn(p, tail, key_tail)
-            return emb, emb_tail
-
-        emb_main, emb_tail = embed(jax.lax.stop_gradient(params))
-        embeddings = jax.lax.stop_gradient(_merge(emb_main, emb_tail))
-
-        # Full-batch loss: its gradient w.r.t. params (temperature, bias) and embeddings.
-        out, (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
-            params, embeddings
+        return _cached_value_and_grad(
+            (encode_fn,), loss_one, chunk_size, has_aux, params, (batch,), (key,)
         )
-        g_main, g_tail = _split(g_emb, chunk_size)
 
-        # Pass 2: re-encode each chunk under vjp with its cached embedding gradient.
-        def pull_back(chunk, k, g):
-            _, vjp = jax.vjp(lambda p: encode_fn(p, chunk, k), params)
-            return vjp(g)[0]
+    return f
 
-        def body(acc, a):
-            gp = pull_back(*a)
-            return jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), acc, gp), None
 
-        # Accumulate in float32 at least, whatever the parameter dtype.
-        acc = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, _acc_dtype(p)), params)
-        acc, _ = jax.lax.scan(body, acc, (main, keys_main, g_main))
-        if tail is not None:
-            gp = pull_back(tail, key_tail, g_tail)
-            acc = jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), acc, gp)
-        grads = jax.tree_util.tree_map(
-            lambda p, g, a: (g + a).astype(p.dtype), params, g_params, acc
+def towers_value_and_grad(
+    encode_fns: Sequence[EncodeFn],
+    loss_fn: LossFn,
+    *,
+    chunk_size: int,
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, PyTree]]:
+    """:func:`value_and_grad` for towers whose batches differ in size (CLIP with extra
+    text negatives: ``B`` images, ``M >= B`` captions).
+
+    ``f(params, batch, key=None)`` with ``batch = (inputs_1, ..., inputs_k)``: tower ``t``
+    embeds ``batch[t]`` (its own leading size) with ``encode_fns[t]`` in chunks of
+    ``chunk_size`` rows and the key ``fold_in(key, t)``; ``loss_fn(params, (emb_1, ...,
+    emb_k))``. Equal to plain autodiff through :func:`encode_towers_in_chunks`.
+    """
+
+    def f(params: PyTree, batch: Sequence[PyTree], key: jax.Array | None = None):
+        _check_towers(encode_fns, batch)
+        keys = _tower_keys(key, len(encode_fns))
+        return _cached_value_and_grad(
+            tuple(encode_fns), loss_fn, chunk_size, has_aux, params, tuple(batch), keys
         )
-        return out, grads
 
     return f

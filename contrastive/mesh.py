@@ -2,9 +2,13 @@
 
 Data parallelism over a single mesh axis ``"data"``: the global batch is split along its
 first axis over every device (one host or many: ``jax.devices()`` is global after
-``jax.distributed.initialize()``); parameters and optimiser state are replicated by
-default. :func:`param_sharding` takes a per-leaf rule so that FSDP-style sharding of large
-weights can be added later without touching the train step.
+``jax.distributed.initialize()``); parameters are replicated. The optimiser state is
+replicated too, or sharded along ``"data"`` (ZeRO-1/2, Rajbhandari et al. 2020) by
+:func:`shard_axis`: each leaf is split along its first axis that the device count
+divides, and the gradients of the same leaves are reduce-scattered along the same axis
+(:func:`scatter_axes`), so the optimiser update needs no communication but the final
+all-gather of the parameter updates. :func:`param_sharding` takes a per-leaf rule so
+that FSDP-style sharding of large weights can be added without touching the train step.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ __all__ = [
     "replicated",
     "param_sharding",
     "shard_batch",
+    "place",
     "place_params",
     "check_batch_divisible",
+    "shard_axis",
+    "scatter_axes",
+    "optimizer_shardings",
 ]
 
 
@@ -93,12 +101,20 @@ def check_batch_divisible(batch: Any, mesh: Mesh) -> int:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place a host-global batch on the mesh, rows split over ``"data"``.
+    """Place a host-global batch on the mesh, rows split over ``"data"`` (each array may
+    have its own number of rows, a multiple of the device count).
 
     Single process: ``batch`` holds the whole global batch. Multi-process: each process
     passes its own rows, and they are assembled into one global array.
     """
-    check_batch_divisible(batch, mesh)
+    n = mesh.shape[DATA_AXIS]
+    for leaf in jax.tree_util.tree_leaves(batch):
+        rows = np.shape(leaf)[0]
+        if rows % n:
+            raise ValueError(
+                f"a batch array of {rows} rows (shape {np.shape(leaf)}) does not split over {n} "
+                f"devices; use a multiple of {n} (e.g. {max(n, rows - rows % n)})."
+            )
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
@@ -107,6 +123,59 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     )
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a host value that every process holds whole (parameters, a train state, a key)
+    on the mesh with ``shardings`` (a sharding or a matching pytree of them).
+
+    One process: ``jax.device_put``. Several: each process builds the shards of its own
+    devices (``device_put`` cannot target another process's devices).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+
+    def one(x, sharding):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def place_params(params: Any, mesh: Mesh, rule: Callable[[Any], PartitionSpec] | None = None):
     """Put parameters (or a whole train state) on the mesh; replicated by default."""
-    return jax.device_put(params, param_sharding(mesh, params, rule))
+    return place(params, param_sharding(mesh, params, rule))
+
+
+def shard_axis(shape: Sequence[int], devices: int) -> int | None:
+    """The axis a leaf of ``shape`` is split along over ``devices`` devices, or None.
+
+    The first axis whose length the device count divides; None (replicated) for scalars,
+    for leaves no axis of which splits evenly, and on a single device.
+    """
+    if devices == 1:
+        return None
+    for axis, size in enumerate(shape):
+        if size % devices == 0:
+            return axis
+    return None
+
+
+def scatter_axes(params: Any, devices: int) -> Any:
+    """Per leaf of ``params``: the axis its gradient is reduce-scattered along, or None."""
+    return jax.tree_util.tree_map(lambda p: shard_axis(np.shape(p), devices), params)
+
+
+def optimizer_shardings(opt_state: Any, mesh: Mesh) -> Any:
+    """Shardings of an optimiser state split along ``"data"`` by :func:`shard_axis`."""
+    n = mesh.shape[DATA_AXIS]
+
+    def one(leaf):
+        axis = shard_axis(np.shape(leaf), n)
+        spec = PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), DATA_AXIS)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map(one, opt_state)

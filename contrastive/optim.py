@@ -13,54 +13,52 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["OptimConfig", "make_schedule", "make_optimizer", "decay_mask"]
+from contrastive.settings import check_fields, field_name, setting
+
+__all__ = ["OPTIMIZERS", "OptimConfig", "make_schedule", "make_optimizer", "decay_mask"]
 
 OPTIMIZERS = ("adamw", "lamb", "lars")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser settings.
+    """Optimiser settings (each field's help is in its metadata)."""
 
-    Attributes:
-      name: "adamw", "lamb" or "lars".
-      learning_rate: peak learning rate, reached after ``warmup_steps``.
-      warmup_steps: linear warm-up from 0.
-      total_steps: length of the schedule (warm-up included); cosine decay after warm-up.
-      end_lr_ratio: final learning rate as a fraction of the peak.
-      weight_decay: decoupled weight decay on rank >= 2 parameters.
-      b1, b2, eps: Adam/LAMB moments.
-      momentum, trust_coefficient: LARS.
-      clip_norm: clip the global gradient norm to this value first; None turns it off.
-    """
-
-    name: str = "adamw"
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
-    clip_norm: float | None = 1.0
+    name: str = setting("adamw", "optimiser", flag="optimizer", choices=OPTIMIZERS)
+    learning_rate: float = setting(
+        1e-3, "peak learning rate (linear warm-up, then cosine decay)", positive=True
+    )
+    warmup_steps: int = setting(0, "linear warm-up steps from 0", at_least=0)
+    total_steps: int = setting(
+        1000, "length of the schedule, warm-up included", at_least=1, cli=False
+    )
+    end_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak", at_least=0)
+    weight_decay: float = setting(1e-4, "decoupled weight decay on weight matrices", at_least=0)
+    b1: float = setting(0.9, "Adam/LAMB first-moment decay", at_least=0)
+    b2: float = setting(0.999, "Adam/LAMB second-moment decay", at_least=0)
+    eps: float = setting(1e-8, "Adam/LAMB epsilon", positive=True)
+    momentum: float = setting(0.9, "LARS momentum", at_least=0)
+    trust_coefficient: float = setting(1e-3, "LARS trust coefficient", positive=True)
+    clip_norm: float | None = setting(
+        1.0, "clip the global gradient norm to this value first; none: no clipping", positive=True
+    )
 
     def __post_init__(self):
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; choose one of {OPTIMIZERS}.")
-        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+        check_fields(self)
+        if self.warmup_steps > self.total_steps:
             raise ValueError(
-                f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
-                f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}."
+                f"{field_name(self, 'warmup_steps')} ({self.warmup_steps}) must not exceed the "
+                f"schedule's {self.total_steps} steps: lower it"
             )
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}.")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warm-up to ``learning_rate``, then cosine decay to ``end_lr_ratio * lr``."""
+    """Linear warm-up to ``learning_rate``, then cosine decay to ``end_lr_ratio * lr``.
+
+    A schedule that is all warm-up (``warmup_steps == total_steps``) ends at the peak.
+    """
+    if cfg.warmup_steps >= cfg.total_steps:
+        return optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,

@@ -1,15 +1,18 @@
 """The sharded, optionally gradient-cached train step for dual encoders.
 
-``train_step`` is a pure module-level function of ``(state, batch, key)``; ``make_train_step``
-jits it with explicit shardings (batch split over the ``"data"`` mesh axis, state
-replicated) and donates the state. With ``TrainConfig.chunk_size`` set, gradients come from
-:func:`contrastive.gradcache.value_and_grad`: the encoder activations held at once are those
-of one chunk, while the loss is the full-batch one.
+Reads top to bottom: configs -> state -> loss -> the per-device gradient -> the step.
 
-The loss sees the global ``[B, D]`` embeddings. By default it runs under plain ``jit``
-(GSPMD partitions it); :func:`global_loss` is the hook that switches to the ring losses
-(``LossConfig(ring=True)``: the loss runs inside ``jax.shard_map`` over ``"data"`` with
-``axis_name="data"``, each device holding its rows only).
+The whole gradient computation runs inside ``jax.shard_map`` over the ``"data"`` mesh axis.
+Each device encodes only its own rows (in chunks with :mod:`contrastive.gradcache`, or at
+once), the loss runs as a ring across the devices (``axis_name="data"``: the global loss,
+exact gradients for the local embeddings), and each device pulls its embedding gradients
+back through the encoder to a *partial* parameter gradient. Those partial gradients are
+reduced across devices exactly once per step, after the last chunk: one all-reduce, or
+one reduce-scatter when the optimiser state is sharded (``TrainConfig(shard_optimizer=
+True)``; the rules are in :mod:`contrastive.mesh`). Inside, the parameters are marked as
+varying over the data axis before anything is differentiated; otherwise JAX's rules for
+replicated values would insert an all-reduce into the transpose of every chunk's
+re-encoding pass.
 
 Mixed precision: build the model with ``dtype=jnp.bfloat16`` (compute) and the default
 ``param_dtype=float32``; parameters, gradients, optimiser state, temperature, bias and the
@@ -21,7 +24,7 @@ Example::
     model = DualEncoder(MLPEncoder(64, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
     cfg = TrainConfig(loss=LossConfig("infonce"), optim=OptimConfig("lamb"), chunk_size=256)
     graphdef, state = create_train_state(model, make_optimizer(cfg.optim))
-    state = place_params(state, mesh)
+    state = place_state(state, mesh, shard_optimizer=cfg.shard_optimizer)
     step = make_train_step(graphdef, cfg, mesh)
     for batch in data:  # (inputs_x, inputs_y), leaves [B, ...] as numpy
         state, metrics = step(state, shard_batch(batch, mesh), key)
@@ -31,78 +34,117 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 import losses
 from contrastive import gradcache
-from contrastive.mesh import DATA_AXIS, batch_sharding, check_batch_divisible, replicated
-from contrastive.models import encode_fn
+from contrastive.mesh import (
+    DATA_AXIS,
+    batch_sharding,
+    check_batch_divisible,
+    optimizer_shardings,
+    place,
+    replicated,
+    scatter_axes,
+)
 from contrastive.optim import OptimConfig, make_optimizer, make_schedule
+from contrastive.settings import check_fields, field_name, setting
 
 __all__ = [
+    "LOSSES",
     "LossConfig",
     "TrainConfig",
     "TrainState",
+    "Batch",
+    "as_batch",
+    "tower_fns",
     "create_train_state",
+    "place_state",
+    "default_temperature",
     "contrastive_loss",
-    "global_loss",
     "make_loss_fn",
     "loss_and_grads",
     "train_step",
     "make_train_step",
 ]
 
-LOSSES = ("infonce", "sigmoid", "decoupled")
+# The loss functions by name: the one list of loss names in the training system.
+LOSSES: dict[str, Any] = {
+    "infonce": losses.infonce,
+    "sigmoid": losses.sigmoid,
+    "decoupled": losses.decoupled,
+}
+
+
+def default_temperature(name: str) -> float:
+    """The loss's own default temperature (CLIP 0.07 for InfoNCE, SigLIP/DCL 0.1)."""
+    return inspect.signature(LOSSES[name]).parameters["temperature"].default
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Which loss and its options (see ``losses``).
+    """Which loss and its options (see ``losses``)."""
 
-    Attributes:
-      name: "infonce" (CLIP; NT-Xent with ``intra_view``), "sigmoid" (SigLIP; the model
-        needs a bias: ``DualEncoder(init_bias=-10.0)``) or "decoupled" (DCL/DCLW).
-      symmetric, intra_view: softmax losses only.
-      sigma: DCLW weighting for "decoupled"; None is plain DCL.
-      block_size: similarity tile edge of the tiled losses; None lets the loss choose.
-      ring: run the loss inside ``shard_map`` with ``axis_name="data"`` (ring losses; the
-        default). False calls it on the global arrays and leaves the partitioning to GSPMD.
-    """
-
-    name: str = "infonce"
-    symmetric: bool = True
-    intra_view: bool = False
-    sigma: float | None = None
-    block_size: int | None = None
-    ring: bool = True
+    name: str = setting(
+        "infonce",
+        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP) or decoupled (DCL/DCLW)",
+        flag="loss",
+        choices=tuple(LOSSES),
+    )
+    symmetric: bool = setting(True, "average both directions of the softmax losses")
+    intra_view: bool = setting(
+        False, "same-view negatives in the softmax losses (SimCLR's NT-Xent)"
+    )
+    sigma: float | None = setting(
+        None, "DCLW weighting of the decoupled loss; none: plain DCL", positive=True
+    )
+    block_size: int | None = setting(
+        None, "similarity tile edge of the tiled losses; none: automatic", at_least=1
+    )
 
     def __post_init__(self):
-        if self.name not in LOSSES:
-            raise ValueError(f"unknown loss {self.name!r}; choose one of {LOSSES}.")
+        check_fields(self)
         if self.sigma is not None and self.name != "decoupled":
-            raise ValueError(f"sigma is an option of the 'decoupled' loss, not {self.name!r}.")
+            raise ValueError(
+                f"{field_name(self, 'sigma')} (DCLW) is an option of the decoupled loss: set "
+                f"{field_name(self, 'name')} decoupled or drop it"
+            )
         if self.intra_view and self.name == "sigmoid":
-            raise ValueError("intra_view is an option of the softmax losses, not 'sigmoid'.")
+            raise ValueError(
+                f"{field_name(self, 'intra_view')} is for the softmax losses: drop it or set "
+                f"{field_name(self, 'name')} infonce"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Train step settings: loss, optimiser, and the gradient-cache chunk size.
+    """Train step settings: loss, optimiser, gradient-cache chunk, optimiser sharding."""
 
-    ``chunk_size=None`` runs the encoder on the whole batch (plain step); an int runs it in
-    chunks of that many rows (gradient caching). On a mesh of n devices, a chunk size that
-    is a multiple of n keeps every chunk spread over all devices.
-    """
+    loss: LossConfig = setting(default_factory=LossConfig)
+    optim: OptimConfig = setting(default_factory=OptimConfig)
+    chunk_size: int | None = setting(
+        None,
+        "gradient caching: encode the global batch in chunks of this many rows (a multiple "
+        "of the device count; each device encodes chunk/devices rows at a time); none: "
+        "encode the whole batch at once",
+        at_least=1,
+    )
+    shard_optimizer: bool = setting(
+        False,
+        "shard the optimiser state (and reduce-scatter the gradients) along the data axis "
+        "(ZeRO-1/2); parameters stay replicated",
+    )
 
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    chunk_size: int | None = None
+    def __post_init__(self):
+        check_fields(self)
 
 
 class TrainState(NamedTuple):
@@ -113,17 +155,41 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+def _strong(tree: Any) -> Any:
+    # Scalars made from Python floats are weakly typed; the state coming out of a step is
+    # not. One dtype signature avoids a second compilation, and the first step and a
+    # resumed step then run the very same program (bitwise-equal losses). The copy also
+    # keeps the model's own arrays alive when the step donates the state.
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=jnp.result_type(a)), tree)
+
+
 def create_train_state(
     model: nnx.Module, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` into its static graphdef and a fresh :class:`TrainState`.
-
-    The parameters are copied: the jitted step donates the state, and the model's own
-    arrays must survive that.
-    """
+    """Split ``model`` into its static graphdef and a fresh :class:`TrainState`."""
     graphdef, params = nnx.split(model)
-    params = jax.tree_util.tree_map(jnp.copy, params)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    params = _strong(params)
+    opt_state = _strong(tx.init(params))
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def state_shardings(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = False):
+    """Shardings of a train state: replicated, except the optimiser state when sharded."""
+    rep = replicated(mesh)
+    opt = (
+        optimizer_shardings(state.opt_state, mesh)
+        if shard_optimizer
+        else jax.tree_util.tree_map(lambda _: rep, state.opt_state)
+    )
+    return TrainState(rep, jax.tree_util.tree_map(lambda _: rep, state.params), opt)
+
+
+def place_state(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = False) -> TrainState:
+    """Put a train state on the mesh (see :func:`state_shardings`)."""
+    return place(state, state_shardings(state, mesh, shard_optimizer=shard_optimizer))
+
+
+# ------------------------------------------------------------------------------ the loss
 
 
 def contrastive_loss(
@@ -134,14 +200,22 @@ def contrastive_loss(
     cfg: LossConfig,
     *,
     axis_name: str | None = None,
+    ids: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> jax.Array:
-    """Call the configured loss on embeddings x, y [B, D] (local shards with axis_name)."""
-    kw: dict[str, Any] = {"temperature": temperature}
-    # Passed only when set, so this works with the dense losses that lack these arguments.
+    """The configured loss of embeddings x [B, D] and y [M, D], M >= B (local shards with
+    ``axis_name``): ``y[:B]`` pair with ``x``, ``y[B:]`` are extra negatives.
+
+    ``ids`` [M] (int): candidates with the anchor's id are not its negatives (duplicates);
+    ``valid`` [M] (bool): False drops a pair or an extra negative (padding).
+    """
+    kw: dict[str, Any] = {"temperature": temperature, "axis_name": axis_name}
+    if ids is not None:
+        kw["ids"] = ids
+    if valid is not None:
+        kw["valid"] = valid
     if cfg.block_size is not None:
         kw["block_size"] = cfg.block_size
-    if axis_name is not None:
-        kw["axis_name"] = axis_name
     if cfg.name == "sigmoid":
         if bias is None:
             raise ValueError(
@@ -156,64 +230,154 @@ def contrastive_loss(
     )
 
 
-def global_loss(
-    x: jax.Array,
-    y: jax.Array,
-    temperature: jax.Array,
-    bias: jax.Array | None,
-    cfg: LossConfig,
-    mesh: Mesh | None = None,
-) -> jax.Array:
-    """The full-batch loss of global embeddings x, y [B, D] sharded over ``"data"``.
-
-    This is the hook for the ring losses: with ``cfg.ring`` and a mesh, the loss runs
-    inside ``jax.shard_map`` on each device's rows with ``axis_name="data"`` (global value
-    on every device, exact gradients w.r.t. the local rows); otherwise it is called on the
-    global arrays and GSPMD partitions it.
-    """
-    if not cfg.ring or mesh is None:
-        return contrastive_loss(x, y, temperature, bias, cfg)
-    b = jnp.zeros((), jnp.float32) if bias is None else bias
-    rows, scalar = PartitionSpec(DATA_AXIS), PartitionSpec()
-
-    def local(x, y, t, b):
-        return contrastive_loss(x, y, t, None if bias is None else b, cfg, axis_name=DATA_AXIS)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, scalar, scalar), out_specs=scalar)(
-        x, y, temperature, b
-    )
+def _global_sum(v: jax.Array, axis_name: str | None) -> jax.Array:
+    return v if axis_name is None else lax.psum(v, axis_name)
 
 
-def _logit_stats(x: jax.Array, y: jax.Array, temperature, bias) -> dict[str, jax.Array]:
-    """Mean positive and negative logits without forming the B x B matrix (O(B D))."""
-    x, y = jax.lax.stop_gradient(x).astype(jnp.float32), jax.lax.stop_gradient(y)
-    y = y.astype(jnp.float32)
-    n = x.shape[0]
-    pos = jnp.sum(x * y)  # sum_i x_i . y_i
-    total = jnp.dot(jnp.sum(x, axis=0), jnp.sum(y, axis=0))  # (D,) . (D,) -> sum_ij x_i . y_j
-    t = jax.lax.stop_gradient(temperature)
-    b = 0.0 if bias is None else jax.lax.stop_gradient(bias)
+def _logit_stats(x, y, temperature, bias, axis_name) -> dict[str, jax.Array]:
+    """Mean positive and negative logits over the global batch, never forming B x B (O(B D))."""
+    x = lax.stop_gradient(x).astype(jnp.float32)
+    y = lax.stop_gradient(y).astype(jnp.float32)
+    # A float: n (n - 1) overflows int32 from n = 46,341 pairs on.
+    n = float(x.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name)))
+    pos = _global_sum(jnp.sum(x * y), axis_name)  # sum_i x_i . y_i
+    sx = _global_sum(jnp.sum(x, axis=0), axis_name)
+    sy = _global_sum(jnp.sum(y, axis=0), axis_name)
+    total = jnp.dot(sx, sy)  # (D,) . (D,) -> sum_ij x_i . y_j
+    t = lax.stop_gradient(temperature)
+    b = 0.0 if bias is None else lax.stop_gradient(bias)
     return {
-        "pos_logit": pos / float(n) / t + b,
-        "neg_logit": (total - pos) / float(max(n * (n - 1), 1)) / t + b,
+        "pos_logit": pos / n / t + b,
+        "neg_logit": (total - pos) / max(n * (n - 1), 1.0) / t + b,
     }
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, cfg: LossConfig, mesh: Mesh | None = None):
-    """``loss_fn(params, (x, y)) -> (loss, aux)`` with the model's temperature and bias."""
+def make_loss_fn(
+    graphdef: nnx.GraphDef,
+    cfg: LossConfig,
+    axis_name: str | None = None,
+    ids: jax.Array | None = None,
+    valid: jax.Array | None = None,
+):
+    """``loss_fn(params, (x, y)) -> (loss, aux)`` with the model's temperature and bias.
+
+    With ``axis_name`` it runs inside ``shard_map`` on each device's rows (the ring loss);
+    the loss and the metrics in ``aux`` are global either way. ``ids``, ``valid``: see
+    :func:`contrastive_loss` (the local rows' inside ``shard_map``).
+    """
 
     def loss_fn(params, embeddings):
         model = nnx.merge(graphdef, params)
         x, y = embeddings
         t = model.temperature()
         b = model.bias_value() if cfg.name == "sigmoid" else None
-        loss = global_loss(x, y, t, b, cfg, mesh)
-        aux = {"temperature": t, **_logit_stats(x, y, t, b)}
+        loss = contrastive_loss(x, y, t, b, cfg, axis_name=axis_name, ids=ids, valid=valid)
+        # The positives: the first rows of y (extra negatives follow them).
+        aux = {"temperature": t, **_logit_stats(x, y[: x.shape[0]], t, b, axis_name)}
         if b is not None:
             aux["bias"] = b
         return loss, aux
 
     return loss_fn
+
+
+# ------------------------------------------------------------- the per-device gradient
+
+
+def local_chunk_size(chunk_size: int | None, devices: int) -> int | None:
+    """Rows per chunk on each device; ValueError unless the devices split the chunk evenly."""
+    if chunk_size is None:
+        return None
+    if chunk_size % devices:
+        raise ValueError(
+            f"chunk_size={chunk_size} does not split over the {devices} devices: use a multiple "
+            f"of {devices} (e.g. {max(devices, chunk_size - chunk_size % devices)})."
+        )
+    return chunk_size // devices
+
+
+class Batch(NamedTuple):
+    """A global batch: ``x`` the first tower's inputs [B, ...], ``y`` the second's [M, ...]
+    with ``M >= B`` (``y[:B]`` pair with ``x``; more rows are extra negatives), and for the
+    loss ``ids`` [M] (int; equal ids are not negatives of each other) and ``valid`` [M]
+    (bool; False drops a pair or a negative). Sharded over devices, each device holds B/n
+    rows of ``x`` and M/n of ``y``, its own positives first (see ``losses.sharded``).
+
+    A plain tuple ``(x, y)`` or ``(x, y, ids)`` is accepted wherever a Batch is.
+    """
+
+    x: Any
+    y: Any
+    ids: jax.Array | None = None
+    valid: jax.Array | None = None
+
+
+def as_batch(batch: Any) -> Batch:
+    if isinstance(batch, Batch):
+        return batch
+    if not isinstance(batch, tuple | list) or not 2 <= len(batch) <= 4:
+        raise ValueError(
+            "a batch is Batch(x, y, ids=None, valid=None) or a tuple (x, y) / (x, y, ids); "
+            f"got {type(batch).__name__}"
+        )
+    return Batch(*batch)
+
+
+def tower_fns(graphdef: nnx.GraphDef):
+    """``(embed_x, embed_y)``: ``f(params, inputs, key) -> [rows, D]`` for each tower."""
+
+    def tower(method: str):
+        def f(params: Any, inputs: Any, key: jax.Array | None = None):
+            return getattr(nnx.merge(graphdef, params), method)(inputs, key)
+
+        return f
+
+    return tower("embed_x"), tower("embed_y")
+
+
+def local_loss_and_grads(
+    params: Any,
+    batch: Any,
+    key: jax.Array | None,
+    *,
+    graphdef: nnx.GraphDef,
+    config: TrainConfig,
+    axis_name: str | None,
+) -> tuple[tuple[jax.Array, dict], Any]:
+    """``((loss, aux), partial grads)`` of this device's rows, before any reduction.
+
+    Inside ``shard_map`` (``axis_name`` set) ``batch`` holds the local rows and ``params``
+    must already vary over the axis (see :func:`train_step`): the loss and ``aux`` are
+    global, the gradients this device's share of the global gradient (their sum over
+    devices is the gradient). With ``axis_name=None`` it is the whole computation.
+    """
+    batch = as_batch(batch)
+    towers = tower_fns(graphdef)
+    loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
+    devices = 1 if axis_name is None else lax.psum(1, axis_name)
+    chunk = local_chunk_size(config.chunk_size, devices)
+    inputs = (batch.x, batch.y)
+    if chunk is None:
+        keys = [None if key is None else jax.random.fold_in(key, t) for t in range(2)]
+
+        def whole(p):
+            emb = tuple(f(p, a, k) for f, a, k in zip(towers, inputs, keys, strict=True))
+            return loss_fn(p, emb)
+
+        return jax.value_and_grad(whole, has_aux=True)(params)
+    f = gradcache.towers_value_and_grad(towers, loss_fn, chunk_size=chunk, has_aux=True)
+    return f(params, inputs, key)
+
+
+def _reduce(grads: Any, axis_name: str, scatter: Any) -> Any:
+    """Sum partial gradients over the devices: psum, or psum_scatter on the sharded axis."""
+
+    def one(g, axis):
+        if axis is None:
+            return lax.psum(g, axis_name)
+        return lax.psum_scatter(g, axis_name, scatter_dimension=axis, tiled=True)
+
+    return jax.tree_util.tree_map(one, grads, scatter)
 
 
 def loss_and_grads(
@@ -223,15 +387,60 @@ def loss_and_grads(
     *,
     graphdef: nnx.GraphDef,
     config: TrainConfig,
-    mesh: Mesh | None = None,
+    mesh: Mesh,
 ) -> tuple[tuple[jax.Array, dict], Any]:
-    """``((loss, aux), grads)`` of the full-batch loss, gradient-cached or plain."""
-    encode = encode_fn(graphdef)
-    loss_fn = make_loss_fn(graphdef, config.loss, mesh)
-    if config.chunk_size is None:
-        return jax.value_and_grad(lambda p: loss_fn(p, encode(p, batch, key)), has_aux=True)(params)
-    f = gradcache.value_and_grad(encode, loss_fn, chunk_size=config.chunk_size, has_aux=True)
-    return f(params, batch, key)
+    """``((loss, aux), grads)`` of the global batch (sharded over ``"data"``) on ``mesh``.
+
+    One ``shard_map`` holds the whole computation; the gradients are reduced across
+    devices once. With ``config.shard_optimizer`` they come out reduce-scattered (sharded
+    as :func:`contrastive.mesh.optimizer_shardings` says), otherwise replicated.
+    """
+    scatter = (
+        scatter_axes(params, mesh.shape[DATA_AXIS])
+        if config.shard_optimizer
+        else jax.tree_util.tree_map(lambda _: None, params)
+    )
+    grad_specs = jax.tree_util.tree_map(
+        lambda a: PartitionSpec() if a is None else PartitionSpec(*([None] * a), DATA_AXIS),
+        scatter,
+        is_leaf=lambda a: a is None,
+    )
+    rows = PartitionSpec(DATA_AXIS)
+    batch = as_batch(batch)
+
+    def local(params, batch, key):
+        # Mark the parameters as varying first: differentiating the replicated ones would
+        # all-reduce their gradient in every chunk's backward pass (JAX's rule for the
+        # transpose of a replicated value), instead of once below.
+        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
+        if key is not None:  # one dropout stream per device
+            key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
+        (loss, aux), grads = local_loss_and_grads(
+            params, batch, key, graphdef=graphdef, config=config, axis_name=DATA_AXIS
+        )
+        # The metrics are equal on every device but typed as varying (they come from the
+        # varying parameters); the max of equal values is exact and costs a few scalars.
+        aux = jax.tree_util.tree_map(lambda a: lax.pmax(a, DATA_AXIS), aux)
+        return (loss, aux), _reduce(grads, DATA_AXIS, scatter)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), rows, PartitionSpec()),
+        out_specs=((PartitionSpec(), PartitionSpec()), grad_specs),
+    )(params, batch, key)
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(a))
+        for a in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def train_step(
@@ -242,27 +451,31 @@ def train_step(
     graphdef: nnx.GraphDef,
     config: TrainConfig,
     tx: optax.GradientTransformation,
-    mesh: Mesh | None = None,
+    mesh: Mesh,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on a global batch ``(inputs_x, inputs_y)``, leaves [B, ...].
+    """One optimiser step on a global :class:`Batch` (or ``(inputs_x, inputs_y)``).
 
     ``key`` drives dropout (None turns it off); it is folded with the step number so one
     key can be passed for the whole run. Returns the new state and scalar metrics: loss,
     temperature, bias (sigmoid), grad_norm (before clipping), pos_logit, neg_logit,
-    learning_rate.
+    learning_rate, and ``finite`` (1.0 when every parameter and optimiser-state entry of
+    the new state is finite: a run must never checkpoint a state where it is 0).
     """
     if key is not None:
         key = jax.random.fold_in(key, state.step)
+    batch = as_batch(batch)
     (loss, aux), grads = loss_and_grads(
         state.params, batch, key, graphdef=graphdef, config=config, mesh=mesh
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = _all_finite(params) & _all_finite(opt_state)
     metrics = {
         "loss": loss,
         **aux,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": make_schedule(config.optim)(state.step),
+        "finite": finite.astype(jnp.float32),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -273,7 +486,6 @@ def make_train_step(
     mesh: Mesh,
     *,
     tx: optax.GradientTransformation | None = None,
-    state_sharding: Any = None,
     donate: bool = True,
 ):
     """``step(state, batch, key) -> (state, metrics)``: :func:`train_step` under ``jax.jit``.
@@ -284,23 +496,41 @@ def make_train_step(
       mesh: from :func:`contrastive.mesh.make_mesh`; the batch is split over ``"data"``.
       tx: the optimiser used to build the state; default ``make_optimizer(config.optim)``
         (it must be the same transformation that initialised ``state.opt_state``).
-      state_sharding: sharding (or pytree of shardings) of the state; default replicated.
       donate: donate the incoming state's buffers to the new state.
 
-    The batch must be a multiple of the device count, and with gradient caching at least
-    ``chunk_size`` rows; both are checked when the step is traced.
+    The state must be placed with :func:`place_state` (the same ``shard_optimizer``). The
+    batch must be a multiple of the device count, and with gradient caching at least
+    ``chunk_size`` rows, with ``chunk_size`` a multiple of the device count; all are
+    checked when the step is traced.
     """
     tx = make_optimizer(config.optim) if tx is None else tx
-    state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+    local_chunk_size(config.chunk_size, mesh.shape[DATA_AXIS])
     step = functools.partial(train_step, graphdef=graphdef, config=config, tx=tx, mesh=mesh)
 
     def checked(state, batch, key):
-        check_batch_divisible(batch, mesh)
+        batch = as_batch(batch)
+        check_batch_divisible(batch.x, mesh)
+        check_batch_divisible((batch.y, batch.ids, batch.valid), mesh)
         return step(state, batch, key)
 
-    return jax.jit(
-        checked,
-        in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=(0,) if donate else (),
-    )
+    def jitted_for(state):
+        # The state's shardings follow its structure (per-leaf rules for a sharded
+        # optimiser state), known only once a state (or its ShapeDtypeStructs) is seen.
+        s = state_shardings(state, mesh, shard_optimizer=config.shard_optimizer)
+        return jax.jit(
+            checked,
+            in_shardings=(s, batch_sharding(mesh), replicated(mesh)),
+            out_shardings=(s, replicated(mesh)),
+            donate_argnums=(0,) if donate else (),
+        )
+
+    cache: dict[Any, Any] = {}
+
+    def step_fn(state, batch, key):
+        treedef = jax.tree_util.tree_structure(state)
+        if treedef not in cache:
+            cache[treedef] = jitted_for(state)
+        return cache[treedef](state, batch, key)
+
+    step_fn.lower = lambda state, batch, key: jitted_for(state).lower(state, batch, key)
+    return step_fn

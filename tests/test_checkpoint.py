@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,306 @@ def test_bad_options():
         Checkpointer("/tmp/unused", every=0)
     with pytest.raises(ValueError, match="keep"):
         Checkpointer("/tmp/unused", every=1, keep=0)
+
+
+# --- verification, fallback, non-finite refusal ---------------------------------------------
+
+
+def _big_state(mesh, scale):
+    # 400 kB of float32: large enough for a data file of its own (OCDBT inlines values
+    # under 1 kB into its b-tree nodes).
+    w = jnp.arange(100_000.0).reshape(1000, 100) * scale
+    return {
+        "w": jax.device_put(w, NamedSharding(mesh, PartitionSpec("data"))),
+        "b": jnp.full(3, scale, jnp.bfloat16),
+        "key": jax.random.key(scale),
+    }
+
+
+def _mesh():
+    return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _data_files(step_dir):
+    return sorted(
+        p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
+    )
+
+
+def _flip_middle(step_dir):
+    f = max(_data_files(step_dir), key=lambda p: p.stat().st_size)
+    b = bytearray(f.read_bytes())
+    mid = len(b) // 2
+    b[mid : mid + 64] = bytes(x ^ 0xFF for x in b[mid : mid + 64])
+    f.write_bytes(bytes(b))
+
+
+def _truncate_data(step_dir):
+    f = max(_data_files(step_dir), key=lambda p: p.stat().st_size)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def _empty_data(step_dir):
+    for f in _data_files(step_dir):
+        f.write_bytes(b"")
+
+
+def _remove(*parts):
+    def corrupt(step_dir):
+        import shutil
+
+        target = step_dir.joinpath(*parts)
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    return corrupt
+
+
+def _truncate_meta(step_dir):
+    f = step_dir / "meta" / "metadata"
+    f.write_bytes(f.read_bytes()[:5])
+
+
+def _remove_manifests(step_dir):
+    for f in (step_dir / "state").rglob("manifest.ocdbt"):
+        f.unlink()
+
+
+# Each corruption of the latest checkpoint, and what its one-line reason must say: a flip in
+# compressed data still decodes, so only the digest can catch it.
+CORRUPTIONS = {
+    "64 bytes flipped mid data file": (_flip_middle, "digest of state['w'] differs"),
+    "data file truncated": (_truncate_data, "state unreadable"),
+    "data files emptied": (_empty_data, "state unreadable"),
+    "meta/metadata deleted": (_remove("meta", "metadata"), "meta unreadable"),
+    "meta/metadata truncated": (_truncate_meta, "meta unreadable"),
+    "state/ deleted": (_remove("state"), "state unreadable"),
+    "state/_METADATA deleted": (_remove("state", "_METADATA"), "state unreadable"),
+    "manifests deleted": (_remove_manifests, "state unreadable"),
+    "integrity record deleted": (_remove("integrity"), "meta unreadable"),
+}
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_corrupt_latest_falls_back_to_older(tmp_path, corrupt, reason, caplog, capfd):
+    mesh = _mesh()
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, _big_state(mesh, 1), {"step": 1})
+        ckpt.save(2, _big_state(mesh, 2), {"step": 2})
+    corrupt(tmp_path / "checkpoints" / "2")
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        restored, meta, step = ckpt.restore_latest(_big_state(mesh, 0))
+        assert (step, meta) == (1, {"step": 1})
+        np.testing.assert_array_equal(restored["w"], _big_state(mesh, 1)["w"])
+        assert restored["w"].sharding == _big_state(mesh, 0)["w"].sharding
+        np.testing.assert_array_equal(
+            jax.random.key_data(restored["key"]), jax.random.key_data(jax.random.key(1))
+        )
+        # Nothing deleted: the bad checkpoint is set aside, and step 2 can be saved again.
+        assert (tmp_path / "checkpoints_unusable" / "2" / "meta").is_dir()
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, restored, {"step": 2}) and ckpt.all_steps() == [1, 2]
+    skipped = [r.getMessage() for r in caplog.records if "unusable (" in r.getMessage()]
+    assert len(skipped) == 1 and "\n" not in skipped[0], skipped
+    assert skipped[0].startswith(f"checkpoint 2 unusable ({reason}")
+    assert skipped[0].endswith("; trying 1")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
+def test_all_corrupt_raises_one_line_and_deletes_nothing(tmp_path):
+    from contrastive.checkpoint import NoUsableCheckpointError
+
+    mesh = _mesh()
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, _big_state(mesh, 1), {"step": 1})
+        ckpt.save(2, _big_state(mesh, 2), {"step": 2})
+    _flip_middle(tmp_path / "checkpoints" / "1")
+    _remove("meta", "metadata")(tmp_path / "checkpoints" / "2")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with Checkpointer(tmp_path, every=1) as ckpt, pytest.raises(NoUsableCheckpointError) as info:
+        ckpt.restore_latest(_big_state(mesh, 0))
+    msg = str(info.value)
+    assert "\n" not in msg and "none of the 2 checkpoints" in msg and "(newest, 2:" in msg
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_non_finite_state_is_refused_and_older_checkpoints_kept(tmp_path):
+    from contrastive.checkpoint import NonFiniteStateError
+
+    state = _state()
+    with Checkpointer(tmp_path, every=1, keep=2) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+        ckpt.save(2, state, {"step": 2})
+        for bad in [jnp.nan, jnp.inf]:
+            diverged = {**state, "params": {**state["params"], "b": jnp.full(3, bad, jnp.bfloat16)}}
+            with pytest.raises(NonFiniteStateError, match=r"^checkpoint 3 not written: ") as info:
+                ckpt.save(3, diverged, {"step": 3}, force=True)
+            assert "['params']['b']" in str(info.value) and "\n" not in str(info.value)
+        assert ckpt.all_steps() == [1, 2]
+        _, meta, step = ckpt.restore_latest(state)
+        assert (step, meta) == (2, {"step": 2})
+
+
+def test_digest_is_independent_of_sharding_and_survives_save_restore(tmp_path):
+    from contrastive.checkpoint import state_digest
+
+    mesh = _mesh()
+    state = _big_state(mesh, 3)
+    on_one_device = jax.tree_util.tree_map(lambda x: jax.device_put(x, jax.devices()[0]), state)
+    replicated = {**state, "w": jax.device_put(state["w"], NamedSharding(mesh, PartitionSpec()))}
+    grid = jax.make_mesh((2, 4), ("r", "c"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    by_blocks = {
+        **state,
+        "w": jax.device_put(state["w"], NamedSharding(grid, PartitionSpec("r", "c"))),
+    }
+    digest = state_digest(state)
+    assert state_digest(on_one_device) == digest
+    assert state_digest(replicated) == digest
+    assert state_digest(by_blocks) == digest
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(7, state, {"step": 7})
+        restored, _ = ckpt.restore(7, _big_state(mesh, 0))
+    assert state_digest(restored) == digest
+
+
+def test_digest_changes_with_one_bit_or_a_swap():
+    from contrastive.checkpoint import state_digest
+
+    w = np.arange(64, dtype=np.float32).reshape(8, 8)
+    one_bit = w.copy()
+    one_bit.view(np.uint32)[3, 5] ^= 1
+    swapped = w.copy()
+    swapped[0, 0], swapped[7, 7] = w[7, 7], w[0, 0]
+    digests = {state_digest({"w": jnp.asarray(x)})["['w']"] for x in (w, one_bit, swapped)}
+    assert len(digests) == 3
+    # Same bits, other shape: a different record.
+    assert state_digest({"w": jnp.asarray(w.reshape(64))}) != state_digest({"w": jnp.asarray(w)})
+
+
+def test_read_meta_and_check_meta(tmp_path):
+    from contrastive.checkpoint import CheckpointCorruptError
+
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, _state(), {"step": 1, "config": "a"})
+        ckpt.save(2, _state(), {"step": 2, "config": "a"})
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta_file.write_text(meta_file.read_text().replace('"a"', '"b"'))  # valid JSON, altered
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        assert ckpt.read_meta(1) == {"step": 1, "config": "a"}
+        with pytest.raises(CheckpointCorruptError, match="meta differs"):
+            ckpt.read_meta(2)
+
+        def refuse(meta):
+            raise ValueError(f"different run: {meta['config']}")
+
+        with pytest.raises(ValueError, match="different run: a"):
+            ckpt.restore_latest(_state(), check_meta=refuse)
+        _, meta, step = ckpt.restore_latest(_state(), check_meta=lambda m: None)
+        assert (step, meta["config"]) == (1, "a")
+
+
+def test_bad_meta_is_refused_before_writing(tmp_path):
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        with pytest.raises(TypeError, match="meta must be a dict"):
+            ckpt.save(1, _state(), [("step", 1)])
+        with pytest.raises(TypeError, match="meta must be a dict of JSON values"):
+            ckpt.save(1, _state(), {"step": object()})
+        assert ckpt.all_steps() == []
+
+
+def test_docstring_examples():
+    import doctest
+
+    import contrastive.checkpoint
+
+    result = doctest.testmod(contrastive.checkpoint, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --- two processes ("hosts") sharing one work dir ------------------------------------------
+
+TWO_HOST_WORKER = """
+import json, os, signal, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import json
+
+import jax
+port, pid, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+    initialization_timeout=60, heartbeat_timeout_seconds=20, shutdown_timeout_seconds=20,
+)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from contrastive.checkpoint import Checkpointer, state_digest
+from contrastive.run_guard import StopSignals, WorkdirLock
+from tests.test_checkpoint import _flip_middle
+
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+def state(scale):
+    host = np.arange(100_000.0, dtype=np.float32).reshape(1000, 100) * scale
+    w = jax.make_array_from_callback(host.shape, NamedSharding(mesh, P("data")), host.__getitem__)
+    key = jax.jit(lambda: jax.random.key(scale), out_shardings=NamedSharding(mesh, P()))()
+    return {"w": w, "key": key}
+
+out = {}
+with WorkdirLock(workdir):  # one lock file per process index
+    out["digest"] = state_digest(state(2))
+    with Checkpointer(workdir, every=1) as ckpt:
+        ckpt.save(1, state(1), {"step": 1})
+        ckpt.save(2, state(2), {"step": 2})
+    multihost_utils.sync_global_devices("saved")
+    if pid == 0:
+        from pathlib import Path
+        _flip_middle(Path(workdir) / "checkpoints" / "2")
+    multihost_utils.sync_global_devices("corrupted")
+    with Checkpointer(workdir, every=1) as ckpt:
+        restored, meta, step = ckpt.restore_latest(state(0))
+        out.update(step=step, meta=meta, restored=state_digest(restored))
+        ckpt.save(2, restored, {"step": 2})
+        out["steps"] = ckpt.all_steps()
+with StopSignals() as stop:  # a SIGTERM on one host stops both
+    before = stop.agreed()
+    if pid == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    out["stop"] = [before, stop.agreed(), stop.name]
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_two_hosts_agree_on_digests_and_fallback(tmp_path):
+    import os
+    import sys
+
+    from contrastive.checkpoint import state_digest
+    from tests import processes
+
+    env = {**os.environ, "PYTHONPATH": str(processes.REPO)}
+    env.pop("XLA_FLAGS", None)
+    port = processes.free_port()
+    cmds = [
+        [sys.executable, "-c", TWO_HOST_WORKER, str(port), str(i), str(tmp_path)] for i in range(2)
+    ]
+    finished = processes.finish(processes.start(cmds, env), timeout=240)
+    results = []
+    for i, (code, log) in enumerate(finished):
+        assert code == 0, f"process {i} failed:\n{log[-3000:]}"
+        line = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT ") :]))
+        assert sum("checkpoint 2 unusable (digest" in x for x in log.splitlines()) == 1
+    # The digest of the global array: the same on both processes and in this 8-device process.
+    mesh = _mesh()
+    one_process = state_digest(_big_state(mesh, 2) | {"key": jax.random.key(2)})
+    want = {k: one_process[k] for k in ("['w']", "['key']")}
+    assert results[0]["digest"] == results[1]["digest"] == want
+    for r in results:
+        assert (r["step"], r["meta"], r["steps"]) == (1, {"step": 1}, [1, 2])
+        assert r["restored"] == results[0]["restored"] != want
+    assert [r["stop"] for r in results] == [[False, True, None], [False, True, "SIGTERM"]]
+    assert (tmp_path / "checkpoints_unusable" / "2").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("run.lock.*")) == ["run.lock.0", "run.lock.1"]

@@ -1,4 +1,5 @@
-"""Data: offline digits builder, grain pipelines (determinism, host sharding), mocked TFDS."""
+"""Data: offline digits builder, generated shapes, grain pipelines (determinism, host
+sharding), mocked TFDS."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import tensorflow_datasets as tfds
 from contrastive.data import (
     AugmentConfig,
     BatchIterator,
+    CaptionedShapes,
     HashTokenizer,
+    class_captions,
     eval_arrays,
     get_spec,
     load_source,
@@ -19,6 +22,7 @@ from contrastive.data import (
     simclr_view,
     train_dataset,
 )
+from contrastive.data.captioned_shapes import caption_attributes, decode
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +104,25 @@ class _IndexSource:
         return {"image": self.src[i]["image"], "label": i}
 
 
-def test_hosts_read_disjoint_shards(data_dir):
+def test_hosts_build_their_rows_of_one_global_batch(data_dir):
+    """Two hosts build disjoint halves of the very batch (examples and augmentations) one
+    host builds alone: a run's data does not depend on its number of processes."""
     src = _IndexSource(load_source("digits", "train", data_dir))
-    seen = []
-    for host in range(2):
-        ds = train_dataset(
-            "digits", global_batch_size=16, seed=0, source=src, process_index=host, process_count=2
+    one = train_dataset("digits", global_batch_size=16, seed=0, source=src)
+    hosts = [
+        train_dataset(
+            "digits", global_batch_size=16, seed=0, source=src, process_index=h, process_count=2
         )
-        assert ds[0]["view1"].shape[0] == 8  # per-host batch
-        seen.append({int(i) for s in range(20) for i in ds[s]["label"]})
-    assert not seen[0] & seen[1]
-    assert all(i % 2 == 0 for i in seen[0]) and all(i % 2 == 1 for i in seen[1])
+        for h in range(2)
+    ]
+    for step in (0, 7, 95):  # 95: past the first epoch of 1438 examples
+        parts = [ds[step] for ds in hosts]
+        assert parts[0]["view1"].shape[0] == 8  # per-host batch
+        assert not set(parts[0]["label"].tolist()) & set(parts[1]["label"].tolist())
+        for k in ("view1", "view2", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([p[k] for p in parts]), one[step][k], err_msg=k
+            )
     with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
         train_dataset("digits", global_batch_size=16, seed=0, source=src, process_count=3)
 
@@ -230,3 +242,78 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         get_spec("mnist")
     with pytest.raises(ValueError, match="lower --batch-size"):
         train_dataset("digits", global_batch_size=4096, seed=0, data_dir=tmp_path)
+
+
+def test_shapes_spec_and_batches():
+    spec = get_spec("shapes")
+    assert spec.kind == "image_text" and spec.class_captions
+    assert (spec.vocab_size, spec.text_len, spec.image_size) == (36, 16, 32)
+    ds = train_dataset("shapes", global_batch_size=16, seed=0, tokenizer=HashTokenizer(99, 5))
+    b = ds[2]
+    assert b.keys() == {"image", "text", "caption_id"}
+    assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["text"].shape == (16, 16) and b["text"].dtype == np.int32  # its own tokens
+    assert b["caption_id"].shape == (16,) and b["caption_id"].dtype == np.int32
+    assert b["image"].min() >= 0.0 and b["image"].max() <= 1.0
+    assert (b["text"] < spec.vocab_size).all() and (b["text"][:, 0] == 1).all()
+    for text, cid in zip(b["text"], b["caption_id"], strict=True):
+        assert decode(text) == {k: int(v) for k, v in caption_attributes(cid).items()}
+    again = train_dataset("shapes", global_batch_size=16, seed=0)[2]
+    for k in b:
+        np.testing.assert_array_equal(b[k], again[k])
+    assert not np.array_equal(
+        train_dataset("shapes", global_batch_size=16, seed=1)[2]["image"], b["image"]
+    )
+    big = train_dataset("shapes", global_batch_size=4, seed=0, image_size=48)[0]
+    assert big["image"].shape == (4, 48, 48, 3)
+
+
+class _ShapesIndexSource:
+    """Captioned shapes whose ``caption_id`` is the example index, to follow examples."""
+
+    def __init__(self, n):
+        self.src = CaptionedShapes("train", num_examples=n)
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        return dict(self.src[i], caption_id=np.int32(i))
+
+
+def test_shapes_hosts_build_their_rows_without_augmentation():
+    src = _ShapesIndexSource(200)
+    one = train_dataset("shapes", global_batch_size=16, seed=0, source=src)
+    hosts = [
+        train_dataset(
+            "shapes", global_batch_size=16, seed=0, source=src, process_index=h, process_count=2
+        )
+        for h in range(2)
+    ]
+    for step in range(12):
+        parts = [ds[step] for ds in hosts]
+        assert parts[0]["image"].shape[0] == 8  # per-host batch
+        ids = [p["caption_id"].tolist() for p in parts]
+        assert not set(ids[0]) & set(ids[1])
+        np.testing.assert_array_equal(ids[0] + ids[1], one[step]["caption_id"])
+        for image, i in zip(parts[0]["image"], ids[0], strict=True):  # the source's pixels
+            np.testing.assert_array_equal(image, src[int(i)]["image"].astype(np.float32) / 255.0)
+
+
+def test_shapes_eval_arrays_and_class_captions():
+    ev = eval_arrays("shapes", "test", max_examples=12, tokenizer=HashTokenizer(99, 5))
+    assert ev.keys() == {"image", "text", "caption_id", "novel"}
+    assert ev["image"].shape == (12, 32, 32, 3) and ev["image"].dtype == np.float32
+    assert ev["text"].shape == (12, 16) and ev["caption_id"].dtype == np.int32
+    assert ev["novel"].tolist() == [False, True] * 6
+    src = load_source("shapes", "test")
+    np.testing.assert_array_equal(ev["text"][5], src[5]["text"])
+    tokens, ids = class_captions("shapes")
+    assert tokens.shape == (5184, 16) and ids.shape == (5184,)
+    np.testing.assert_array_equal(tokens[ev["caption_id"]][:, 0], 1)
+    for cid in ev["caption_id"]:
+        assert decode(tokens[cid]) == decode(ev["text"][list(ev["caption_id"]).index(cid)])
+    with pytest.raises(ValueError, match="'digits' has no class captions"):
+        class_captions("digits")
+    with pytest.raises(ValueError, match="split must be one of train, test"):
+        load_source("shapes", "validation")

@@ -173,3 +173,43 @@ def test_cached_step_memory_depends_on_chunk_not_batch():
     assert cached_big - cached_small <= 4 * emb_pair_bytes
     # ... while one activation of the plain step alone is B x 1024 floats.
     assert plain_big >= big * _WIDTH * 4
+
+
+def _tower_encode(scale):
+    """One tower of a two-tower toy model: [c, d_in] -> unit [c, d_out], dropout with a key."""
+
+    def encode(p, chunk, key):
+        h = jnp.tanh(scale * chunk @ p["w1"])  # (c, d_in) · (d_in, hidden) -> (c, hidden)
+        if key is not None:
+            h = jnp.where(jax.random.bernoulli(key, 0.7, h.shape), h / 0.7, 0.0)
+        z = h @ p["w2"]  # (c, hidden) · (hidden, d_out) -> (c, d_out)
+        return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+    return encode
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_towers_of_different_batch_sizes(dropout):
+    """B = 10 images, M = 26 captions (extra negatives), chunks of 4 (ragged in both towers):
+    the cached gradients equal plain autodiff through the same chunks and keys."""
+    params = _toy_params(jax.random.key(0))
+    kx, ky = jax.random.split(jax.random.key(1))
+    batch = (jax.random.normal(kx, (10, 5)), jax.random.normal(ky, (26, 5)))
+    towers = (_tower_encode(1.0), _tower_encode(0.5))
+    key = jax.random.key(2) if dropout else None
+
+    def loss(p, emb):
+        return losses.reference.infonce(emb[0], emb[1], temperature=jnp.exp(p["log_t"]))
+
+    cached = gradcache.towers_value_and_grad(towers, loss, chunk_size=4)
+
+    def plain(p):
+        return loss(p, gradcache.encode_towers_in_chunks(towers, p, batch, key, chunk_size=4))
+
+    (value, grads), (ref_value, ref_grads) = jax.jit(
+        lambda p: (cached(p, batch, key), jax.value_and_grad(plain)(p))
+    )(params)
+    np.testing.assert_allclose(value, ref_value, rtol=RTOL_VALUE)
+    assert_close(grads, ref_grads, rtol=RTOL_GRAD)
+    with pytest.raises(ValueError, match="2 towers need a batch of 2 parts"):
+        cached(params, batch[:1], key)

@@ -110,3 +110,99 @@ def test_bad_arguments_are_clear_errors():
         models.DualEncoder(models.MLPEncoder(4, 8, 1, rngs=rngs), init_temperature=0.0, rngs=rngs)
     with pytest.raises(ValueError, match="multiple of heads"):
         models.ViTEncoder(8, 3, 4, 30, 1, 4, rngs=rngs)
+
+
+# ----------------------------------------------------------------- CLIP-sized two towers
+
+CLIP_PARAMS = {  # Radford et al. 2021; the released models' counts, logit scale included
+    "vit-b-32": 151_277_313,
+    "vit-b-16": 149_620_737,
+    "vit-l-14": 427_616_513,
+}
+
+
+def _abstract_params(name):
+    model = nnx.eval_shape(lambda: models.clip_model(name, rngs=nnx.Rngs(0)))
+    return nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("name", list(CLIP_PARAMS))
+def test_clip_configs_have_clip_parameter_counts_and_shapes(name):
+    params = _abstract_params(name)  # nothing allocated: ShapeDtypeStructs
+    leaves = jax.tree_util.tree_leaves(params)
+    assert all(isinstance(p, jax.ShapeDtypeStruct) for p in leaves)
+    assert {p.dtype for p in leaves} == {jnp.dtype(jnp.float32)}
+    assert sum(p.size for p in leaves) == CLIP_PARAMS[name]
+    c = models.clip_config(name)
+    w, t = c.vision_width, c.text_width
+    image, text = params["tower_x"], params["tower_y"]
+    n = (c.image_size // c.patch_size) ** 2 + 1
+    assert image["pos"].shape == (n, w)
+    assert image["patch"]["kernel"].shape == (c.patch_size, c.patch_size, 3, w)
+    # One stacked array per block parameter: (layers, ...).
+    assert image["blocks"]["layers"]["qkv"]["kernel"].shape == (c.vision_layers, w, 3 * w)
+    assert text["blocks"]["layers"]["fc1"]["kernel"].shape == (c.text_layers, t, 4 * t)
+    assert text["embed"]["embedding"].shape == (c.vocab_size, t)
+    assert text["pos"].shape == (c.context_length, t)
+    # CLIP's projections: linear, no bias, to the shared embedding width.
+    assert set(params["head_x"]["fc1"].keys()) == {"kernel"}
+    assert params["head_x"]["fc1"]["kernel"].shape == (w, c.embed_dim)
+    assert params["head_y"]["fc1"]["kernel"].shape == (t, c.embed_dim)
+
+
+def _tiny_batch(seed=0):
+    c = models.clip_config("vit-tiny")
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    images = jax.random.randint(k1, (B, c.image_size, c.image_size, 3), 0, 256, jnp.int32)
+    tokens = jax.random.randint(k2, (B, c.context_length), 1, c.vocab_size - 1, jnp.int32)
+    tokens = tokens.at[:, 5].set(c.vocab_size - 1)  # end of text: the largest id, at 5
+    return images.astype(jnp.uint8), tokens
+
+
+def test_clip_tiny_embeds_uint8_images_and_tokens_causally():
+    model = models.clip_model("vit-tiny", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    encode = jax.jit(models.encode_fn(graphdef))
+    images, tokens = _tiny_batch()
+    x, y = encode(params, (images, tokens), None)
+    assert x.shape == y.shape == (B, models.clip_config("vit-tiny").embed_dim)
+    assert x.dtype == y.dtype == jnp.float32
+    np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
+    # Causal attention, pooled at the end-of-text token: tokens after it change nothing.
+    later = tokens.at[:, 6:].set(7)
+    _, y_later = encode(params, (images, later), None)
+    np.testing.assert_array_equal(y_later, y)
+    earlier = tokens.at[:, 2].set(7)
+    assert not np.allclose(encode(params, (images, earlier), None)[1], y)
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        encode(params, (images[:, :16], tokens), None)
+
+
+def test_stacked_blocks_equal_the_layers_applied_one_by_one_and_remat_changes_nothing():
+    rngs = nnx.Rngs(0)
+    stack = models.StackedBlocks(3, 16, 2, causal=True, rngs=rngs)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    graphdef, stacked = nnx.split(stack.layers)
+    h = x
+    for i in range(3):
+        layer = nnx.merge(graphdef, jax.tree_util.tree_map(lambda p, i=i: p[i], stacked))
+        h = layer(h, None, None, causal=True)
+    np.testing.assert_allclose(stack(x), h, rtol=1e-6, atol=1e-6)
+
+    # Remat recomputes the same block in the backward pass: the same gradients.
+    remat = models.StackedBlocks(3, 16, 2, causal=True, remat=True, rngs=nnx.Rngs(0))
+    grads = [
+        jax.jit(jax.grad(lambda p, g=g: jnp.sum(nnx.merge(g, p)(x) ** 2)))(p)
+        for g, p in (nnx.split(stack), nnx.split(remat))
+    ]
+    for a, b in zip(*map(jax.tree_util.tree_leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_names_and_inputs_are_checked():
+    with pytest.raises(ValueError, match="unknown model 'vit-h-14'"):
+        models.clip_model("vit-h-14", rngs=nnx.Rngs(0))
+    images, tokens = models.clip_input_spec("vit-b-16", 4)
+    assert images.shape == (4, 224, 224, 3) and images.dtype == jnp.uint8
+    assert tokens.shape == (4, 77) and tokens.dtype == jnp.int32

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,48 +13,23 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import losses
+from tests import processes
 from tests.multihost_cases import CASES, inputs
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_hosts_match_one(tmp_path):
     out = tmp_path / "two_hosts.npz"
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "multihost_worker.py"),
-                str(port),
-                str(i),
-                str(out),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:  # never leave a peer waiting on a dead test
-            p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    worker = [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(free_port())]
+    results = processes.finish(
+        processes.start([[*worker, str(i), str(out)] for i in range(2)], env), timeout=240
+    )
+    for i, (code, log) in enumerate(results):
+        assert code == 0, f"process {i} failed:\n{log[-3000:]}"
     two = np.load(out)
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))

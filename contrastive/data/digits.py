@@ -99,6 +99,12 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> SklearnDigits:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False)
             )
+        except FileExistsError:
+            # Another process (a second host on a shared data dir) renamed its finished copy
+            # into place first: use that one.
+            builder = SklearnDigits(data_dir=builder.data_dir_root, file_format="array_record")
+            if not builder.is_prepared():
+                raise
         finally:
             tfds.display_progress_bar(was_active)
     return builder

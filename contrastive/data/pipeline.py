@@ -1,4 +1,4 @@
-"""TFDS data sources + grain pipelines for contrastive training and evaluation.
+"""TFDS and generated data sources + grain pipelines for contrastive training and evaluation.
 
 ``tfds.data_source`` gives random access to array_record files (no TensorFlow); grain's
 ``MapDataset`` turns it into an infinite, shuffled, augmented, batched *random-access*
@@ -6,6 +6,11 @@ sequence: ``train_dataset(...)[step]`` is this host's batch for ``step``. Batche
 function of ``(seed, step, process_index)``, so the data-iterator position saved in a
 checkpoint is just the next step, and a resumed run sees exactly the batches an
 uninterrupted run would have seen.
+
+``shapes`` (:mod:`contrastive.data.captioned_shapes`) is generated in code: no preparation,
+no files. It brings its own caption tokens (``spec.vocab_size``, ``spec.text_len``) and the
+list of all its captions (``spec.class_captions``, :func:`class_captions`) for zero-shot
+classification.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from contrastive.data import captioned_shapes
 from contrastive.data.augment import AugmentConfig, eval_view, random_resized_crop, simclr_view
 from contrastive.data.digits import NAME as DIGITS_TFDS_NAME
 from contrastive.data.digits import prepare_digits
@@ -31,7 +37,15 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """How to read one TFDS dataset and what its examples become."""
+    """How to read one dataset and what its examples become.
+
+    ``vocab_size`` and ``text_len`` are set for a data set that brings its own caption tokens
+    (``text: int32[text_len]`` with ids in ``[0, vocab_size)``, 0 = padding): the text tower
+    must use them, and any ``tokenizer`` passed to the pipeline is ignored. ``None``: captions
+    are strings, tokenized by the caller's :class:`HashTokenizer`. ``class_captions``: the
+    data set lists all its captions (:func:`class_captions`) and its examples carry
+    ``caption_id``, for zero-shot classification and duplicate-aware retrieval.
+    """
 
     tfds_name: str
     kind: Literal["image", "image_text"]
@@ -41,6 +55,9 @@ class DatasetSpec:
     channels: int
     num_classes: int = 0  # 0: no labels (image-text pairs)
     augment: AugmentConfig = AugmentConfig()
+    vocab_size: int | None = None
+    text_len: int | None = None
+    class_captions: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -71,6 +88,20 @@ DATASETS: dict[str, DatasetSpec] = {
         0,
         AugmentConfig(64, crop_scale=(0.5, 1.0), flip=False, jitter_prob=0.0, grayscale_prob=0.0),
     ),
+    # Generated on the fly, offline. No crop or flip: the caption names the position.
+    "shapes": DatasetSpec(
+        "captioned_shapes",
+        "image_text",
+        "train",
+        "test",
+        captioned_shapes.IMAGE_SIZE,
+        3,
+        0,
+        AugmentConfig(captioned_shapes.IMAGE_SIZE, flip=False, jitter_prob=0.0, grayscale_prob=0.0),
+        vocab_size=captioned_shapes.VOCAB_SIZE,
+        text_len=captioned_shapes.TEXT_LEN,
+        class_captions=True,
+    ),
 }
 
 
@@ -91,12 +122,16 @@ def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
 
 
 def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Sequence:
-    """Random-access TFDS source of ``split``; prepares the offline digits on first use.
+    """Random-access source of ``split``; prepares the offline digits on first use.
 
-    Nothing else is downloaded: a missing dataset is a ``ValueError`` saying how to fix it.
+    ``shapes`` is generated (:class:`~contrastive.data.captioned_shapes.CaptionedShapes` with
+    its default sizes and seed 0; ``data_dir`` is not used). Nothing is downloaded: a missing
+    TFDS dataset is a ``ValueError`` saying how to fix it.
     """
     spec = get_spec(name)
     data_dir = None if data_dir is None else os.fspath(data_dir)
+    if name == "shapes":
+        return captioned_shapes.CaptionedShapes(split)
     if name == "digits":
         return prepare_digits(data_dir).as_data_source(split=split)
     try:
@@ -147,6 +182,56 @@ def _image_text(spec: DatasetSpec, tokenizer: HashTokenizer):
     return fn
 
 
+_OWN_TOKEN_KEYS = ("image", "text", "caption_id")
+
+
+def _own_token_arrays(spec: DatasetSpec, examples: Sequence[dict[str, Any]]) -> Batch:
+    """Stack examples with their own tokens: ``uint8`` images -> ``float32`` in [0, 1] at the
+    spec's size, converted once per batch; no augmentation."""
+    batch = {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in _OWN_TOKEN_KEYS}
+    image = batch["image"].astype(np.float32) / 255.0
+    if image.shape[1:3] != (spec.image_size, spec.image_size):
+        image = np.stack([eval_view(im, spec.image_size) for im in image])
+    return {
+        "image": image,
+        "text": batch["text"].astype(np.int32),
+        "caption_id": batch["caption_id"].astype(np.int32),
+    }
+
+
+def _own_token_batch(spec: DatasetSpec, source: Sequence):
+    """Indices ``int[b]`` -> the batch of a source with its own tokens.
+
+    Grain handles only the indices (sharding, shuffling, batching); the examples are read
+    here, which spares grain's per-element bookkeeping on the source (a third of the time
+    of a generated batch).
+    """
+
+    def fn(indices: np.ndarray) -> Batch:
+        return _own_token_arrays(spec, [source[int(i)] for i in indices])
+
+    return fn
+
+
+# Data sets with class captions -> the function that lists them.
+_CLASS_CAPTIONS = {"shapes": captioned_shapes.all_captions}
+
+
+def class_captions(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every caption of a data set with class captions: ``(tokens int32[K, L], ids int32[K])``.
+
+    Row ``k`` is the caption whose examples have ``caption_id == ids[k]`` (``ids`` is
+    ``arange(K)``): embed the tokens with the text tower and pass them to
+    :func:`contrastive.evaluate.zero_shot_accuracy`. ``shapes``: ``K = 5184``, ``L = 16``.
+    """
+    if not get_spec(name).class_captions:
+        raise ValueError(
+            f"dataset {name!r} has no class captions: zero-shot needs one of "
+            f"{', '.join(_CLASS_CAPTIONS)}"
+        )
+    return _CLASS_CAPTIONS[name]()
+
+
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
     """Examples per host; the global batch must split evenly over the hosts."""
     if global_batch_size % process_count:
@@ -172,13 +257,20 @@ def train_dataset(
 ) -> grain.MapDataset:
     """Infinite random-access dataset of this host's training batches.
 
-    Each host reads the examples ``process_index::process_count`` (disjoint shards), shuffles
-    them with a new order every epoch, augments and batches. Element ``s`` is the batch of
-    step ``s``:
+    One global order: the whole split is shuffled (a new order every epoch), augmented per
+    global example index and cut into global batches of ``global_batch_size``; host
+    ``process_index`` builds only its ``b`` consecutive rows of each global batch. So the
+    global batch of a step is the same whatever the number of processes (a run on two hosts
+    computes what one host would), and hosts never read the same example in a step.
+    Element ``s`` is this host's part of the batch of step ``s``:
 
     - ``kind="image"``: ``view1, view2: float32[b, S, S, C]`` (two SimCLR views in [0, 1]),
       ``label: int32[b]``;
     - ``kind="image_text"``: ``image: float32[b, S, S, C]``, ``text: int32[b, L]``;
+    - data sets with their own tokens (``spec.vocab_size`` set, e.g. ``shapes``): ``image``
+      (no augmentation: the caption names the object's position, a crop would falsify it),
+      ``text: int32[b, spec.text_len]`` and ``caption_id: int32[b]``; ``tokenizer`` is
+      ignored;
 
     with ``b = global_batch_size // process_count`` and ``S`` the spec's image size.
     """
@@ -187,19 +279,25 @@ def train_dataset(
     pc = jax.process_count() if process_count is None else process_count
     b = host_batch_size(global_batch_size, pc)
     src = source if source is not None else load_source(name, split or spec.train_split, data_dir)
-    ds = grain.MapDataset.source(src)[pi::pc]
-    if len(ds) < b:
+    own_tokens = spec.kind == "image_text" and spec.vocab_size is not None
+    # Own tokens: grain shards, shuffles and batches indices; _own_token_batch reads them.
+    ds = grain.MapDataset.range(len(src)) if own_tokens else grain.MapDataset.source(src)
+    if len(ds) < global_batch_size:
         raise ValueError(
-            f"dataset {name!r} has {len(ds)} training examples per host, fewer than the "
-            f"per-host batch of {b}: lower --batch-size"
+            f"dataset {name!r} has {len(ds)} training examples, fewer than the batch of "
+            f"{global_batch_size}: lower --batch-size"
         )
     # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
     ds = ds.shuffle(seed=seed).repeat()
+    # Batches of b consecutive examples; host pi takes batch s * pc + pi at step s: its rows
+    # of global batch s. (Lazy: a host never builds the other hosts' rows.)
+    if own_tokens:
+        return ds.batch(b, drop_remainder=True)[pi::pc].map(_own_token_batch(spec, src))
     if spec.kind == "image":
         ds = ds.random_map(_two_views(spec), seed=seed + 1)
     else:
         ds = ds.random_map(_image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1)
-    return ds.batch(b, drop_remainder=True)
+    return ds.batch(b, drop_remainder=True)[pi::pc]
 
 
 class BatchIterator:
@@ -261,11 +359,18 @@ def eval_arrays(
     """The first ``max_examples`` of ``split`` as arrays, un-augmented, for evaluation.
 
     ``image: float32[N, S, S, C]`` plus ``label: int32[N]`` (labelled datasets) or
-    ``text: int32[N, L]`` (first caption of each image).
+    ``text: int32[N, L]`` (first caption of each image). Data sets with their own tokens add
+    ``caption_id: int32[N]`` (two examples may share one) and ``novel: bool[N]`` (a held-out
+    attribute combination, never in ``train``); ``tokenizer`` is ignored for them.
     """
     spec = get_spec(name, image_size)
     src = source if source is not None else load_source(name, split, data_dir)
     n = len(src) if max_examples is None else min(len(src), max_examples)
+    if spec.kind == "image_text" and spec.vocab_size is not None:
+        examples = [src[i] for i in range(n)]
+        out = _own_token_arrays(spec, examples)
+        out["novel"] = np.asarray([ex["novel"] for ex in examples], bool)
+        return out
     images, labels, texts = [], [], []
     tok = tokenizer or HashTokenizer()
     for i in range(n):
