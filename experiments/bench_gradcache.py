@@ -4,7 +4,9 @@ Both compute the loss and the parameter gradients of a dual encoder on the same 
 (``contrastive.train_step.loss_and_grads``, no optimiser); the cached one runs the encoder
 in chunks: one extra forward pass, so about 4/3 of the plain time is the floor. Calls
 alternate (plain, cached, plain, ...) so that machine load hits both alike; medians and
-their ratio are printed, and written as JSON with ``--out``.
+their ratio are printed, and written as ``bench_gradcache.json`` into a run directory
+(``--out``, default ``runs/bench_gradcache-<time>/``; ``--update-results`` also refreshes
+``experiments/results/``).
 
     python -m experiments.bench_gradcache                      # small default, 1 CPU device
     python -m experiments.bench_gradcache --batch 8192 --chunk 2048 --width 1024
@@ -17,19 +19,27 @@ import functools
 import json
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from contrastive import mesh as mesh_lib
 from contrastive import models
 from contrastive import train_step as ts
+from experiments import benchmarking as bm
+from experiments import run_dir
+
+STEM = "bench_gradcache"
 
 
-def _parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench_gradcache",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--batch", type=int, default=4096, help="global batch B")
     p.add_argument("--chunk", type=int, default=1024, help="gradient-cache chunk size")
     p.add_argument("--encoder", choices=["mlp", "resnet", "vit"], default="mlp")
@@ -40,19 +50,14 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", choices=list(ts.LOSSES), default="infonce")
     p.add_argument("--reps", type=int, default=11, help="timed calls of each step")
     p.add_argument("--devices", type=int, default=1, help="devices in the mesh")
-    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    run_dir.add_output_flags(p)
     return p.parse_args(argv)
 
 
-def _time(f, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    t, c = time.perf_counter(), time.process_time()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def main(argv=None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = _parse(argv)
+    bm.simulate_cpu_devices(args.devices)  # before the first jax operation
+    out = run_dir.create(STEM, args.out)
     mesh = mesh_lib.make_mesh(num_devices=args.devices)
     rngs = nnx.Rngs(0)
     shape = (args.input_dim,) if args.encoder == "mlp" else (16, 16, 3)
@@ -76,21 +81,10 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         steps[name] = f.lower(params, batch, None).compile()
         print(f"{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
-        _time(steps[name], params, batch, None)  # warm-up
 
-    times = {name: [] for name in steps}
-    cpu = {name: [] for name in steps}
-    for i in range(args.reps):
-        for name, f in steps.items():
-            wall, used = _time(f, params, batch, None)
-            times[name].append(wall)
-            cpu[name].append(used)
-        print(
-            f"rep {i + 1}/{args.reps}: "
-            + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
-            flush=True,
-        )
-
+    calls = bm.alternating_times(list(steps.values()), params, batch, None, repeats=args.reps)
+    times = {name: [w for w, _ in t] for name, t in zip(steps, calls, strict=True)}
+    cpu = {name: [c for _, c in t] for name, t in zip(steps, calls, strict=True)}
     med = {name: statistics.median(t) for name, t in times.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     result = {
@@ -122,12 +116,10 @@ def main(argv=None) -> dict:
         f"{result['ratio_of_min']:.3f}); CPU-time medians {med_cpu['plain']:.2f} / "
         f"{med_cpu['cached']:.2f} s, ratio {result['cpu_ratio']:.3f}"
     )
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+    texts = {f"{STEM}.json": json.dumps(result, indent=2)}
+    bm.save_outputs(out, texts, update_results=args.update_results)
     return result
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # initialise the backend before timing anything
     main()

@@ -14,7 +14,9 @@ run at the time.
     python -m experiments.bench_losses                      # B = 2048 .. 16384, D = 256
     python -m experiments.bench_losses --batch 8192 16384 --repeats 5 --block-size 512
 
-Writes experiments/results/bench_losses.{json,md} and prints the table.
+Writes ``bench_losses.{json,md}`` into a run directory (``--out``, default
+``runs/bench_losses-<time>/``; ``--update-results`` also refreshes ``experiments/results/``)
+and prints the table.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 import losses
+from experiments import run_dir
+from experiments.benchmarking import compiled_memory, matmul_flops, median_seconds, save_outputs
 
 CASES = [
     ("infonce", {}),
@@ -40,45 +42,16 @@ CASES = [
     ("decoupled", {"sigma": 0.5}),
     ("decoupled", {"intra_view": True}),
 ]
-RESULTS = Path(__file__).parent / "results"
+STEM = "bench_losses"
 
 
-def matmul_flops(batch: int, dim: int, opts: dict) -> float:
-    """Matmul FLOPs of the tiled forward + backward (the dense one needs 6·B²·D for cross)."""
-    cross = 8.0  # forward tile, recomputed tile, dx and dy products: 4 × 2·B²·D
-    intra = 0.0
-    if opts.get("intra_view"):
-        # x·x (and y·y when symmetric): forward, recompute, one gradient product each.
-        intra = 6.0 * (2 if opts.get("symmetric", True) else 1)
-    return (cross + intra) * batch * batch * dim
-
-
-def median_seconds(fns, *args, repeats: int, settle=None) -> list[float]:
-    """Median wall time of each function; calls alternate so that load hits all alike.
-
-    ``settle``, when given, runs untimed before every timed call, so that no call is
-    timed right after another one frees gigabytes: whatever runs right after the dense
-    loss at B = 16384 is slowed by ~20 % (a 4096³ matmul: 133 against 161 GFLOP/s).
-    """
-    for fn in fns:
-        jax.block_until_ready(fn(*args))  # compile and warm up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times, strict=True):
-            if settle is not None:
-                jax.block_until_ready(settle())
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def temp_bytes(fn, *args) -> int:
+def temp_mib(fn: Callable, *args: jax.Array) -> float:
+    """Compiled temporaries of ``fn`` on arrays shaped like ``args``, in MiB (compile only)."""
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    return fn.lower(*specs).compile().memory_analysis().temp_size_in_bytes
+    return compiled_memory(fn, *specs)["temp_bytes"] / 2**20
 
 
-def reference_matmul(size: int):
+def reference_matmul(size: int) -> tuple[Callable, int]:
     """A jitted ``size``³ float32 matmul as a function of the benchmark's (x, y), and its
     FLOPs."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
@@ -96,16 +69,19 @@ def meets_targets(row: dict) -> bool:
     return row["tiled_over_dense"] <= bound and row["fraction_of_matmul"] >= 0.75
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench_losses", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--matmul-size", type=int, default=4096, help="the reference matmul's n")
     p.add_argument("--cases", default="all", help="comma-separated loss names, or all")
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_losses")
+    run_dir.add_output_flags(p)
     args = p.parse_args(argv)
+    out = run_dir.create(STEM, args.out)
 
     matmul, reference_flops = reference_matmul(args.matmul_size)
     cases = [c for c in CASES if args.cases == "all" or c[0] in args.cases.split(",")]
@@ -137,8 +113,8 @@ def main(argv=None) -> list[dict]:
                 "tiled_gflops": flops / t_tiled / 1e9,
                 "matmul_gflops": peak / 1e9,
                 "fraction_of_matmul": flops / t_tiled / peak,
-                "dense_temp_mib": temp_bytes(dense, x, y) / 2**20,
-                "tiled_temp_mib": temp_bytes(tiled, x, y) / 2**20,
+                "dense_temp_mib": temp_mib(dense, x, y),
+                "tiled_temp_mib": temp_mib(tiled, x, y),
             }
             row["meets_targets"] = meets_targets(row)
             rows.append(row)
@@ -150,7 +126,6 @@ def main(argv=None) -> list[dict]:
                 flush=True,
             )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": jax.devices()[0].device_kind,
         "dim": args.dim,
@@ -159,7 +134,6 @@ def main(argv=None) -> list[dict]:
         "matmul_size": args.matmul_size,
         "targets": TARGETS,
     }
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         f"float32 on {meta['device']}, D = {args.dim}, medians of {args.repeats} alternating "
         f"rounds, against a {args.matmul_size}³ matmul. Targets: {TARGETS}.",
@@ -176,8 +150,13 @@ def main(argv=None) -> list[dict]:
             f"{r['dense_temp_mib']:.0f} | {r['tiled_temp_mib']:.1f} | "
             f"{'met' if r['meets_targets'] else 'MISSED'} |"
         )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    print(table)
+    texts = {
+        f"{STEM}.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
+        f"{STEM}.md": table,
+    }
+    save_outputs(out, texts, update_results=args.update_results)
     return rows
 
 

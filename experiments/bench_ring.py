@@ -17,7 +17,9 @@ plus collective overheads, not a measurement of GPU/TPU overlap.
     python -m experiments.bench_ring                     # time B = 2k, 4k; memory to 1M; D = 768
     python -m experiments.bench_ring --time-batch 4096 16384 --memory-batch 65536 4194304
 
-Writes ``bench_ring.{json,md}`` to ``--out`` and prints the table.
+Writes ``bench_ring.{json,md}`` into a run directory (``--out``, default
+``runs/bench_ring-<time>/``; ``--update-results`` also refreshes ``experiments/results/``)
+and prints the table. The two methods are timed in alternation (``benchmarking``).
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-# sweep_memory sets XLA_FLAGS (8 host devices) on import, before any backend starts.
-from experiments import sweep_memory as sm
-from experiments.bench_losses import matmul_flops
+from experiments import benchmarking as bm
+from experiments import run_dir
 
 STEM = "bench_ring"
+METHODS = ("ring", "gathered")
 
 
 def _num(v: float) -> str:
@@ -43,40 +47,50 @@ def _num(v: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench_ring", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--time-batch", type=int, nargs="*", default=[2048, 4096])
     p.add_argument(
         "--memory-batch", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1048576]
     )
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--loss", default="infonce", choices=sm.LOSSES)
+    p.add_argument("--loss", default="infonce", choices=bm.LOSSES)
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=sm.RESULTS, help="output directory")
+    run_dir.add_output_flags(p)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    bm.simulate_cpu_devices(args.devices)  # before the first jax operation
+    from contrastive.mesh import make_mesh
 
     t_start = time.perf_counter()
-    mesh = sm.data_mesh(args.devices)
+    out = run_dir.create(STEM, args.out)
+    mesh = make_mesh(num_devices=args.devices)
+    rows_sharding = NamedSharding(mesh, P("data"))
     n = args.devices
     platform = f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
     print(f"{platform}, jax {jax.__version__}, {n}-device mesh, D = {args.dim}", flush=True)
-    methods = {
-        name: sm.loss_method(name, args.loss, args.dim, mesh, args.block_size, args.repeats)
-        for name in ("ring", "gathered")
-    }
+    fns = [bm.loss_grad_fn(name, args.loss, mesh, args.block_size) for name in METHODS]
     rows = []
     for batch in sorted(set(args.time_batch) | set(args.memory_batch)):
         if batch % n:
             print(f"skip B={batch}: not a multiple of {n} devices", flush=True)
             continue
         row = {"batch": batch, "dim": args.dim, "loss": args.loss, "devices": n}
-        for name, m in methods.items():
-            r = sm.memory(*m.lower_args(batch))
+        spec = jax.ShapeDtypeStruct((batch, args.dim), jnp.float32, sharding=rows_sharding)
+        seconds = [None, None]
+        if batch in args.time_batch:  # alternating rounds: load hits both alike
+            xy = bm.unit_embeddings(batch, args.dim, rows_sharding)
+            seconds = bm.median_seconds(fns, *xy, repeats=args.repeats)
+        for name, fn, s in zip(METHODS, fns, seconds, strict=True):
+            r = bm.compiled_memory(fn, spec, spec)
             row[f"{name}_temp_bytes"] = r["temp_bytes"]
             row[f"{name}_total_bytes"] = r["total_bytes"]
-            row[f"{name}_s"] = m.run(batch) if batch in args.time_batch else None
-        flops = matmul_flops(batch, args.dim, {})  # the whole loss's tile matmuls
+            row[f"{name}_s"] = s
+        flops = bm.matmul_flops(batch, args.dim, {})  # the whole loss's tile matmuls
         row["ring_gflop_per_device"] = flops / n / 1e9
         row["gathered_gflop_per_device"] = flops / 1e9
         row["temp_ratio"] = row["gathered_temp_bytes"] / max(row["ring_temp_bytes"], 1)
@@ -90,10 +104,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"(x{row['time_ratio']:.2f})"
         )
         print(
-            f"B={batch:>9,} temp ring {sm.fmt_bytes(row['ring_temp_bytes'])}, gathered "
-            f"{sm.fmt_bytes(row['gathered_temp_bytes'])} (x{row['temp_ratio']:.1f}); total "
-            f"{sm.fmt_bytes(row['ring_total_bytes'])} vs "
-            f"{sm.fmt_bytes(row['gathered_total_bytes'])}{t}",
+            f"B={batch:>9,} temp ring {bm.fmt_bytes(row['ring_temp_bytes'])}, gathered "
+            f"{bm.fmt_bytes(row['gathered_temp_bytes'])} (x{row['temp_ratio']:.1f}); total "
+            f"{bm.fmt_bytes(row['ring_total_bytes'])} vs "
+            f"{bm.fmt_bytes(row['gathered_total_bytes'])}{t}",
             flush=True,
         )
 
@@ -112,9 +126,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for r in rows:
         timed = r["ring_s"] is not None
         lines.append(
-            f"| {sm.fmt_batch(r['batch'])} | {sm.fmt_bytes(r['ring_temp_bytes'])} | "
-            f"{sm.fmt_bytes(r['gathered_temp_bytes'])} | {r['temp_ratio']:.1f}× | "
-            f"{sm.fmt_bytes(r['ring_total_bytes'])} | {sm.fmt_bytes(r['gathered_total_bytes'])} "
+            f"| {bm.fmt_batch(r['batch'])} | {bm.fmt_bytes(r['ring_temp_bytes'])} | "
+            f"{bm.fmt_bytes(r['gathered_temp_bytes'])} | {r['temp_ratio']:.1f}× | "
+            f"{bm.fmt_bytes(r['ring_total_bytes'])} | {bm.fmt_bytes(r['gathered_total_bytes'])} "
             f"| {r['total_ratio']:.1f}× | {_num(r['ring_gflop_per_device'])} / "
             f"{_num(r['gathered_gflop_per_device'])} | "
             + (
@@ -124,18 +138,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             )
         )
     md = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / STEM
     meta = {
         "platform": platform,
         "jax": jax.__version__,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args),
     }
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(md)
     print(md)
-    print(f"wrote {out}.{{json,md}} in {meta['seconds']} s")
+    texts = {f"{STEM}.json": json.dumps({"meta": meta, "rows": rows}, indent=1), f"{STEM}.md": md}
+    bm.save_outputs(out, texts, update_results=args.update_results)
     return rows
 
 

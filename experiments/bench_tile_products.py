@@ -8,19 +8,27 @@ afterwards; ``losses/_tiles.py`` uses the latter. This times both, side by side,
 of tiles like the engine's (each iteration depends on the last, so nothing is hoisted).
 
     python -m experiments.bench_tile_products            # t = 1024, D = 256
+
+Writes ``bench_tile_products.json`` into a run directory (``--out``, default
+``runs/bench_tile_products-<time>/``; ``--update-results`` also copies it to
+``experiments/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from experiments.bench_losses import median_seconds
+from experiments import run_dir
+from experiments.benchmarking import median_seconds, save_outputs
 
 F32 = jnp.float32
+STEM = "bench_tile_products"
 
 
 def _dot(a, b, contract):
@@ -50,13 +58,17 @@ def backward_tiles(form: str, tile: int, dim: int, count: int):
     return jax.jit(run)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench_tile_products", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--count", type=int, default=16, help="tiles per timed call")
     p.add_argument("--repeats", type=int, default=7)
+    run_dir.add_output_flags(p)
     args = p.parse_args(argv)
+    out = run_dir.create(STEM, args.out)
 
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (args.tile, args.dim), F32) / args.dim**0.5
@@ -73,6 +85,10 @@ def main(argv=None) -> dict:
         print(f"{form:16s} {1e3 * t / args.count:7.2f} ms per tile  {flops / t / 1e9:6.1f} GFLOP/s")
     ratio = times[1] / times[0]
     print(f"transposed / row-contraction time: {ratio:.2f}; outputs differ by {err:.1e}")
+    result["transposed_over_row_contraction"] = ratio
+    result["config"] = vars(args)
+    texts = {f"{STEM}.json": json.dumps(result, indent=1)}
+    save_outputs(out, texts, update_results=args.update_results)
     return result
 
 

@@ -1,168 +1,335 @@
-"""Configuration of a training run: one dataclass, its flags, and its validation.
+"""Configuration of a training run: one tree of dataclasses, its flags, its checks.
+
+``Config`` nests the library's own settings (``TrainConfig`` with its ``LossConfig`` and
+``OptimConfig``) beside the data, model and run settings defined here. Every field is
+made with :func:`contrastive.settings.setting`, which holds its help, flag and allowed
+values once; :func:`build_parser` generates the flags from the tree and
+:func:`parse_config` builds the tree back from them, so each check runs exactly once, when
+its dataclass is built, and a bad flag fails in a second with one line naming the flag.
 
 Kept apart from the entry point (flax-examples style): ``experiments/train.py`` is a thin
-main that parses these flags and calls :func:`experiments.train.run`. ``validate`` does every
-check that needs no data and no compilation, so a bad flag fails in a second with one line
-that says what to change.
+main that parses these flags and calls :func:`experiments.train.run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from contrastive.data.pipeline import DATASETS
-
-LOSSES = ("infonce", "sigmoid", "decoupled")
-MODELS = ("mlp", "resnet", "vit")
-OPTIMIZERS = ("adamw", "lamb", "lars")
+from contrastive.models import IMAGE_ENCODERS, SIGLIP_INIT_BIAS
+from contrastive.optim import OptimConfig
+from contrastive.settings import check_fields, field_name, flag_of, naming, setting
+from contrastive.train_step import (
+    TrainConfig,
+    default_temperature,
+    local_chunk_size,
+)
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that says what to change."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where it lives, how much of it evaluation reads."""
+
+    dataset: str = setting(
+        "digits", "data set (digits: offline, from scikit-learn)", choices=tuple(DATASETS)
+    )
+    data_dir: str | None = setting(
+        None, "TFDS data dir; none: ~/tensorflow_datasets", changes_run=False
+    )
+    image_size: int | None = setting(
+        None, "side of the square model input; none: the data set's", at_least=4
+    )
+    eval_examples: int = setting(
+        10000, "at most this many examples per split for evaluation", at_least=1, changes_run=False
+    )
+    hard_negatives: int = setting(
+        0,
+        "K extra captions per image, each one attribute away from its own, as negatives for "
+        "every image (retrieval-style batches of B images and (1 + K) B captions; shapes)",
+        at_least=0,
+    )
+    skip_duplicate_negatives: bool = setting(
+        False,
+        "give the loss each caption's id: a batch-mate or extra negative with an image's own "
+        "caption is not its negative (shapes)",
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        wants_ids = self.hard_negatives or self.skip_duplicate_negatives
+        if wants_ids and not DATASETS[self.dataset].class_captions:
+            flag = "hard_negatives" if self.hard_negatives else "skip_duplicate_negatives"
+            raise ValueError(
+                f"{field_name(self, flag)} needs a data set with caption ids: use --dataset shapes"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The dual encoder: image tower, projection head, text tower, temperature, bias."""
+
+    # A tiny GroupNorm ResNet by default: 4/8/16 channels, 16 features. Its random
+    # features are poor on the digits (about 50 % linear probe), so what training adds is
+    # visible; use --width 16 or more for CIFAR/STL.
+    encoder: str = setting("resnet", "image encoder", flag="model", choices=IMAGE_ENCODERS)
+    width: int | None = setting(
+        4,
+        "encoder width (resnet: channels of the first stage; mlp/vit: hidden width); none: "
+        "the encoder's default",
+        at_least=1,
+    )
+    depth: int | None = setting(
+        None, "encoder depth (resnet: blocks per stage; mlp/vit: layers); none: default", at_least=1
+    )
+    embed_dim: int = setting(64, "embedding width D", at_least=1)
+    head_hidden: int | None = setting(
+        256, "hidden width of the projection head; none: a linear head", at_least=1
+    )
+    dropout: float = setting(0.0, "dropout rate in the encoders", at_least=0)
+    vocab_size: int | None = setting(
+        None, "text vocabulary (image-text data); none: the data set's", at_least=4
+    )
+    text_len: int | None = setting(
+        None, "caption length in tokens (image-text data); none: the data set's", at_least=2
+    )
+    temperature: float | None = setting(
+        None, "initial temperature; none: the loss's default", positive=True
+    )
+    learn_temperature: bool = setting(True, "learn the temperature (CLIP/SigLIP)")
+    bias: float | None = setting(
+        None, "initial bias of the sigmoid loss; none: the loss's default (SigLIP: -10)"
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.dropout >= 1:
+            raise ValueError(f"{field_name(self, 'dropout')} must be below 1, got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How long, how big, where, and the bookkeeping of a run."""
+
+    workdir: str = setting(
+        "",
+        "directory for checkpoints and metrics.jsonl; an existing run there is resumed",
+        changes_run=False,
+    )
+    steps: int = setting(300, "training steps", at_least=1)
+    batch_size: int = setting(
+        256, "global batch of pairs; a multiple of the device count", at_least=2
+    )
+    seed: int = setting(0, "seed of the initialisation, data order and augmentations")
+    num_devices: int | None = setting(None, "use the first N devices; none: all", at_least=1)
+    checkpoint_every: int = setting(
+        100, "save a checkpoint every K steps (and after the last)", at_least=1, changes_run=False
+    )
+    keep_checkpoints: int = setting(3, "keep the last K checkpoints", at_least=1, changes_run=False)
+    log_every: int = setting(
+        10, "write a metrics.jsonl record every K steps", at_least=1, changes_run=False
+    )
+    eval_every: int = setting(
+        0, "evaluate every K steps (0: after the last step only)", at_least=0, changes_run=False
+    )
+    stop_after: int | None = setting(
+        None, "stop after this step as if killed (for resume tests)", at_least=1, changes_run=False
+    )
+    progress: bool = setting(True, "show a progress bar", changes_run=False)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsConfig:
+    """Several processes (hosts) on one global mesh: ``jax.distributed.initialize``.
+
+    Any of the first three set (or ``--distributed``) starts the multi-process runtime; a
+    flag given overrides what JAX would detect from the cluster's environment.
+    """
+
+    distributed: bool = setting(
+        False,
+        "start jax.distributed even without the flags below (JAX detects the cluster)",
+        changes_run=False,
+    )
+    coordinator_address: str | None = setting(
+        None, "HOST:PORT of process 0's coordinator (multi-host)", changes_run=False
+    )
+    num_processes: int | None = setting(
+        None, "number of processes (multi-host)", at_least=1, changes_run=False
+    )
+    process_id: int | None = setting(
+        None, "this process's index, 0 .. N-1 (multi-host)", at_least=0, changes_run=False
+    )
+    peer_timeout: float = setting(
+        300.0,
+        "seconds without progress (start-up, a step, a save) after which a multi-host "
+        "process ends with an error: a missing or dead peer never hangs the run",
+        positive=True,
+        changes_run=False,
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if (
+            self.num_processes is not None
+            and self.process_id is not None
+            and self.process_id >= self.num_processes
+        ):
+            raise ValueError(
+                f"{field_name(self, 'process_id')} {self.process_id} must be below "
+                f"{field_name(self, 'num_processes')} {self.num_processes}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        flags = (self.coordinator_address, self.num_processes, self.process_id)
+        return self.distributed or any(v is not None for v in flags)
+
+
+def _default_optim() -> OptimConfig:
+    return OptimConfig(learning_rate=2e-3, warmup_steps=20, total_steps=RunConfig().steps)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that defines a run. Field names match the ``--flags`` (``_`` -> ``-``)."""
+    """Everything that defines a training run, as one tree."""
 
-    workdir: str = ""
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int | None = None  # None: the dataset's default
-    # model
-    # A tiny GroupNorm ResNet: 4/8/16 channels, 16 features. Its random features are poor on
-    # the digits (about 50 % linear probe), so what training adds is visible; use --width 16
-    # or more for CIFAR/STL. --width is the hidden width of the MLP and ViT.
-    model: str = "resnet"
-    width: int | None = 4  # None: the encoder's default
-    depth: int | None = None
-    embed_dim: int = 64
-    head_hidden: int | None = 256
-    dropout: float = 0.0
-    vocab_size: int = 8192  # image-text only
-    text_len: int = 32
-    # loss
-    loss: str = "infonce"
-    temperature: float | None = None  # None: 0.07 (CLIP) for softmax losses, 0.1 for sigmoid
-    learn_temperature: bool = True
-    bias: float = -10.0  # initial bias of the sigmoid loss (SigLIP)
-    symmetric: bool = True
-    intra_view: bool = False
-    sigma: float | None = None
-    block_size: int | None = None
-    ring: bool = True
-    # optimisation
-    steps: int = 300
-    batch_size: int = 256
-    chunk_size: int | None = None
-    optimizer: str = "adamw"
-    learning_rate: float = 2e-3
-    warmup_steps: int = 20
-    weight_decay: float = 1e-4
-    clip_norm: float | None = 1.0
-    seed: int = 0
-    num_devices: int | None = None  # None: all devices
-    # bookkeeping
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate after the last step only
-    eval_examples: int = 10000  # cap on the examples per split used for evaluation
-    stop_after: int | None = None  # stop (as if killed) after this step; for resume tests
-    progress: bool = True
+    data: DataConfig = setting(default_factory=DataConfig)
+    model: ModelConfig = setting(default_factory=ModelConfig)
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(optim=_default_optim()))
+    run: RunConfig = setting(default_factory=RunConfig)
+    hosts: HostsConfig = setting(default_factory=HostsConfig)
 
-    def validate(self, num_devices: int | None = None) -> None:
-        """Raise :class:`ConfigError` for any setting that cannot work.
-
-        ``num_devices``: the devices the run will use, when known (divisibility checks).
-        """
-        if not self.workdir:
-            raise ConfigError("--workdir is required: pass a directory for checkpoints/metrics")
-        if self.dataset not in DATASETS:
-            raise ConfigError(
-                f"unknown --dataset {self.dataset!r}: use one of {', '.join(DATASETS)}"
+    def __post_init__(self):
+        r, t = self.run, self.train
+        if t.optim.total_steps != r.steps:
+            raise ValueError(
+                f"the schedule's total_steps ({t.optim.total_steps}) must equal "
+                f"{field_name(r, 'steps')} ({r.steps})"
             )
-        _one_of("--loss", self.loss, LOSSES)
-        _one_of("--model", self.model, MODELS)
-        _one_of("--optimizer", self.optimizer, OPTIMIZERS)
-        for flag, value in [
-            ("--steps", self.steps),
-            ("--batch-size", self.batch_size),
-            ("--checkpoint-every", self.checkpoint_every),
-            ("--keep-checkpoints", self.keep_checkpoints),
-            ("--log-every", self.log_every),
-            ("--embed-dim", self.embed_dim),
-        ]:
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(
-                f"--warmup-steps must be between 0 and --steps={self.steps}, got "
-                f"{self.warmup_steps}"
+        if t.chunk_size is not None and t.chunk_size > r.batch_size:
+            raise ValueError(
+                f"{field_name(t, 'chunk_size')} {t.chunk_size} is larger than "
+                f"{field_name(r, 'batch_size')} {r.batch_size}: use a chunk size <= the batch "
+                "size, or drop it"
             )
-        if self.batch_size < 2:
-            raise ConfigError("--batch-size must be at least 2: a contrastive loss needs negatives")
-        if self.chunk_size is not None:
-            if self.chunk_size < 1:
-                raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-            if self.chunk_size > self.batch_size:
-                raise ConfigError(
-                    f"--chunk-size {self.chunk_size} is larger than --batch-size "
-                    f"{self.batch_size}: use a chunk size <= the batch size, or drop --chunk-size"
-                )
-        if self.sigma is not None and self.loss != "decoupled":
-            raise ConfigError("--sigma (DCLW) needs --loss decoupled")
-        if self.intra_view and self.loss == "sigmoid":
-            raise ConfigError(
-                "--intra-view is for the softmax losses: drop it or use --loss infonce"
+        if r.stop_after is not None and r.stop_after > r.steps:
+            raise ValueError(
+                f"{field_name(r, 'stop_after')} must be between 1 and "
+                f"{field_name(r, 'steps')}={r.steps}"
             )
-        kind = DATASETS[self.dataset].kind
-        if kind == "image_text" and self.intra_view:
-            raise ConfigError("--intra-view needs two views of one image, not image-text pairs")
-        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
-            raise ConfigError(f"--stop-after must be between 1 and --steps={self.steps}")
-        if num_devices is not None and self.batch_size % num_devices:
-            raise ConfigError(
-                f"--batch-size {self.batch_size} is not divisible by the {num_devices} "
-                f"devices: use a multiple of {num_devices}, e.g. "
-                f"{max(num_devices, self.batch_size - self.batch_size % num_devices)}"
+        if DATASETS[self.data.dataset].kind == "image_text" and t.loss.intra_view:
+            raise ValueError(
+                f"{field_name(t.loss, 'intra_view')} needs two views of one image, not "
+                "image-text pairs"
             )
 
     @property
     def init_temperature(self) -> float:
-        if self.temperature is not None:
-            return self.temperature
-        return 0.1 if self.loss == "sigmoid" else 0.07
+        t = self.model.temperature
+        return default_temperature(self.train.loss.name) if t is None else t
 
-    def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the checkpoints."""
-        keep = (
-            "dataset",
-            "image_size",
-            "model",
-            "width",
-            "depth",
-            "embed_dim",
-            "head_hidden",
-            "loss",
-            "batch_size",
-            "optimizer",
-            "seed",
-            "steps",
-        )
-        return {k: getattr(self, k) for k in keep}
+    @property
+    def init_bias(self) -> float | None:
+        """The sigmoid loss's initial bias; None for the softmax losses (no bias)."""
+        if self.train.loss.name != "sigmoid":
+            return None
+        return SIGLIP_INIT_BIAS if self.model.bias is None else self.model.bias
+
+    def identity(self) -> dict[str, Any]:
+        """``{flag: value}`` of every setting that changes the computation.
+
+        A resumed run must agree with its checkpoints on all of these; the others
+        (logging, progress, paths, evaluation, ``--stop-after``) may change freely.
+        """
+        return {
+            flag_of(f): value for f, value, _ in _walk(self) if f.metadata.get("changes_run", True)
+        }
+
+    def with_updates(self, **flags: Any) -> Config:
+        """A copy with some settings changed, by flag name (``learning_rate=1e-3``)."""
+        values = {flag_of(f)[2:].replace("-", "_"): v for f, v, _ in _walk(self)}
+        unknown = set(flags) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown settings {sorted(unknown)}")
+        values.update(flags)
+        return _build(Config, values)
 
 
-def _one_of(flag: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {flag} {value!r}: use one of {', '.join(choices)}")
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"--flag: old -> new"`` for every setting that differs between two identities."""
+    out = []
+    for flag in sorted(set(old) | set(new)):
+        if old.get(flag, "<unset>") != new.get(flag, "<unset>"):
+            out.append(f"{flag} {old.get(flag, '<unset>')!r} -> {new.get(flag, '<unset>')!r}")
+    return out
+
+
+# ------------------------------------------------------------------ the tree <-> flags
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _walk(obj: Any) -> Iterator[tuple[dataclasses.Field, Any, Any]]:
+    """Every leaf setting of a config tree: ``(field, value, type)``, in order."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if _is_config(hints[f.name]):
+            yield from _walk(value)
+        elif f.metadata.get("cli", True):
+            yield f, value, hints[f.name]
+
+
+def _flag_name(obj: Any, name: str) -> str:
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            return flag_of(f)
+    return name
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """Build the tree of ``cls`` from flat ``{dest: value}`` (argparse's names)."""
+    with naming(_flag_name):
+        try:
+            return _build_node(cls, values, steps=values.get("steps"))
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+
+
+def _build_node(cls: type, values: dict[str, Any], steps: int | None) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            kwargs[f.name] = _build_node(hints[f.name], values, steps)
+        elif not f.metadata.get("cli", True):
+            if cls is OptimConfig and f.name == "total_steps" and steps is not None:
+                kwargs[f.name] = steps  # the schedule runs for the whole run
+        else:
+            dest = flag_of(f)[2:].replace("-", "_")
+            if dest in values:
+                kwargs[f.name] = values[dest]
+    return cls(**kwargs)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -172,97 +339,70 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _optional_int(s: str) -> int | None:
-    return None if s.lower() == "none" else int(s)
+def _optional(kind: type):
+    def parse(s: str):
+        return None if s.lower() == "none" else kind(s)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
-def _optional_float(s: str) -> float | None:
-    return None if s.lower() == "none" else float(s)
+def _argument_type(tp: Any):
+    """The argparse ``type`` for a field annotation: int, float, str, or ``X | None``."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        (inner,) = [a for a in args if a is not type(None)]
+        return _optional(inner)
+    return tp
 
 
-HELP = {
-    "workdir": "directory for checkpoints and metrics.jsonl; an existing run there is resumed",
-    "dataset": f"one of {', '.join(DATASETS)} (digits: offline, prepared from scikit-learn)",
-    "data_dir": "TFDS data dir; None: ~/tensorflow_datasets",
-    "image_size": "side of the square model input; None: the dataset's",
-    "model": f"image encoder: one of {', '.join(MODELS)}",
-    "width": "encoder width (resnet: channels of the first stage; mlp/vit: hidden width)",
-    "loss": f"one of {', '.join(LOSSES)}",
-    "temperature": "initial temperature; None: 0.07, or 0.1 for sigmoid",
-    "learn_temperature": "learn the temperature (CLIP/SigLIP)",
-    "depth": "encoder depth (resnet: blocks per stage; mlp/vit: layers); None: default",
-    "embed_dim": "embedding width D",
-    "head_hidden": "hidden width of the projection head; none: a linear head",
-    "dropout": "dropout rate in the encoders",
-    "vocab_size": "hashed vocabulary of the caption tokenizer (image-text)",
-    "text_len": "caption length in tokens (image-text)",
-    "symmetric": "average both directions of the softmax losses",
-    "steps": "training steps",
-    "warmup_steps": "linear warm-up steps",
-    "weight_decay": "decoupled weight decay on weight matrices",
-    "clip_norm": "clip the global gradient norm; none: no clipping",
-    "seed": "seed of the initialisation, data order and augmentations",
-    "progress": "show a progress bar",
-    "bias": "initial bias of the sigmoid loss",
-    "intra_view": "NT-Xent: same-view negatives in the softmax losses (SimCLR)",
-    "sigma": "DCLW weighting of the decoupled loss; None: plain DCL",
-    "block_size": "similarity tile edge of the tiled losses; None: automatic",
-    "ring": "run the loss as a ring over the devices (shard_map)",
-    "batch_size": "global batch of pairs; a multiple of the device count",
-    "chunk_size": "gradient caching: encode the batch in chunks of this many rows",
-    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
-    "learning_rate": "peak learning rate (linear warm-up, then cosine decay)",
-    "num_devices": "use the first N devices; None: all",
-    "checkpoint_every": "save a checkpoint every K steps (and after the last)",
-    "keep_checkpoints": "keep the last K checkpoints",
-    "log_every": "write a metrics.jsonl record every K steps",
-    "eval_every": "evaluate every K steps (0: after the last step only)",
-    "eval_examples": "at most this many examples per split for evaluation",
-    "stop_after": "stop after this step as if killed (for resume tests)",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags for every :class:`Config` field (choices are checked in ``validate``)."""
+def build_parser(
+    defaults: Config | None = None, *, prog: str = "python -m experiments.train"
+) -> argparse.ArgumentParser:
+    """Flags for every setting of :class:`Config`, help from the fields (choices are
+    checked when the tree is built, so that the error names the flag in one line)."""
     p = _OneLineParser(
-        prog="python -m experiments.train",
+        prog=prog,
         description="Train a contrastive dual encoder (SimCLR / CLIP / SigLIP style).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = Config()
-    types = {
-        int: int,
-        float: float,
-        str: str,
-        "int|None": _optional_int,
-        "float|None": _optional_float,
-        "str|None": str,
-    }
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type == "bool":
+    defaults = Config() if defaults is None else defaults
+    for f, value, tp in _walk(defaults):
+        flag = flag_of(f)
+        help_text = f.metadata.get("help") or " "
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += f" ({', '.join(map(str, choices))})"
+        if tp is bool:
             p.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=HELP.get(f.name, " "),
+                flag, action=argparse.BooleanOptionalAction, default=value, help=help_text
             )
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type) or types[
-                f.type.replace(" ", "")
-            ]
             p.add_argument(
                 flag,
-                type=kind,
-                default=default,
-                required=f.name == "workdir",
-                help=HELP.get(f.name, " "),
+                type=_argument_type(tp),
+                default=value,
+                required=flag == "--workdir",
+                help=help_text,
             )
     return p
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Flags -> :class:`Config` (not yet validated)."""
+    """Flags -> a checked :class:`Config`; :class:`ConfigError` (one line) if bad."""
     args = build_parser().parse_args(argv)
-    return Config(**vars(args))
+    return _build(Config, vars(args))
+
+
+def check_devices(cfg: Config, num_devices: int) -> None:
+    """The checks that need the device count: the batch and the chunk split over it."""
+    b = cfg.run.batch_size
+    if b % num_devices:
+        raise ConfigError(
+            f"--batch-size {b} is not divisible by the {num_devices} devices: use a multiple of "
+            f"{num_devices}, e.g. {max(num_devices, b - b % num_devices)}"
+        )
+    try:
+        local_chunk_size(cfg.train.chunk_size, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("chunk_size=", "--chunk-size ")) from None

@@ -2,22 +2,22 @@
 
 Reads top to bottom: config -> mesh -> data -> model -> shard -> step -> checkpoint -> loop.
 Writes ``DIR/metrics.jsonl`` (one JSON object per logged step: ``step``, ``loss``, ...,
-and the evaluation results at evaluation steps) and ``DIR/checkpoints/`` (orbax).
+and the evaluation results at evaluation steps) and ``DIR/checkpoints/`` (orbax), and
+ends with a one-line summary.
 
 Started again with the same ``--workdir`` it resumes from the latest checkpoint, and a run
 killed at any moment then ends with exactly the per-step losses of an uninterrupted run:
 the batches are a pure function of (seed, step), and the checkpoint holds the parameters,
 optimiser state, PRNG key, step and data position.
 
-Defaults: the offline ``digits`` dataset (prepared from scikit-learn on first use, nothing
-downloads), a small MLP encoder, the InfoNCE loss, 300 steps of batch 256 (about a minute
-on a laptop CPU). ``--help`` lists every flag.
+Defaults: the offline ``digits`` data set (prepared from scikit-learn on first use, nothing
+downloads), a tiny GroupNorm ResNet, the InfoNCE loss, 300 steps of batch 256 (a few
+minutes on a laptop CPU). ``--help`` lists every flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -25,111 +25,183 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from contrastive.checkpoint import Checkpointer
-from contrastive.data import BatchIterator, HashTokenizer, eval_arrays, get_spec, train_dataset
+import losses
+from contrastive.checkpoint import Checkpointer, NoUsableCheckpointError
+from contrastive.data import (
+    BatchIterator,
+    HashTokenizer,
+    captioned_shapes,
+    class_captions,
+    eval_arrays,
+    get_spec,
+    train_dataset,
+)
 from contrastive.data.pipeline import DatasetSpec
-from contrastive.evaluate import embed, knn_accuracy, linear_probe, retrieval_recall
-from contrastive.mesh import make_mesh, place_params, shard_batch
+from contrastive.evaluate import (
+    embed,
+    knn_accuracy,
+    linear_probe,
+    retrieval_recall,
+    zero_shot_accuracy,
+)
+from contrastive.hosts import Watchdog, start
+from contrastive.mesh import make_mesh, place_params, replicated, shard_batch
 from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
-from contrastive.optim import OptimConfig, make_optimizer
-from contrastive.train_step import LossConfig, TrainConfig, create_train_state, make_train_step
-from experiments.config import Config, ConfigError, parse_config
+from contrastive.optim import make_optimizer
+from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
+from experiments.config import Config, ConfigError, check_devices, differences, parse_config
 
 METRICS_FILE = "metrics.jsonl"
+DEFAULT_VOCAB, DEFAULT_TEXT_LEN = 8192, 32  # hashed-word captions (coco_captions)
 
 
 def build_model(cfg: Config, spec: DatasetSpec) -> DualEncoder:
     """The dual encoder for ``cfg``: one tower on two views, or image + text towers."""
-    rngs = nnx.Rngs(cfg.seed)
+    m = cfg.model
+    rngs = nnx.Rngs(cfg.run.seed)
     s, c = spec.image_size, spec.channels
-    shape = (s * s * c,) if cfg.model == "mlp" else (s, s, c)
+    shape = (s * s * c,) if m.encoder == "mlp" else (s, s, c)
     image_tower = make_image_encoder(
-        cfg.model, shape, width=cfg.width, depth=cfg.depth, dropout_rate=cfg.dropout, rngs=rngs
+        m.encoder, shape, width=m.width, depth=m.depth, dropout_rate=m.dropout, rngs=rngs
     )
     text_tower = None
     if spec.kind == "image_text":
-        text_tower = TextTransformer(
-            cfg.vocab_size, cfg.text_len, dropout_rate=cfg.dropout, rngs=rngs
-        )
+        vocab, length = text_shape(cfg, spec)
+        text_tower = TextTransformer(vocab, length, dropout_rate=m.dropout, rngs=rngs)
     return DualEncoder(
         image_tower,
         text_tower,
-        embed_dim=cfg.embed_dim,
-        head_hidden=cfg.head_hidden,
+        embed_dim=m.embed_dim,
+        head_hidden=m.head_hidden,
         init_temperature=cfg.init_temperature,
-        init_bias=cfg.bias if cfg.loss == "sigmoid" else None,
-        learn_temperature=cfg.learn_temperature,
+        init_bias=cfg.init_bias,
+        learn_temperature=m.learn_temperature,
         rngs=rngs,
     )
 
 
-def train_config(cfg: Config) -> TrainConfig:
-    loss = LossConfig(
-        name=cfg.loss,
-        symmetric=cfg.symmetric,
-        intra_view=cfg.intra_view,
-        sigma=cfg.sigma,
-        block_size=cfg.block_size,
-        ring=cfg.ring,
+def text_shape(cfg: Config, spec: DatasetSpec) -> tuple[int, int]:
+    """(vocabulary size, caption length): the flags', else the data set's, else hashed words."""
+    vocab = cfg.model.vocab_size or spec.vocab_size or DEFAULT_VOCAB
+    length = cfg.model.text_len or spec.text_len or DEFAULT_TEXT_LEN
+    if spec.vocab_size is not None and vocab < spec.vocab_size:
+        raise ConfigError(
+            f"--vocab-size {vocab} is smaller than the {spec.vocab_size} token ids of the data "
+            "set: drop the flag"
+        )
+    if spec.text_len is not None and length != spec.text_len:
+        raise ConfigError(
+            f"--text-len {length} differs from the data set's captions of {spec.text_len} "
+            "tokens: drop the flag"
+        )
+    return vocab, length
+
+
+def _embedder(graphdef: nnx.GraphDef, params: Any, method: str, mesh: jax.sharding.Mesh):
+    """``x [N, ...] -> float32[N, D]`` on the host through ``model.<method>``, on the mesh.
+
+    Every process passes the same whole array; each feeds its own rows to the mesh, and
+    the result comes back replicated, so this is correct with several processes too.
+    """
+    fn = jax.jit(
+        lambda p, x: getattr(nnx.merge(graphdef, p), method)(x),
+        out_shardings=replicated(mesh),
     )
-    optim = OptimConfig(
-        name=cfg.optimizer,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps,
-        weight_decay=cfg.weight_decay,
-        clip_norm=cfg.clip_norm,
-    )
-    return TrainConfig(loss=loss, optim=optim, chunk_size=cfg.chunk_size)
+    count, index = jax.process_count(), jax.process_index()
+
+    def apply(x):
+        rows = len(x) // count
+        return fn(params, shard_batch(x[index * rows : (index + 1) * rows], mesh))
+
+    return apply
 
 
 def evaluate(
-    graphdef: nnx.GraphDef, params: Any, spec: DatasetSpec, data: dict, mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef,
+    params: Any,
+    spec: DatasetSpec,
+    data: dict,
+    mesh: jax.sharding.Mesh,
+    dataset: str,
 ) -> dict[str, float]:
-    """Linear probe and k-NN on the encoder features (labelled data), or retrieval recall.
+    """Linear probe and k-NN (labelled images), or retrieval recall and zero-shot accuracy.
 
-    Image datasets are probed on the image tower's output, before the projection head
+    Image data sets are probed on the image tower's output, before the projection head
     (SimCLR's protocol: the head's output discards information the loss does not need).
+    Image-text data sets get image->text and text->image recall@k on the test pairs; with
+    class captions (``shapes``) also zero-shot top-1 accuracy among every caption, overall
+    and on the compositions never seen in training, and recall that counts a retrieved
+    item with the same caption as a match.
     """
-    n_dev = mesh.devices.size
-    batch = 256 * n_dev  # embed pads the last batch; sharding needs a multiple of n_dev
+    batch = 256 * mesh.devices.size  # embed pads the last batch to this; a multiple of it
 
-    def run(method: str):
-        fn = jax.jit(lambda p, x: getattr(nnx.merge(graphdef, p), method)(x))
-        return lambda x: fn(params, shard_batch(x, mesh))
+    def emb(method: str, x) -> np.ndarray:
+        return embed(_embedder(graphdef, params, method, mesh), x, batch_size=batch, jit=False)
 
     if spec.kind == "image":
-        features = run("tower_x")
-        tr = embed(features, data["train"]["image"], batch_size=batch)
-        te = embed(features, data["test"]["image"], batch_size=batch)
+        tr = emb("tower_x", data["train"]["image"])
+        te = emb("tower_x", data["test"]["image"])
         ytr, yte = data["train"]["label"], data["test"]["label"]
         return {
             "linear_probe": linear_probe(tr, ytr, te, yte),
             "knn": knn_accuracy(tr, ytr, te, yte, num_classes=spec.num_classes),
         }
-    img = embed(run("embed_x"), data["test"]["image"], batch_size=batch)
-    txt = embed(run("embed_y"), data["test"]["text"], batch_size=batch)
-    return retrieval_recall(img, txt)
+    test = data["test"]
+    img, txt = emb("embed_x", test["image"]), emb("embed_y", test["text"])
+    if not spec.class_captions:
+        return retrieval_recall(img, txt)
+    tokens, _ = class_captions(dataset)
+    captions = emb("embed_y", tokens)
+    ids = test["caption_id"]
+    out = {"zero_shot_top1": zero_shot_accuracy(img, captions, ids)}
+    if "novel" in test and np.any(test["novel"]):
+        novel = np.asarray(test["novel"], bool)
+        out["zero_shot_top1_novel"] = zero_shot_accuracy(img[novel], captions, ids[novel])
+    out.update(retrieval_recall(img, txt, ks=(1, 5), ids=ids))
+    return out
 
 
-def _read_metrics(path: str, upto: int) -> list[dict]:
-    """The records of steps <= ``upto`` (a killed run may have logged past its checkpoint)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= upto]
+def batch_builder(cfg: Config, spec: DatasetSpec, mesh: jax.sharding.Mesh):
+    """``f(host batch, step) -> Batch``: this host's rows of the step's global batch.
 
+    Image data: the two views. Image-text: images and captions; with ``--hard-negatives
+    K`` also K captions one attribute away from each image's own (``shapes``), laid out as
+    the ring loss reads them (each device: its captions, then their hard negatives); with
+    ``--skip-duplicate-negatives`` the caption ids, so that equal captions are not
+    negatives.
+    """
+    d = cfg.data
+    if spec.kind == "image":
+        return lambda host, step: Batch(host["view1"], host["view2"])
+    local_devices = len(mesh.local_devices)
+    seed = cfg.run.seed
 
-def _write_metrics(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    def build(host: dict, step: int) -> Batch:
+        text, ids = host["text"], host.get("caption_id")
+        if d.hard_negatives:
+            b = len(text)
+            first = jax.process_index() * b  # global row of this host's first example
+            extra = [
+                captioned_shapes.one_attribute_apart(
+                    ids[i : i + 1], d.hard_negatives, np.random.default_rng([seed, step, first + i])
+                )
+                for i in range(b)
+            ]
+            k = d.hard_negatives
+            tokens = np.concatenate([t for t, _ in extra])  # [b, K, L]
+            extra_ids = np.concatenate([n for _, n in extra])  # [b, K]
+            # Each device: its captions, then their hard negatives (the ring losses' layout).
+            text = np.asarray(losses.interleave(text, tokens.reshape(b * k, -1), local_devices))
+            ids = np.asarray(losses.interleave(ids, extra_ids.reshape(b * k), local_devices))
+        keep_ids = d.skip_duplicate_negatives
+        return Batch(host["image"], text, ids=ids if keep_ids else None)
+
+    return build
 
 
 @dataclasses.dataclass
@@ -140,54 +212,49 @@ class Setup:
     spec: DatasetSpec
     train_ds: Any
     eval_data: dict
-    views: tuple[str, str]
+    make_batch: Any  # (host batch, step) -> Batch for the step
     graphdef: nnx.GraphDef
     state: Any  # TrainState, placed on the mesh
     key: jax.Array
     step_fn: Any
 
 
-def _strong(tree: Any) -> Any:
-    # Scalars made from Python floats are weakly typed; the state coming out of a step is
-    # not. One dtype signature for the step avoids a second compilation, and the first step
-    # and a resumed step then run the very same program (bitwise-equal losses).
-    return jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=a.dtype), tree)
-
-
 def setup(cfg: Config) -> Setup:
-    """Validate ``cfg`` and build everything up to the jitted step (nothing compiled yet).
+    """Build everything up to the jitted step (nothing compiled yet).
 
     Every configuration error surfaces here as a :class:`ConfigError`, before any long work.
     """
-    # --- config: every check that needs neither data nor compilation --------------------
+    # --- config: the checks that need the devices ----------------------------------------
     devices = jax.devices()
-    n_dev = cfg.num_devices or len(devices)
+    n_dev = cfg.run.num_devices or len(devices)
     if n_dev > len(devices):
         raise ConfigError(f"--num-devices {n_dev} but only {len(devices)} devices are present")
-    cfg.validate(num_devices=n_dev)
+    check_devices(cfg, n_dev)
 
     # --- mesh ----------------------------------------------------------------------------
     mesh = make_mesh(num_devices=n_dev)
 
     # --- data ------------------------------------------------------------------------------
-    spec = get_spec(cfg.dataset, cfg.image_size)
-    tokenizer = HashTokenizer(cfg.vocab_size, cfg.text_len)  # image-text datasets only
+    d = cfg.data
+    spec = get_spec(d.dataset, d.image_size)
+    vocab, length = text_shape(cfg, spec) if spec.kind == "image_text" else (None, None)
+    tokenizer = HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
     try:
         train_ds = train_dataset(
-            cfg.dataset,
-            global_batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            data_dir=cfg.data_dir,
-            image_size=cfg.image_size,
+            d.dataset,
+            global_batch_size=cfg.run.batch_size,
+            seed=cfg.run.seed,
+            data_dir=d.data_dir,
+            image_size=d.image_size,
             tokenizer=tokenizer,
         )
         eval_data = {
             split: eval_arrays(
-                cfg.dataset,
+                d.dataset,
                 name,
-                data_dir=cfg.data_dir,
-                image_size=cfg.image_size,
-                max_examples=cfg.eval_examples,
+                data_dir=d.data_dir,
+                image_size=d.image_size,
+                max_examples=d.eval_examples,
                 tokenizer=tokenizer,
             )
             for split, name in [("train", spec.train_split), ("test", spec.test_split)]
@@ -195,55 +262,126 @@ def setup(cfg: Config) -> Setup:
         }
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    views = ("view1", "view2") if spec.kind == "image" else ("image", "text")
+    make_batch = batch_builder(cfg, spec, mesh)
 
     # --- model -----------------------------------------------------------------------------
     try:
         model = build_model(cfg, spec)
-        tcfg = train_config(cfg)
     except ValueError as e:  # e.g. a ViT patch that does not divide the image
         raise ConfigError(str(e)) from e
-    tx = make_optimizer(tcfg.optim)
+    tx = make_optimizer(cfg.train.optim)
     graphdef, state = create_train_state(model, tx)
-    key = jax.random.key(cfg.seed + 1)  # dropout; the step folds in the step number
+    key = jax.random.key(cfg.run.seed + 1)  # dropout; the step folds in the step number
 
     # --- shard -----------------------------------------------------------------------------
-    state = place_params(_strong(state), mesh)
+    state = place_state(state, mesh, shard_optimizer=cfg.train.shard_optimizer)
     key = place_params(key, mesh)
 
     # --- step ------------------------------------------------------------------------------
-    step_fn = make_train_step(graphdef, tcfg, mesh, tx=tx)
-    return Setup(mesh, spec, train_ds, eval_data, views, graphdef, state, key, step_fn)
+    step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
+    return Setup(mesh, spec, train_ds, eval_data, make_batch, graphdef, state, key, step_fn)
 
 
 def evaluate_init(cfg: Config) -> dict[str, float]:
     """Evaluation of the randomly initialised model of ``cfg`` (the no-training baseline)."""
     s = setup(cfg)
-    return evaluate(s.graphdef, s.state.params, s.spec, s.eval_data, s.mesh)
+    return evaluate(s.graphdef, s.state.params, s.spec, s.eval_data, s.mesh, cfg.data.dataset)
 
 
-def run(cfg: Config) -> list[dict]:
-    """Train (or resume) the run in ``cfg.workdir``; returns every metrics record of the run."""
-    s = setup(cfg)
-    os.makedirs(cfg.workdir, exist_ok=True)
+class RunError(RuntimeError):
+    """The run cannot go on (divergence, no usable checkpoint, a busy work dir); one line."""
 
-    # --- checkpoint ------------------------------------------------------------------------
-    ckpt = Checkpointer(cfg.workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-    restored, meta = ckpt.restore_or({"train": s.state, "key": s.key})
-    if meta and meta.get("config") != cfg.identity():
-        ckpt.close()
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a work dir that is a file and a data dir that would be created out of nowhere."""
+    workdir, data_dir = cfg.run.workdir, cfg.data.data_dir
+    if not workdir:
+        raise ConfigError("--workdir is required: pass a directory for checkpoints and metrics")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file: pass a directory")
+    if data_dir is not None:
+        parent = os.path.dirname(os.path.abspath(data_dir))
+        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise ConfigError(f"--data-dir {data_dir} is a file: pass a directory")
+        if not os.path.isdir(parent):
+            raise ConfigError(
+                f"--data-dir {data_dir}: its parent directory {parent} does not exist; create it "
+                "or pass an existing directory"
+            )
+
+
+def check_same_run(meta: dict, cfg: Config) -> None:
+    """Before a checkpoint is restored: it was written by a run with these settings, else a
+    :class:`ConfigError` naming every flag that differs, with its old and new value."""
+    changed = differences(meta.get("config") or {}, cfg.identity())
+    if changed:
         raise ConfigError(
-            f"{cfg.workdir} holds checkpoints of a different run ({meta.get('config')}): "
-            "use a new --workdir or the same settings"
+            f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)}): use a "
+            "new --workdir, or the same settings to resume it"
         )
+
+
+def _finite(value: float) -> bool:
+    return bool(np.isfinite(value))
+
+
+def run(cfg: Config, *, watchdog: Watchdog | None = None) -> list[dict]:
+    """Train (or resume) the run in ``cfg.run.workdir``; returns every metrics record.
+
+    Nothing a run has finished is lost: only finite states are checkpointed (a non-finite
+    loss, gradient norm or state stops the run at that step with :class:`RunError`), a
+    corrupted newest checkpoint is reported and skipped, changed settings are refused
+    before anything is restored, one run holds the work dir at a time, and SIGTERM or
+    SIGINT end the run after the current step with a checkpoint (exit status 0).
+    """
+    r = cfg.run
+    check_paths(cfg)
+    s = setup(cfg)
+    lead = jax.process_index() == 0
+    beat = watchdog.beat if watchdog is not None else (lambda: None)
+    os.makedirs(r.workdir, exist_ok=True)
+    try:
+        lock = WorkdirLock(r.workdir).acquire()
+    except WorkdirLockedError as e:
+        raise RunError(str(e)) from None
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, s, stop, beat, lead)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective whose peer died fails here (or hangs until the watchdog ends it).
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(
+            f"process {jax.process_index()} of {jax.process_count()}: a step across the hosts "
+            f"failed ({first}); a peer process is probably dead: restart every process with "
+            "the same command to resume from the last checkpoint"
+        ) from None
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[dict]:
+    r = cfg.run
+    # --- checkpoint ------------------------------------------------------------------------
+    ckpt = Checkpointer(r.workdir, every=r.checkpoint_every, keep=r.keep_checkpoints)
+    try:
+        restored, meta, restored_step = ckpt.restore_latest(
+            {"train": s.state, "key": s.key}, check_meta=lambda m: check_same_run(m, cfg)
+        )
+    except NoUsableCheckpointError as e:
+        ckpt.close()
+        raise RunError(str(e)) from None
+    except ConfigError:
+        ckpt.close()
+        raise
+    beat()
     state, key = restored["train"], restored["key"]
-    start = int(meta.get("step", 0))
+    start = int(meta.get("step", 0)) if restored_step is not None else 0
     batches = BatchIterator(s.train_ds)
     if meta:
         batches.set_state(meta["data"])
-    metrics_path = os.path.join(cfg.workdir, METRICS_FILE)
-    records = _read_metrics(metrics_path, upto=start)
-    _write_metrics(metrics_path, records)
+    log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
 
     # --- loop ------------------------------------------------------------------------------
     def save(step: int, force: bool = False) -> None:
@@ -255,43 +393,100 @@ def run(cfg: Config) -> list[dict]:
             ckpt.maybe_save(step, tree, meta)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train")
-    with open(metrics_path, "a") as log:
-        for step in range(start + 1, cfg.steps + 1):  # `step` counts completed steps
+    bar = tqdm(total=r.steps, initial=start, disable=not (r.progress and lead), desc="train")
+    try:
+        for step in range(start + 1, r.steps + 1):  # `step` counts completed steps
             host = next(batches)
-            batch = shard_batch(tuple(host[v] for v in s.views), s.mesh)
+            batch = shard_batch(s.make_batch(host, step), s.mesh)
             state, m = s.step_fn(state, batch, key)
-            last = step == cfg.steps
-            do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
-            if do_eval or step % cfg.log_every == 0 or step == 1:
-                rec = {"step": step, **{k: float(v) for k, v in m.items()}}
+            values = {k: float(v) for k, v in m.items()}  # waits for the step
+            beat()
+            bad = [k for k in ("loss", "grad_norm") if not _finite(values[k])]
+            if bad or values["finite"] != 1.0:
+                what = ", ".join(f"{k} = {values[k]}" for k in bad) or "the new state"
+                last = ckpt.latest_step()
+                verb = "are" if len(bad) > 1 else "is"
+                raise RunError(
+                    f"step {step}: {what} {verb} not finite: the run diverged and stopped before "
+                    f"saving that step; {'checkpoint ' + str(last) if last else 'no checkpoint'} "
+                    "on disk holds a finite state (a lower --learning-rate, in a new --workdir, "
+                    "may help)"
+                )
+            last = step == r.steps
+            do_eval = last or (r.eval_every and step % r.eval_every == 0)
+            if do_eval or step % r.log_every == 0 or step == 1:
+                rec = {"step": step, **values}
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
                 if do_eval:
-                    rec.update(evaluate(s.graphdef, state.params, s.spec, s.eval_data, s.mesh))
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                records.append(rec)
+                    rec.update(
+                        evaluate(
+                            s.graphdef, state.params, s.spec, s.eval_data, s.mesh, cfg.data.dataset
+                        )
+                    )
+                    beat()
+                log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             bar.update(1)
-            save(step, force=last)
-            if cfg.stop_after is not None and step >= cfg.stop_after:
+            stopping = stop.agreed()
+            save(step, force=last or stopping)
+            beat()
+            if stopping:
+                if lead:
+                    tqdm.write(
+                        f"stopped by {stop.name or 'a signal to another process'} after step "
+                        f"{step}: checkpoint saved in {r.workdir}; run the same command to resume"
+                    )
+                break
+            if r.stop_after is not None and step >= r.stop_after:
                 break  # as if killed here: no checkpoint beyond the periodic ones
-    bar.close()
-    batches.close()
-    ckpt.close()
-    return records
+    finally:
+        bar.close()
+        batches.close()
+        ckpt.close()
+        log.close()
+    return log.records()
+
+
+def summary_line(records: list[dict], workdir: str) -> str:
+    """The last line a run prints: where it is, how far it got, its final metrics."""
+    if not records:
+        return f"nothing to do: {workdir} holds a finished run"
+    final = records[-1]
+    keep = ("loss", "temperature", "linear_probe", "knn", "zero_shot_top1", "i2t_r@1", "t2i_r@1")
+    parts = [f"{k} {final[k]:.4g}" for k in keep if k in final]
+    return f"step {final['step']}: " + ", ".join(parts) + f" (metrics: {workdir}/{METRICS_FILE})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv)
     try:
-        records = run(cfg)
+        cfg = parse_config(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    final = records[-1] if records else {}
-    summary = {k: v for k, v in final.items() if k not in ("elapsed_s",)}
-    print(json.dumps(summary))
+    h = cfg.hosts
+    watchdog = None
+    try:
+        if h.enabled:
+            start(h.coordinator_address, h.num_processes, h.process_id, timeout_s=h.peer_timeout)
+            watchdog = Watchdog(h.peer_timeout, "the multi-host run").__enter__()
+        records = run(cfg, watchdog=watchdog)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RunError, RuntimeError) as e:  # RuntimeError: the multi-host runtime did not start
+        print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        if h.enabled:
+            # Skip jax.distributed's shutdown barrier at exit: with a dead peer it would end
+            # this process with a fatal multi-line report instead of the line above.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        return 1
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+    if jax.process_index() == 0:
+        print(summary_line(records, cfg.run.workdir))
     return 0
 
 

@@ -4,18 +4,17 @@ from experiments import bench_losses
 
 
 def test_bench_losses_writes_every_case(tmp_path):
-    out = tmp_path / "bench"
     argv = ["--batch", "40", "--dim", "8", "--repeats", "1", "--matmul-size", "64"]
-    rows = bench_losses.main([*argv, "--block-size", "16", "--out", str(out)])
+    rows = bench_losses.main([*argv, "--block-size", "16", "--out", str(tmp_path)])
     assert [r["loss"] for r in rows] == [
         name + "".join(f" {k}={v}" for k, v in opts.items()) for name, opts in bench_losses.CASES
     ]
     for r in rows:
         assert r["dense_s"] > 0 and r["tiled_s"] > 0 and r["matmul_gflops"] > 0
         assert r["tiled_temp_mib"] > 0 and isinstance(r["meets_targets"], bool)
-    table = (out.with_suffix(".md")).read_text()
+    table = (tmp_path / "bench_losses.md").read_text()
     assert table.count("\n| 40 |") == len(bench_losses.CASES)
-    assert out.with_suffix(".json").stat().st_size > 0
+    assert (tmp_path / "bench_losses.json").stat().st_size > 0
 
 
 def test_targets_follow_the_issue_bounds():
@@ -30,9 +29,39 @@ def test_targets_follow_the_issue_bounds():
     assert bench_losses.meets_targets(row(2048, 3.0, 0.8))  # small batches: rate bound only
 
 
-def test_tile_product_forms_agree():
+def test_tile_product_forms_agree(tmp_path):
     from experiments import bench_tile_products
 
-    out = bench_tile_products.main(["--tile", "32", "--dim", "8", "--count", "3", "--repeats", "1"])
+    argv = ["--tile", "32", "--dim", "8", "--count", "3", "--repeats", "1", "--out", str(tmp_path)]
+    out = bench_tile_products.main(argv)
+    assert (tmp_path / "bench_tile_products.json").stat().st_size > 0
     assert out["max_abs_difference"] < 1e-4
     assert out["transposed"]["gflops"] > 0 and out["row-contraction"]["gflops"] > 0
+
+
+def test_alternating_times_time_every_call_in_turn():
+    from experiments import benchmarking
+
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    times = benchmarking.alternating_times(fns, repeats=3, settle=lambda: calls.append("s"))
+    # One untimed warm-up call each, then rounds of (settle, a), (settle, b).
+    assert calls == ["a", "b"] + ["s", "a", "s", "b"] * 3
+    assert [len(t) for t in times] == [3, 3] and all(w >= 0 for t in times for w, _ in t)
+    assert len(benchmarking.median_seconds(fns, repeats=1)) == 2
+
+
+def test_formatting_and_memory_analysis():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import benchmarking
+
+    assert benchmarking.fmt_bytes(1536) == "1.5 KiB" and benchmarking.fmt_bytes(None) == "-"
+    assert benchmarking.fmt_batch(2**20) == "1M" and benchmarking.fmt_batch(1000) == "1000"
+    # A donated (1000,) float32 argument written in place: counted once in the total.
+    f = jax.jit(lambda a, b: (a * 2, b.sum()), donate_argnums=(0,))
+    spec = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    m = benchmarking.compiled_memory(f, spec, jax.ShapeDtypeStruct((10,), jnp.float32))
+    assert m["argument_bytes"] == 4040 and m["alias_bytes"] == 4000
+    assert m["total_bytes"] == m["temp_bytes"] + 4040 + m["output_bytes"] - 4000

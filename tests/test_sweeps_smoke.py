@@ -21,12 +21,14 @@ def test_memory_sweep_and_ring_bench_write_their_results(tmp_path, capsys):
     assert {r["time_s"] is not None for r in rows if r["batch"] == 256} == {True}
     fit = json.loads((tmp_path / "memory_sweep.json").read_text())["largest_batch"]
     assert [f["method"] for f in fit] == ["ring"] and fit[0]["largest_batch"] >= 1024
-    assert "| infonce | ring | 8 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| infonce | ring | 8 |" in printed and f"to {tmp_path}" in printed
 
+    ring_dir = tmp_path / "ring"
     rows = bench_ring.main(["--time-batch", "256", "--memory-batch", "1024", "--dim", "16",
-                            "--repeats", "1", "--out", str(tmp_path)])  # fmt: skip
+                            "--repeats", "1", "--out", str(ring_dir)])  # fmt: skip
     for ext in ("json", "md"):
-        assert (tmp_path / f"bench_ring.{ext}").stat().st_size > 0
+        assert (ring_dir / f"bench_ring.{ext}").stat().st_size > 0
     assert [r["batch"] for r in rows] == [256, 1024]
     assert rows[0]["ring_s"] > 0 and rows[1]["ring_s"] is None
     assert rows[1]["ring_temp_bytes"] < rows[1]["gathered_temp_bytes"]

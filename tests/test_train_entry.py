@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from contrastive.data import prepare_digits
@@ -79,7 +82,7 @@ def test_finished_run_does_nothing_more(reference, data_dir, tmp_path):
 def test_other_run_in_workdir_is_refused(reference, data_dir, tmp_path):
     args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
     train.run(parse_config([*args, "--stop-after", "4"]))
-    with pytest.raises(ConfigError, match="different run"):
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
         train.run(parse_config([*args, "--loss", "decoupled"]))
 
 
@@ -93,7 +96,7 @@ def test_other_run_in_workdir_is_refused(reference, data_dir, tmp_path):
         (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
         (["--model", "transformer"], "unknown --model"),
         (["--optimizer", "sgd"], "unknown --optimizer"),
-        (["--sigma", "0.5"], "--sigma .* needs --loss decoupled"),
+        (["--sigma", "0.5"], "--sigma .* is an option of the decoupled loss"),
         (["--loss", "sigmoid", "--intra-view"], "--intra-view is for the softmax losses"),
     ],
 )
@@ -186,3 +189,193 @@ def test_image_text_run_on_mocked_coco(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {"i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@10"} <= set(records[-1])
     assert "bias" in records[-1]  # the sigmoid loss learns its bias
+
+
+# --- runs that lose nothing ----------------------------------------------------------------
+
+
+def _stopped_run(tmp_path, data_dir, stop_after=6):
+    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
+    train.run(parse_config([*args, "--stop-after", str(stop_after)]))
+    return args
+
+
+def test_changed_settings_are_refused_before_any_restore(data_dir, tmp_path, capsys):
+    """Every setting that changes the computation is part of the run's identity; the error
+    names each differing flag with its old and new value, and nothing was restored."""
+    args = _stopped_run(tmp_path, data_dir)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    changes = [
+        (["--learning-rate", "0.02"], "--learning-rate 0.002 -> 0.02"),
+        (["--intra-view"], "--intra-view False -> True"),
+        (["--no-symmetric"], "--symmetric True -> False"),
+        (["--dropout", "0.3"], "--dropout 0.0 -> 0.3"),
+        (["--warmup-steps", "3"], "--warmup-steps 2 -> 3"),
+        (["--weight-decay", "0.5"], "--weight-decay 0.0001 -> 0.5"),
+        (["--no-learn-temperature"], "--learn-temperature True -> False"),
+        (["--chunk-size", "8"], "--chunk-size None -> 8"),
+        (["--loss", "sigmoid"], "--loss 'infonce' -> 'sigmoid'"),
+        (["--clip-norm", "none"], "--clip-norm 1.0 -> None"),
+        (["--shard-optimizer"], "--shard-optimizer False -> True"),
+    ]
+    for flags, message in changes:
+        assert train.main([*args, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds a run with other settings" in err, err
+        assert message in err, (flags, err)
+    # Harmless settings may change: the run resumes and finishes.
+    assert train.main([*args, "--log-every", "3", "--no-progress", "--eval-examples", "64"]) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) != before
+
+
+def test_divergence_stops_before_saving_it(data_dir, tmp_path, capsys):
+    """--learning-rate 1e6: the run ends non-zero within a few steps, naming the non-finite
+    metric, and every checkpoint left on disk restores to finite parameters."""
+    argv = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST, "--learning-rate", "1e6",
+            "--checkpoint-every", "1"]  # fmt: skip
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not finite" in err, err
+    step = int(re.search(r"step (\d+):", err).group(1))
+    assert step <= 8
+    assert re.search(r"(loss|grad_norm) = (nan|inf)|the new state", err), err
+    from contrastive.checkpoint import Checkpointer
+
+    s = train.setup(parse_config(argv))
+    with Checkpointer(tmp_path, every=1) as ckpt:
+        assert ckpt.all_steps() and max(ckpt.all_steps()) < step
+        restored, meta, at = ckpt.restore_latest({"train": s.state, "key": s.key})
+    assert at == max(ckpt.all_steps())
+    leaves = jax.tree_util.tree_leaves(restored["train"])
+    assert all(bool(np.all(np.isfinite(a))) for a in leaves if np.issubdtype(a.dtype, np.floating))
+
+
+def _data_files(checkpoint: Path) -> list[Path]:
+    return sorted(
+        (p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.stat().st_size > 256),
+        key=lambda p: p.stat().st_size,
+    )
+
+
+def test_corrupted_latest_checkpoint_falls_back(reference, data_dir, tmp_path, caplog):
+    """64 bytes flipped in the middle of a data file of the newest checkpoint: the restart
+    says so in one line, resumes from the one before, and ends with the same losses."""
+    args = _stopped_run(tmp_path, data_dir, stop_after=8)
+    victim = _data_files(tmp_path / "checkpoints" / "8")[-1]
+    data = bytearray(victim.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    victim.write_bytes(bytes(data))
+    assert train.main(args) == 0
+    warned = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    assert warned and warned[0].startswith("checkpoint 8 unusable") and "trying 4" in warned[0]
+    assert len(warned[0].splitlines()) == 1
+    assert _losses(tmp_path) == reference[0]
+
+
+def test_torn_metrics_line_is_dropped_on_resume(reference, data_dir, tmp_path):
+    args = _stopped_run(tmp_path, data_dir)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 3.1')  # the disk filled up mid-line
+    train.run(parse_config(args))
+    assert _losses(tmp_path) == reference[0]
+
+
+def test_busy_workdir_is_refused(data_dir, tmp_path, capsys):
+    from contrastive.run_guard import WorkdirLock
+
+    argv = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
+    with WorkdirLock(tmp_path, process_index=0):
+        assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(os.getpid()) in err, err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "flags", "message"),
+    [
+        ("file", ["--workdir", "{p}"], "--workdir .* is a file"),
+        (None, ["--data-dir", "{p}/no/such/parent/tfds"], "--data-dir .* does not exist"),
+    ],
+)
+def test_bad_paths_are_one_line(make, flags, message, tmp_path, capsys):
+    p = tmp_path / "f"
+    if make == "file":
+        p.write_text("not a directory")
+    argv = ["--workdir", str(tmp_path / "w"), *FAST, *[f.format(p=p) for f in flags]]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "no").exists()
+
+
+def test_warmup_as_long_as_the_run_is_a_valid_schedule():
+    from contrastive.optim import OptimConfig, make_schedule
+
+    sched = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=20, total_steps=20))
+    np.testing.assert_allclose([sched(0), sched(10), sched(20)], [0.0, 0.5, 1.0], atol=1e-6)
+    assert parse_config(["--workdir", "x", "--steps", "20"]).train.optim.warmup_steps == 20
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_same_command_resumes(reference, data_dir, tmp_path):
+    """SIGTERM between checkpoints: the step finishes, a checkpoint is written, exit 0 with
+    a line saying so; the same command then ends with the uninterrupted losses."""
+    cmd = [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path),
+           "--data-dir", data_dir, *FAST]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-2000:]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", out)
+    assert stopped, out[-2000:]
+    step = int(stopped.group(1))
+    assert (tmp_path / "checkpoints" / str(step)).is_dir()
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _losses(tmp_path) == reference[0]
+
+
+def test_hard_negative_batches_follow_the_ring_layout():
+    """--hard-negatives 2 on 8 devices: each device's caption rows are its 2 images' own
+    captions, then 4 captions one attribute away from them (with their caption ids)."""
+    from contrastive.data import captioned_shapes as cs
+    from contrastive.data import get_spec, train_dataset
+    from contrastive.mesh import make_mesh
+
+    cfg = parse_config(["--workdir", "x", "--dataset", "shapes", "--batch-size", "16",
+                        "--hard-negatives", "2", "--skip-duplicate-negatives"])  # fmt: skip
+    spec = get_spec("shapes")
+    host = train_dataset("shapes", global_batch_size=16, seed=0)[3]
+    build = train.batch_builder(cfg, spec, make_mesh())
+    batch = build(host, 3)
+    assert batch.x.shape == (16, 32, 32, 3) and batch.y.shape == (48, cs.TEXT_LEN)
+    assert batch.ids.shape == (48,) and batch.valid is None
+    np.testing.assert_array_equal(build(host, 3).y, batch.y)  # a pure function of the step
+    for d in range(8):
+        rows = slice(6 * d, 6 * d + 6)
+        y, ids = batch.y[rows], batch.ids[rows]
+        np.testing.assert_array_equal(y[:2], host["text"][2 * d : 2 * d + 2])
+        np.testing.assert_array_equal(ids[:2], host["caption_id"][2 * d : 2 * d + 2])
+        for j in range(2, 6):
+            own = cs.caption_attributes(int(ids[(j - 2) // 2]))
+            neg = cs.decode(y[j])
+            assert cs.caption_id(*(neg[k] for k in cs.ATTRIBUTES)) == ids[j]
+            assert sum(int(own[k]) != neg[k] for k in cs.ATTRIBUTES) == 1
+    plain = train.batch_builder(
+        parse_config(["--workdir", "x", "--dataset", "shapes", "--batch-size", "16"]),
+        spec,
+        make_mesh(),
+    )(host, 3)
+    assert plain.y.shape == (16, cs.TEXT_LEN) and plain.ids is None
+    with pytest.raises(ConfigError, match="--hard-negatives needs a data set with caption ids"):
+        parse_config(["--workdir", "x", "--hard-negatives", "2"])

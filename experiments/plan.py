@@ -1,0 +1,435 @@
+"""The largest global batch of a CLIP train step that fits a per-device memory limit.
+
+Compile only, nothing runs and nothing is allocated: the full train step of
+``contrastive.train_step`` (the named two-tower CLIP model of ``contrastive.models``,
+bfloat16 compute with float32 parameters, AdamW, the ring InfoNCE loss, gradient caching
+or not) is lowered with ``jax.ShapeDtypeStruct`` inputs on ``--devices`` simulated CPU
+devices, and XLA's memory analysis of the partitioned program gives the bytes one device
+holds (counted as in :func:`experiments.benchmarking.compiled_memory`):
+
+    per-device bytes = temporaries + arguments + outputs − aliased
+
+- arguments: the replicated train state (parameters, AdamW moments, step) and the device's
+  rows of the batch; outputs: the new state and the metrics; aliased: the new state is
+  written into the donated old state's buffers, so it is counted once;
+- temporaries: everything else XLA allocates: activations of a chunk (or of the whole
+  local batch without gradient caching), parameter gradients and their accumulator, the
+  embeddings and their gradients, the ring loss's buffers.
+
+The batch is ``(images, tokens)``: uint8 images (B, 224, 224, 3), normalised inside the
+model as CLIP feeds decoded images (150,528 bytes per example; float32 would be 4x), and
+int32 tokens (B, 77) (308 bytes).
+
+Search. At a fixed chunk the bytes are affine in the batch, ``a + s·B``: two compiles give
+``a`` and ``s`` and the limit gives a first guess; then secant steps and bisection between
+measured batches close the bracket until the largest multiple of the quantum that fits is
+next to one that does not (usually 2-4 more compiles). The quantum is the global chunk
+(``--chunk-rows`` per device times the devices) with gradient caching, so that no ragged
+tail chunk is compiled, and one row per device without.
+
+    python -m experiments.plan --model vit-l-14 --devices 8 --memory 80GiB
+    python -m experiments.plan --models vit-b-32,vit-b-16,vit-l-14 --devices 8,32,256 \\
+        --update-results
+
+Prints one JSON line per (model, devices, step) and, last, the JSON line of the first
+model, devices and step kind (gradient-cached unless ``--plain``)::
+
+    {"model": "vit-l-14", "devices": 8, "memory_limit_bytes": 85899345920,
+     "largest_global_batch": ..., "per_device_bytes": ..., "chunk_size": ...}
+
+Writes ``plan.{json,md}`` to the run directory (``experiments/run_dir.py``). XLA:CPU's
+buffer assignment stands in for the accelerator's: fusion and library workspaces differ
+on GPU/TPU, how memory scales with the batch does not.
+
+Reference: Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size
+Scaling for Contrastive Loss" (Inf-CL): ViT-L/14 with 4,096k pairs on
+8 A800 (80 GB) and 12,288k on 32, with CPU offload of the data; Gao et al. 2021
+(GradCache); Radford et al. 2021 (CLIP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from experiments import run_dir
+
+MODELS = ("vit-b-32", "vit-b-16", "vit-l-14", "vit-tiny")
+# Rows per device in one gradient-cache chunk: activations of a chunk are a few GiB at
+# most (ViT-L/14 without remat: ~0.3 GiB per row), small beside what 80 GiB holds of
+# batch, while a chunk keeps a GPU's matmuls large (32 x 257 tokens for ViT-L/14).
+CHUNK_ROWS = {"vit-b-32": 128, "vit-b-16": 32, "vit-l-14": 16, "vit-tiny": 2}
+INF_CL = {8: "4,096k", 32: "12,288k"}  # Inf-CL, ViT-L/14, A800 80 GB, CPU offload
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+STEM = "plan"
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' -> 85899345920, '80GB' -> 80e9, '1024' -> 1024 (binary and decimal units)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"--memory {text!r}: give a size such as 80GiB, 80GB or 1024")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One train step to size: a model on a mesh, gradient-cached (chunk) or plain."""
+
+    model: str
+    devices: int
+    chunk_size: int | None  # global rows per chunk; None: plain step
+    remat: bool
+    measure: Callable[[int], dict]  # global batch -> compiled_memory(...) of the step
+    quantum: int  # batch granularity: the chunk (cached) or one row per device (plain)
+
+
+def build_step(
+    model: str,
+    devices: int,
+    *,
+    chunk_rows: int | None,
+    remat: bool = False,
+    shard_optimizer: bool = False,
+) -> StepPlan:
+    """The compile-only train step of ``model`` on the first ``devices`` CPU devices.
+
+    The parameters are never materialised: the model is built under ``jax.eval_shape``.
+    ``chunk_rows`` is the gradient-cache chunk per device (None: the plain step).
+    """
+    import jax
+    from flax import nnx
+
+    from contrastive import mesh as mesh_lib
+    from contrastive import models
+    from contrastive import train_step as ts
+    from contrastive.optim import OptimConfig, make_optimizer
+    from experiments import benchmarking as bm
+
+    mesh = mesh_lib.make_mesh(jax.devices("cpu"), num_devices=devices)
+    chunk = None if chunk_rows is None else chunk_rows * devices
+    extra, ring = {}, {}
+    if shard_optimizer:  # ZeRO-style optimiser-state sharding of the train step
+        if "shard_optimizer" not in {f.name for f in dataclasses.fields(ts.TrainConfig)}:
+            raise ValueError("--shard-optimizer: this TrainConfig has no shard_optimizer field")
+        extra["shard_optimizer"] = True
+    if "ring" in {f.name for f in dataclasses.fields(ts.LossConfig)}:
+        ring["ring"] = True  # a train step where the ring is an option: ask for it
+    cfg = ts.TrainConfig(
+        loss=ts.LossConfig("infonce", **ring),
+        optim=OptimConfig("adamw"),
+        chunk_size=chunk,
+        **extra,
+    )
+    tx = make_optimizer(cfg.optim)
+
+    def build():
+        return models.clip_model(model, remat=remat, rngs=nnx.Rngs(0))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    state = jax.eval_shape(lambda: ts.create_train_state(build(), tx)[1])
+    step = ts.make_train_step(graphdef, cfg, mesh, tx=tx)
+    rows = mesh_lib.batch_sharding(mesh)
+
+    def measure(batch: int) -> dict:
+        return bm.compiled_memory(step, state, models.clip_input_spec(model, batch, rows), None)
+
+    return StepPlan(model, devices, chunk, remat, measure, chunk or devices)
+
+
+def affine_fit(points: dict[int, dict], devices: int, limit: int) -> tuple[float, float]:
+    """(bytes at no rows, bytes per local row) through the two points nearest ``limit``.
+
+    Per-device memory is affine in the rows a device holds, ``B / devices``, with nearly
+    the same constants on any number of devices (replicated state, per-row buffers): the
+    fit of one device count seeds the search on the next.
+    """
+    near = sorted(points, key=lambda b: abs(points[b]["total_bytes"] - limit))[:2]
+    (b1, t1), (b2, t2) = sorted((b, points[b]["total_bytes"]) for b in near)
+    per_row = (t2 - t1) / ((b2 - b1) / devices)
+    return t1 - per_row * b1 / devices, per_row
+
+
+def largest_batch(
+    plan: StepPlan,
+    limit: int,
+    *,
+    seed: tuple[float, float] | None = None,
+    probe: Sequence[int] = (64, 128),
+    max_compiles: int = 40,
+) -> dict:
+    """The largest multiple of ``plan.quantum`` whose per-device bytes fit ``limit``.
+
+    The first guess is the root of an affine model of the bytes: ``seed`` (from
+    :func:`affine_fit` on another device count), or two compiles at ``probe`` quanta.
+    Then, with ``lo`` the largest compiled batch that fits and ``hi`` the smallest that
+    does not, it cycles through: the secant's root between them (the affine model's while
+    one side is missing), its neighbour one quantum towards the limit (where the answer
+    usually is), and the bracket's midpoint (so the bracket at least halves every three
+    compiles, whatever the shape). Every batch is a multiple of the quantum strictly
+    inside the bracket. It stops when ``hi = lo + quantum``. Returns the answer (None when
+    one quantum does not fit) and every compiled point.
+    """
+    q, n = plan.quantum, plan.devices
+    points: dict[int, dict] = {}
+
+    def total(b: int) -> int:
+        if b not in points:
+            if len(points) >= max_compiles:
+                raise RuntimeError(f"no answer after {max_compiles} compiles: {sorted(points)}")
+            points[b] = plan.measure(b)
+        return points[b]["total_bytes"]
+
+    if seed is None:
+        for k in probe:
+            total(k * q)
+        seed = affine_fit(points, n, limit)
+    base, per_row = seed
+    guess = int(n * (limit - base) / per_row) if per_row > 0 else q
+    last, phase = None, "model"
+    while True:
+        fit = [b for b in points if points[b]["total_bytes"] <= limit]
+        over = [b for b in points if points[b]["total_bytes"] > limit]
+        lo, hi = max(fit, default=None), min(over, default=None)
+        if hi == q:
+            return {"largest_global_batch": None, "points": points}
+        if lo is not None and hi is not None and hi - lo <= q:
+            return {"largest_global_batch": lo, "points": points}
+        if phase == "neighbour":  # a root is usually within a quantum of the guess
+            guess = last + q if points[last]["total_bytes"] <= limit else last - q
+            phase = "bisect"
+        elif lo is not None and hi is not None and phase == "bisect":
+            guess, phase = (lo + hi) // 2, "secant"
+        elif lo is not None and hi is not None:
+            t_lo, t_hi = points[lo]["total_bytes"], points[hi]["total_bytes"]
+            guess = int(lo + (limit - t_lo) * (hi - lo) / (t_hi - t_lo))
+            phase = "neighbour"
+        else:  # one side only: the affine model through the two nearest points
+            if last is not None:
+                base, per_row = affine_fit(points, n, limit)
+                guess = int(n * (limit - base) / per_row) if per_row > 0 else 2 * (lo or q)
+            phase = "neighbour"
+        # A multiple of the quantum strictly inside the bracket: never compiled before.
+        guess = guess // q * q
+        guess = max(guess, q if lo is None else lo + q)
+        if hi is not None:
+            guess = min(guess, hi - q)
+        total(guess)
+        last = guess
+
+
+def plan_one(
+    model: str,
+    devices: int,
+    limit: int,
+    *,
+    chunk_rows: int | None,
+    remat: bool,
+    shard_optimizer: bool = False,
+    seed: tuple[float, float] | None = None,
+) -> dict:
+    """Build, search and summarise one (model, devices, step) as the result record."""
+    start = time.perf_counter()
+    plan = build_step(
+        model, devices, chunk_rows=chunk_rows, remat=remat, shard_optimizer=shard_optimizer
+    )
+    found = largest_batch(plan, limit, seed=seed)
+    best = found["largest_global_batch"]
+    at = found["points"].get(best, {})
+    above = found["points"].get(None if best is None else best + plan.quantum, {})
+    return {
+        "model": model,
+        "devices": devices,
+        "memory_limit_bytes": limit,
+        "largest_global_batch": best,
+        "per_device_bytes": at.get("total_bytes"),
+        "chunk_size": plan.chunk_size,
+        "step": "cached" if plan.chunk_size else "plain",
+        "remat": remat,
+        "quantum": plan.quantum,
+        "next_batch_bytes": above.get("total_bytes"),
+        "breakdown_bytes": {
+            k: at.get(k) for k in ("temp_bytes", "argument_bytes", "output_bytes", "alias_bytes")
+        },  # fmt: skip
+        "compiles": len(found["points"]),
+        "seconds": round(time.perf_counter() - start, 1),
+        "points": {str(b): p["total_bytes"] for b, p in sorted(found["points"].items())},
+        "affine_fit": affine_fit(found["points"], devices, limit),
+    }
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers such as 8,32") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: give positive integers such as 8,32")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.plan",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--models", default=None, help="comma-separated models (the table mode)")
+    p.add_argument("--devices", default="8", help="simulated devices, e.g. 8 or 8,32,256")
+    p.add_argument("--memory", default="80GiB", help="per-device memory limit, e.g. 80GiB")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="gradient-cache chunk rows per device (default: per model, "
+        + ", ".join(f"{k} {v}" for k, v in CHUNK_ROWS.items())
+        + ")",
+    )
+    p.add_argument("--plain", action="store_true", help="size only the plain (uncached) step")
+    p.add_argument("--cached-only", action="store_true", help="skip the plain step")
+    p.add_argument("--remat", action="store_true", help="jax.checkpoint every layer")
+    p.add_argument(
+        "--from-records",
+        nargs="+",
+        default=None,
+        metavar="PLAN_JSON",
+        help="compile nothing: rebuild the table from the plan.json files of earlier runs",
+    )
+    p.add_argument(
+        "--shard-optimizer",
+        action="store_true",
+        help="pass TrainConfig(shard_optimizer=True) (once the train step has it)",
+    )
+    run_dir.add_output_flags(p)
+    return p
+
+
+def markdown(records: list[dict], limit: int) -> str:
+    """The results table: largest global batch per model and device count."""
+    from experiments.benchmarking import fmt_bytes
+
+    devices = sorted({r["devices"] for r in records})
+    models = list(dict.fromkeys(r["model"] for r in records))
+    by = {(r["model"], r["devices"], r["step"]): r for r in records}
+
+    def cell(r):
+        if r is None:
+            return ""
+        if r["largest_global_batch"] is None:
+            return "does not fit"
+        return f"{r['largest_global_batch']:,} ({fmt_bytes(r['per_device_bytes'])})"
+
+    lines = [
+        f"Largest global batch whose per-device memory (temporaries + arguments + outputs − "
+        f"aliased, XLA:CPU buffer assignment, compile only) fits {fmt_bytes(limit)}: CLIP "
+        "two-tower models, bf16 compute, f32 parameters, AdamW, ring InfoNCE; uint8 images "
+        "and int32 tokens; cached = gradient cache with the chunk given, plain = no cache. "
+        "In brackets: per-device bytes at that batch.",
+        "",
+        "| model | step | " + " | ".join(f"{n} devices" for n in devices) + " |",
+        "|---|---|" + "---|" * len(devices),
+    ]
+    for m in models:
+        for step in ("cached", "plain"):
+            rs = [by.get((m, n, step)) for n in devices]
+            if not any(rs):
+                continue
+            chunk = {r["chunk_size"] // r["devices"] for r in rs if r and r["chunk_size"]}
+            label = step + (f" (chunk {chunk.pop()}/device)" if len(chunk) == 1 else "")
+            lines.append(f"| {m} | {label} | " + " | ".join(cell(r) for r in rs) + " |")
+    if any(n in INF_CL for n in devices):
+        lines.append(
+            "| vit-l-14, Inf-CL (8/32 × A800, CPU offload) | tiled + offload | "
+            + " | ".join(INF_CL.get(n, "") for n in devices)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    models = [args.model] if args.model else []
+    models += [m for m in (args.models or "").split(",") if m]
+    models = models or ["vit-l-14"]
+    for m in models:
+        if m not in MODELS:
+            raise ValueError(f"--model {m!r}: choose one of {', '.join(MODELS)}")
+    devices = _int_list(args.devices, "--devices")
+    limit = parse_bytes(args.memory)
+    if args.chunk_rows is not None and args.chunk_rows < 1:
+        raise ValueError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
+    if args.plain and args.cached_only:
+        raise ValueError("--plain and --cached-only exclude each other; pass one")
+    steps = ["plain"] if args.plain else ["cached"] if args.cached_only else ["cached", "plain"]
+
+    out = run_dir.create(STEM, args.out)
+    if args.from_records:
+        records = [r for f in args.from_records for r in json.loads(Path(f).read_text())["records"]]
+        keep = lambda r: r["model"] in models and r["devices"] in devices and r["step"] in steps
+        records = [r for r in records if keep(r)]
+        return _report(records, limit, out, args.update_results, models, devices, steps)
+
+    from experiments import benchmarking as bm
+
+    bm.simulate_cpu_devices(max(devices), compile_only=True)  # before any jax operation
+    records = []
+    for m in models:
+        for step in steps:
+            seed = None  # the affine fit of the previous device count seeds the next
+            for n in devices:
+                rows = (args.chunk_rows or CHUNK_ROWS[m]) if step == "cached" else None
+                r = plan_one(
+                    m, n, limit, chunk_rows=rows, remat=args.remat,
+                    shard_optimizer=args.shard_optimizer, seed=seed,
+                )  # fmt: skip
+                seed = r["affine_fit"] if r["largest_global_batch"] else None
+                records.append(r)
+                print(json.dumps(r), flush=True)
+    return _report(records, limit, out, args.update_results, models, devices, steps)
+
+
+def _report(
+    records: list[dict],
+    limit: int,
+    out: Path,
+    update_results: bool,
+    models: list[str],
+    devices: list[int],
+    steps: list[str],
+) -> dict:
+    """Write plan.{json,md}, print the table, and last the JSON line of the first record."""
+    from experiments.benchmarking import save_outputs
+
+    if not records:
+        raise ValueError("no records for these --models and --devices in --from-records")
+    records.sort(
+        key=lambda r: (
+            models.index(r["model"]),
+            devices.index(r["devices"]),
+            steps.index(r["step"]),
+        )
+    )
+    table = markdown(records, limit)
+    print(table)
+    texts = {f"{STEM}.json": json.dumps({"records": records}, indent=1), f"{STEM}.md": table}
+    save_outputs(out, texts, update_results=update_results)
+    first = records[0]
+    keys = ("model", "devices", "memory_limit_bytes", "largest_global_batch")
+    final = {k: first[k] for k in keys}
+    final |= {"per_device_bytes": first["per_device_bytes"], "chunk_size": first["chunk_size"]}
+    final |= {"plain_largest_global_batch": next(
+        (r["largest_global_batch"] for r in records if r["step"] == "plain"
+         and (r["model"], r["devices"]) == (first["model"], first["devices"])), None)}  # fmt: skip
+    print(json.dumps(final), flush=True)
+    return final
+
+
+if __name__ == "__main__":
+    main()

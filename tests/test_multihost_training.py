@@ -1,0 +1,105 @@
+"""Multi-host training from the CLI: two processes x 2 CPU devices (gloo) train exactly like
+one process x 4 devices on the same global batch, and survive a dead peer.
+
+Each process is ``python -m experiments.train ... --coordinator-address 127.0.0.1:PORT
+--num-processes 2 --process-id I`` with its own free port and a deadline, as a user would
+start them on two hosts sharing one work dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contrastive.data import prepare_digits
+from experiments import train
+from experiments.config import parse_config
+from tests import processes
+from tests.processes import free_port
+
+PEER_TIMEOUT = 60  # seconds without progress before a process gives up on its peer
+
+RUN = [
+    "--model", "mlp", "--width", "32", "--embed-dim", "16", "--head-hidden", "none",
+    "--batch-size", "32", "--chunk-size", "8", "--steps", "12", "--checkpoint-every", "4",
+    "--log-every", "1", "--warmup-steps", "2", "--eval-examples", "64", "--no-progress",
+]  # fmt: skip
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+    return env
+
+
+def _start_hosts(workdir: Path, data_dir: str, port: int) -> list[subprocess.Popen]:
+    command = [sys.executable, "-m", "experiments.train", "--workdir", str(workdir),
+               "--data-dir", data_dir, *RUN, "--coordinator-address", f"127.0.0.1:{port}",
+               "--num-processes", "2", "--peer-timeout", str(PEER_TIMEOUT)]  # fmt: skip
+    return processes.start([[*command, "--process-id", str(i)] for i in range(2)], _env(2))
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
+    assert sorted(got) == sorted(want)
+    steps = sorted(want)
+    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_hosts_train_like_one_and_resume_after_a_dead_peer(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    prepare_digits(data_dir)
+
+    # One process, 4 of this process's 8 simulated devices: the reference.
+    reference = train.run(
+        parse_config(
+            ["--workdir", str(tmp_path / "one"), "--data-dir", data_dir, *RUN, "--num-devices", "4"]
+        )  # fmt: skip
+    )
+    want = {r["step"]: r["loss"] for r in reference}
+
+    # Two processes x 2 devices, the same global batch of 32 (16 rows per host).
+    two = tmp_path / "two"
+    results = processes.finish(_start_hosts(two, data_dir, free_port()), timeout=300)
+    for i, (code, log) in enumerate(results):
+        assert code == 0, f"process {i}:\n{log[-3000:]}"
+    _assert_same_losses(_losses(two), want)
+    assert "step 12:" in results[0][1]  # process 0 prints the summary
+    final = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
+    np.testing.assert_allclose(final["linear_probe"], reference[-1]["linear_probe"], atol=1e-9)
+
+    # Kill one process after the checkpoint of step 4: its peer ends within a bounded time
+    # with a one-line error, and both, started again, finish with the same losses.
+    killed = tmp_path / "killed"
+    procs = _start_hosts(killed, data_dir, free_port())
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoints" / "4").is_dir():
+        assert all(p.poll() is None for p in procs), "a process ended before the first save"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    (code, log), _ = processes.finish(procs, timeout=PEER_TIMEOUT * 3)
+    waited = time.time() - t0
+    assert code != 0, log[-2000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "peer" in last, log[-3000:]
+    assert waited < PEER_TIMEOUT * 3
+    results = processes.finish(_start_hosts(killed, data_dir, free_port()), timeout=300)
+    for i, (code, log) in enumerate(results):
+        assert code == 0, f"restarted process {i}:\n{log[-3000:]}"
+    _assert_same_losses(_losses(killed), want)
