@@ -63,7 +63,7 @@ MODELS = ("vit-b-32", "vit-b-16", "vit-l-14", "vit-tiny")
 # Rows per device in one gradient-cache chunk: activations of a chunk are a few GiB at
 # most (ViT-L/14 without remat: ~0.3 GiB per row), small beside what 80 GiB holds of
 # batch, while a chunk keeps a GPU's matmuls large (32 x 257 tokens for ViT-L/14).
-CHUNK_ROWS = {"vit-b-32": 128, "vit-b-16": 32, "vit-l-14": 16, "vit-tiny": 2}
+CHUNK_ROWS = {"vit-b-32": 128, "vit-b-16": 32, "vit-l-14": 16, "vit-tiny": 32}
 INF_CL = {8: "4,096k", 32: "12,288k"}  # Inf-CL, ViT-L/14, A800 80 GB, CPU offload
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}

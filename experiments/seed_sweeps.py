@@ -557,14 +557,18 @@ def execute(
                         {m: s["mean"] for m, s in untrained.items()})  # fmt: skip
         return text
 
-    with compile_cache(out / "compile_cache" if args.compile_cache else None):
-        # The untrained model of each seed: what training adds is measured against it.
-        first_of_seed = {}
-        for r in runs:
-            first_of_seed.setdefault(r.seed, r)
-        base = [train.evaluate_init(r.config) for r in first_of_seed.values()]
-        untrained.update({m: statistics([b[m] for b in base]) for m in spec.metrics})
-        rows = run_grid(runs, spec.metrics, describe_run, after_each=write)
+    try:
+        with compile_cache(out / "compile_cache" if args.compile_cache else None):
+            # The untrained model of each seed: what training adds is measured against it.
+            first_of_seed = {}
+            for r in runs:
+                first_of_seed.setdefault(r.seed, r)
+            base = [train.evaluate_init(r.config) for r in first_of_seed.values()]
+            untrained.update({m: statistics([b[m] for b in base]) for m in spec.metrics})
+            rows = run_grid(runs, spec.metrics, describe_run, after_each=write)
+    except ConfigError as e:  # e.g. --out holds runs made with other settings
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = write(rows)
     if args.update_results:
         run_dir.publish(out, outputs(spec))

@@ -8,7 +8,7 @@ The protocol, fixed before the first full run and the same for every loss:
 
 - data: ``shapes``, 32×32 scenes of one object with five attributes, 5,184 captions; the
   test split's 2,000 pairs, half of them (shape, colour) compositions never seen in
-  training. Untouched by this script.
+  training.
 - model: an MLP image tower (:data:`WIDTH` = 128 hidden units, 2 layers) on the raw pixels
   and the data set's text transformer (width 64, depth 2), both with a 256-wide projection
   head to a 64-d embedding; the temperature (and SigLIP's bias, initialised at −10) learned,
