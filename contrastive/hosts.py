@@ -19,7 +19,7 @@ import time
 
 import jax
 
-__all__ = ["start", "Watchdog", "is_multiprocess"]
+__all__ = ["start", "Watchdog"]
 
 
 def start(
@@ -53,10 +53,6 @@ def start(
             f"{process_id} of {num_processes} within {timeout_s:g} s ({first}); start every "
             "process with the same --coordinator-address and --num-processes"
         ) from None
-
-
-def is_multiprocess() -> bool:
-    return jax.process_count() > 1
 
 
 class Watchdog:
