@@ -251,21 +251,24 @@ def test_divergence_stops_before_saving_it(data_dir, tmp_path, capsys):
 
 
 def _data_files(checkpoint: Path) -> list[Path]:
-    return sorted(
-        (p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.stat().st_size > 256),
-        key=lambda p: p.stat().st_size,
-    )
+    return [p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
 def test_corrupted_latest_checkpoint_falls_back(reference, data_dir, tmp_path, caplog):
-    """64 bytes flipped in the middle of a data file of the newest checkpoint: the restart
-    says so in one line, resumes from the one before, and ends with the same losses."""
+    """64 bytes flipped in the middle of the newest checkpoint's data files: the restart
+    says so in one line, resumes from the one before, and ends with the same losses.
+
+    Every OCDBT data file is hit: this state is small, so which file holds the arrays (and
+    which only the superseded, unreferenced b-tree nodes of the process-local tree) varies
+    from run to run; a flip in an unreferenced file is harmless and rightly goes unnoticed.
+    ``tests/test_checkpoint.py`` flips a single file that is known to hold an array.
+    """
     args = _stopped_run(tmp_path, data_dir, stop_after=8)
-    victim = _data_files(tmp_path / "checkpoints" / "8")[-1]
-    data = bytearray(victim.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
-    victim.write_bytes(bytes(data))
+    for victim in _data_files(tmp_path / "checkpoints" / "8"):
+        data = bytearray(victim.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+        victim.write_bytes(bytes(data))
     assert train.main(args) == 0
     warned = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
     assert warned and warned[0].startswith("checkpoint 8 unusable") and "trying 4" in warned[0]
