@@ -41,6 +41,7 @@ __all__ = [
     "encode_towers_in_chunks",
     "chunk_keys",
     "num_chunks",
+    "accumulator_dtype",
 ]
 
 
@@ -107,8 +108,10 @@ def _merge(main: PyTree, tail: PyTree | None) -> PyTree:
     return jax.tree_util.tree_map(lambda a, t: jnp.concatenate([a, t], axis=0), out, tail)
 
 
-def _acc_dtype(p) -> jnp.dtype:
-    dtype = jnp.result_type(p)
+def accumulator_dtype(x: Any) -> jnp.dtype:
+    """The dtype gradients of ``x`` are summed in: float32 at least for floating ``x``
+    (bfloat16 parameters), its own dtype otherwise."""
+    dtype = jnp.result_type(x)
     return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
@@ -217,7 +220,9 @@ def _check_towers(encode_fns: Sequence[EncodeFn], batch: Sequence[PyTree]) -> No
         )
 
 
-def _cached_value_and_grad(encode_fns, loss_fn, chunk_size, has_aux, params, batch, keys):
+def _cached_value_and_grad(
+    encode_fns, loss_fn, chunk_size, has_aux, keep_accumulator_dtype, params, batch, keys
+):
     """The gradient cache over towers; ``batch[t]`` and ``keys[t]`` belong to tower ``t``."""
     chunks = [_chunks(inputs, k, chunk_size) for inputs, k in zip(batch, keys, strict=True)]
 
@@ -235,13 +240,16 @@ def _cached_value_and_grad(encode_fns, loss_fn, chunk_size, has_aux, params, bat
     )
 
     # Pass 2: re-encode each chunk under vjp with its cached embedding gradient. The sum
-    # is float32 at least, whatever the parameter dtype; zeros_like keeps p's varying mesh
-    # axes inside shard_map, as the scan carry needs.
-    acc = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, _acc_dtype(p)), params)
+    # is float32 at least, whatever the parameter dtype, and is rounded to that dtype once
+    # (here, or by the caller); zeros_like keeps p's varying mesh axes inside shard_map,
+    # as the scan carry needs.
+    acc = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, accumulator_dtype(p)), params)
     for f, c, g in zip(encode_fns, chunks, g_emb, strict=True):
         acc = _pull_back(f, params, c, g, acc)
-    grads = jax.tree_util.tree_map(lambda p, g, a: (g + a).astype(p.dtype), params, g_params, acc)
-    return out, grads
+    grads = _add(acc, g_params)
+    if keep_accumulator_dtype:
+        return out, grads
+    return out, jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), params, grads)
 
 
 def value_and_grad(
@@ -250,6 +258,7 @@ def value_and_grad(
     *,
     chunk_size: int,
     has_aux: bool = False,
+    keep_accumulator_dtype: bool = False,
 ) -> Callable[..., tuple[Any, PyTree]]:
     """Gradient-cached ``value_and_grad`` of ``loss_fn(params, encode(params, batch))``.
 
@@ -262,6 +271,9 @@ def value_and_grad(
         it returns ``(scalar, aux)``.
       chunk_size: rows per encoder chunk ``c``; activation memory scales with ``c``, not B.
       has_aux: as in ``jax.value_and_grad``.
+      keep_accumulator_dtype: return each gradient in its accumulator dtype (float32 for
+        bfloat16 parameters; see :func:`accumulator_dtype`), not rounded to the parameter's
+        dtype: for a caller that sums further, e.g. across devices, before rounding once.
 
     Returns:
       ``f(params, batch, key=None) -> (loss, grads)`` (``((loss, aux), grads)`` with
@@ -274,7 +286,14 @@ def value_and_grad(
             return loss_fn(p, emb[0])
 
         return _cached_value_and_grad(
-            (encode_fn,), loss_one, chunk_size, has_aux, params, (batch,), (key,)
+            (encode_fn,),
+            loss_one,
+            chunk_size,
+            has_aux,
+            keep_accumulator_dtype,
+            params,
+            (batch,),
+            (key,),
         )
 
     return f
@@ -286,6 +305,7 @@ def towers_value_and_grad(
     *,
     chunk_size: int,
     has_aux: bool = False,
+    keep_accumulator_dtype: bool = False,
 ) -> Callable[..., tuple[Any, PyTree]]:
     """:func:`value_and_grad` for towers whose batches differ in size (CLIP with extra
     text negatives: ``B`` images, ``M >= B`` captions).
@@ -294,13 +314,21 @@ def towers_value_and_grad(
     embeds ``batch[t]`` (its own leading size) with ``encode_fns[t]`` in chunks of
     ``chunk_size`` rows and the key ``fold_in(key, t)``; ``loss_fn(params, (emb_1, ...,
     emb_k))``. Equal to plain autodiff through :func:`encode_towers_in_chunks`.
+    ``has_aux`` and ``keep_accumulator_dtype``: as in :func:`value_and_grad`.
     """
 
     def f(params: PyTree, batch: Sequence[PyTree], key: jax.Array | None = None):
         _check_towers(encode_fns, batch)
         keys = _tower_keys(key, len(encode_fns))
         return _cached_value_and_grad(
-            tuple(encode_fns), loss_fn, chunk_size, has_aux, params, tuple(batch), keys
+            tuple(encode_fns),
+            loss_fn,
+            chunk_size,
+            has_aux,
+            keep_accumulator_dtype,
+            params,
+            tuple(batch),
+            keys,
         )
 
     return f

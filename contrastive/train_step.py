@@ -16,7 +16,8 @@ re-encoding pass.
 
 Mixed precision: build the model with ``dtype=jnp.bfloat16`` (compute) and the default
 ``param_dtype=float32``; parameters, gradients, optimiser state, temperature, bias and the
-loss accumulation stay float32.
+loss accumulation stay float32. With ``param_dtype=jnp.bfloat16`` the gradients are summed
+in float32 over the chunks and the devices and rounded to bfloat16 once, after the reduction.
 
 Example::
 
@@ -343,6 +344,7 @@ def local_loss_and_grads(
     graphdef: nnx.GraphDef,
     config: TrainConfig,
     axis_name: str | None,
+    keep_accumulator_dtype: bool = False,
 ) -> tuple[tuple[jax.Array, dict], Any]:
     """``((loss, aux), partial grads)`` of this device's rows, before any reduction.
 
@@ -350,6 +352,10 @@ def local_loss_and_grads(
     must already vary over the axis (see :func:`train_step`): the loss and ``aux`` are
     global, the gradients this device's share of the global gradient (their sum over
     devices is the gradient). With ``axis_name=None`` it is the whole computation.
+
+    ``keep_accumulator_dtype``: gradients in :func:`contrastive.gradcache.accumulator_dtype`
+    (float32 for bfloat16 parameters), not rounded to the parameters' dtype, for a caller
+    that sums them across devices before rounding once (:func:`loss_and_grads`).
     """
     batch = as_batch(batch)
     towers = tower_fns(graphdef)
@@ -364,8 +370,19 @@ def local_loss_and_grads(
             emb = tuple(f(p, a, k) for f, a, k in zip(towers, inputs, keys, strict=True))
             return loss_fn(p, emb)
 
-        return jax.value_and_grad(whole, has_aux=True)(params)
-    f = gradcache.towers_value_and_grad(towers, loss_fn, chunk_size=chunk, has_aux=True)
+        out, grads = jax.value_and_grad(whole, has_aux=True)(params)
+        if keep_accumulator_dtype:
+            grads = jax.tree_util.tree_map(
+                lambda g: g.astype(gradcache.accumulator_dtype(g)), grads
+            )
+        return out, grads
+    f = gradcache.towers_value_and_grad(
+        towers,
+        loss_fn,
+        chunk_size=chunk,
+        has_aux=True,
+        keep_accumulator_dtype=keep_accumulator_dtype,
+    )
     return f(params, inputs, key)
 
 
@@ -392,8 +409,9 @@ def loss_and_grads(
     """``((loss, aux), grads)`` of the global batch (sharded over ``"data"``) on ``mesh``.
 
     One ``shard_map`` holds the whole computation; the gradients are reduced across
-    devices once. With ``config.shard_optimizer`` they come out reduce-scattered (sharded
-    as :func:`contrastive.mesh.optimizer_shardings` says), otherwise replicated.
+    devices once, in float32 at least, and then rounded to the parameters' dtype. With
+    ``config.shard_optimizer`` they come out reduce-scattered (sharded as
+    :func:`contrastive.mesh.optimizer_shardings` says), otherwise replicated.
     """
     scatter = (
         scatter_axes(params, mesh.shape[DATA_AXIS])
@@ -416,12 +434,21 @@ def loss_and_grads(
         if key is not None:  # one dropout stream per device
             key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
         (loss, aux), grads = local_loss_and_grads(
-            params, batch, key, graphdef=graphdef, config=config, axis_name=DATA_AXIS
+            params,
+            batch,
+            key,
+            graphdef=graphdef,
+            config=config,
+            axis_name=DATA_AXIS,
+            keep_accumulator_dtype=True,
         )
         # The metrics are equal on every device but typed as varying (they come from the
         # varying parameters); the max of equal values is exact and costs a few scalars.
         aux = jax.tree_util.tree_map(lambda a: lax.pmax(a, DATA_AXIS), aux)
-        return (loss, aux), _reduce(grads, DATA_AXIS, scatter)
+        # A bfloat16 gradient is rounded once, after the float32 sums over chunks and
+        # devices: rounding before the reduction would add an error per device.
+        grads = _reduce(grads, DATA_AXIS, scatter)
+        return (loss, aux), jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), params, grads)
 
     return jax.shard_map(
         local,

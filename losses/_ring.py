@@ -40,7 +40,6 @@ from losses._tiles import (
     Tiling,
     combine_lse,
     empty_lse,
-    lse_value,
     sweep_backward,
     sweep_forward,
 )
@@ -128,16 +127,17 @@ def _softmax_loss_from_lse(neg_lse, pos, scale, weights, rule: TileRule):
     digits when the positive dominates, where the naive forms cancel to nothing; and a
     row of ``G`` sums to zero up to rounding of ``a`` alone, which keeps ``dL/dτ``
     accurate at large logits. Without negatives (``S = 0``) ``m = -inf``: ``ℓ = 0``.
-    DCL: ``ℓ = lse_neg - w s_pos``, ``a = 1``, ``c = w``; 0 (and ``a = c = 0``) without
-    negatives, where ``lse_neg = -inf``.
+    DCL: ``ℓ = lse_neg - w s_pos = scale (m - w pos) + log S``, ``a = 1``, ``c = w``; 0
+    (and ``a = c = 0``) without negatives, where ``lse_neg = -inf``.
     """
+    # m - pos is exact when they are close: the margin keeps its digits at any scale, where
+    # (scale m + log S) - scale pos would subtract two large logits.
     if rule.drop_positive:
         has_neg = neg_lse[:, 1] > 0
-        w = jnp.ones_like(pos) if weights is None else weights
-        loss = jnp.where(has_neg, lse_value(neg_lse, scale) - w * scale * pos, 0.0)
+        gap = neg_lse[:, 0] - (pos if weights is None else weights * pos)
+        loss = jnp.where(has_neg, scale * gap + jnp.log(neg_lse[:, 1]), 0.0)
         a = has_neg.astype(F32)
-        return loss, (neg_lse, a, a * w)
-    # m - pos is exact when they are close: the margin keeps its digits at any scale.
+        return loss, (neg_lse, a, a if weights is None else a * weights)
     margin = scale * (neg_lse[:, 0] - pos) + jnp.log(neg_lse[:, 1])
     c = jax.nn.sigmoid(margin)
     return jax.nn.softplus(margin), (neg_lse, c, c)

@@ -267,11 +267,6 @@ def combine_lse(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.stack([m, total], axis=-1)
 
 
-def lse_value(pairs: jax.Array, scale: jax.Array) -> jax.Array:
-    """The log-sum-exps ``scale * m + log S`` of ``(..., 2)`` pairs."""
-    return scale * pairs[..., 0] + jnp.log(pairs[..., 1])
-
-
 def empty_lse(size: int) -> jax.Array:
     """``size`` log-sum-exps of nothing: ``(-inf, 0)`` pairs."""
     # A broadcast, not a scatter into a constant: XLA would fold a (size, 2) constant.

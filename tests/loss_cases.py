@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import event
 from hypothesis import strategies as st
 
 import losses
 from losses import reference
+from losses._tiles import choose_tiling
 
 LOSSES = ("infonce", "sigmoid", "decoupled")
 
@@ -38,11 +42,20 @@ def case_id(case) -> str:
     return name + "".join(f"-{k}={v}" for k, v in opts.items())
 
 
-def embeddings(seed: int, batch: int, dim: int, *, normalise: bool = True, dtype=jnp.float32):
-    """A pair of (batch, dim) embeddings whose rows are noisy copies of each other."""
+def embeddings(
+    seed: int,
+    batch: int,
+    dim: int,
+    *,
+    normalise: bool = True,
+    noise: float = 0.7,
+    dtype=jnp.float32,
+):
+    """A pair of (batch, dim) embeddings whose rows are noisy copies of each other (a small
+    ``noise`` makes every positive pair dominate its row)."""
     kx, ky = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (batch, dim), jnp.float32)
-    y = x + 0.7 * jax.random.normal(ky, (batch, dim), jnp.float32)
+    y = x + noise * jax.random.normal(ky, (batch, dim), jnp.float32)
     if normalise:
         # Rows of norm <= 1, so |s| <= 1 / temperature, as for L2-normalised embeddings;
         # dividing by the largest norm keeps the values continuous even at dim = 1.
@@ -155,5 +168,76 @@ def check_against_dense(name, opts, x, y, hp, **engine):
     assert_hyper_grads_close(dh, dhr, terms, what=f"{name}{opts}")
 
 
-cases = st.sampled_from(CASES)
 temperatures = st.floats(min_value=0.01, max_value=10.0).map(lambda t: float(np.float32(t)))
+
+
+# --- drawn cases ---------------------------------------------------------------------------
+#
+# "None or any block size" made almost every drawn example a single tile: hypothesis favours
+# simple values, and any block of at least the batch is one tile. The strategies below favour
+# several tiles with a ragged last one, where tiling, padding and masks can go wrong; each
+# property test records what it drew and checks the mix after its run (`assert_mix`), so
+# that coverage cannot silently collapse again.
+
+# Tile layouts drawn, by weight: several tiles with a ragged last one (5 in 8), several even
+# tiles, one tile, the default block (one tile below 1024 rows).
+_LAYOUTS = ("ragged",) * 5 + ("even", "one tile", "default")
+
+
+def tile_layout(rows: int, block: int | None) -> str:
+    """What ``block`` makes of ``rows`` rows: "ragged", "even" (several tiles) or "one tile"."""
+    t = choose_tiling(rows, block)
+    if t.count == 1:
+        return "one tile"
+    return "ragged" if t.ragged else "even"
+
+
+@st.composite
+def block_sizes(draw, rows: int) -> int | None:
+    """A block size for ``rows`` rows; most draws cut them into 2 to 12 tiles, the last one
+    ragged (possible from 3 rows on)."""
+    layouts = _LAYOUTS if rows >= 3 else tuple(k for k in _LAYOUTS if k != "ragged")
+    layout = draw(st.sampled_from(layouts))
+    if layout == "ragged":
+        block = -(-rows // draw(st.integers(2, 12)))
+        while rows % block == 0:  # rows - 1 never divides rows >= 3: this ends below rows
+            block += 1
+        return block
+    if layout == "even":
+        divisors = [k for k in range(1, rows) if rows % k == 0 and rows // k <= 16]
+        return draw(st.sampled_from(divisors)) if divisors else rows
+    if layout == "one tile":
+        return draw(st.integers(rows, rows + 32))
+    return None
+
+
+def options(name: str, *, sigma: bool = True):
+    """One of the loss's option sets (see ``OPTIONS``)."""
+    opts = [o for o in OPTIONS[name] if sigma or "sigma" not in o]
+    return st.sampled_from(opts)
+
+
+def record(drawn: list, rows: int, block: int | None, **features) -> None:
+    """Note one drawn example's tile layout and other features, in ``drawn`` and in
+    hypothesis' statistics (``pytest --hypothesis-show-statistics``)."""
+    layout = tile_layout(rows, block)
+    features = {"layout": layout, "tiles": "one" if layout == "one tile" else "several", **features}
+    drawn.append(features)
+    event(" ".join(f"{k}={v}" for k, v in features.items()))
+
+
+def assert_mix(drawn: list[dict], **at_least: tuple[object, float]) -> None:
+    """Each ``feature=(value, share)``: at least that share of the drawn examples has it.
+
+    Ask for well under what the strategies draw (a ragged layout: 5 draws in 8): under the
+    CI profile the examples are fixed, and a random run (the local profile) should miss the
+    share with odds of about one in a thousand or less.
+    """
+    assert drawn, "no example ran"
+    for feature, (value, share) in at_least.items():
+        counts = Counter(d[feature] for d in drawn)
+        got = counts[value] / len(drawn)
+        assert got >= share, (
+            f"only {got:.0%} of {len(drawn)} drawn examples have {feature}={value!r} "
+            f"(want >= {share:.0%}): {dict(counts)}"
+        )

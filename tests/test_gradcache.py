@@ -123,6 +123,61 @@ def test_mismatched_batch_axes_are_a_clear_error():
         gradcache.value_and_grad(_toy_encode, _toy_loss, chunk_size=2)(params, batch)
 
 
+def bf16_ulps(x, ref) -> float:
+    """The largest elementwise ``|x - ref|`` over two pytrees, in units of the bfloat16
+    spacing at each element of ``ref`` (rounded to bfloat16)."""
+
+    def one(a, r):
+        r = np.asarray(r, jnp.bfloat16)
+        ulp = np.spacing(np.abs(r)).astype(np.float64)
+        return float(np.max(np.abs(np.asarray(a, np.float64) - r.astype(np.float64)) / ulp))
+
+    return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, x, ref)))
+
+
+def test_bfloat16_params_are_rounded_once_after_a_float32_sum():
+    """bfloat16 parameters, float32 compute (by promotion), 25 chunks (the last ragged): the
+    gradients are the exact sum over chunks, rounded to bfloat16 once.
+
+    The case is exact by construction: small-integer inputs, weights and embedding
+    gradients make each chunk's gradient an integer below 256 (exact in float32 and in
+    bfloat16, so its own rounding to the parameter dtype is a no-op), and their sum
+    exact in float32. The reference is that sum taken in float64 on the host, rounded
+    once. A bfloat16 accumulator instead rounds after every chunk once the sums pass 256,
+    and misses by 3 ulps.
+    """
+    b, chunk, d_in, d_out = 197, 8, 8, 8  # 197 = 24 * 8 + 5
+    kx, kt, kw = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.randint(kx, (b, d_in), 1, 4).astype(jnp.float32)
+    target = jax.random.randint(kt, (b, d_out), 1, 4).astype(jnp.float32)
+    params = {
+        "w": jax.random.randint(kw, (d_in, d_out), 1, 4).astype(jnp.bfloat16),
+        "scale": jnp.bfloat16(1.0),
+    }
+
+    def encode(p, c, key):
+        return c @ p["w"]  # (c, d_in) · (d_in, d_out) -> (c, d_out), float32
+
+    def loss(p, emb):
+        # dL/d emb = target (scale = 1); dL/d scale is the loss's own (direct) gradient.
+        return p["scale"] * jnp.sum(emb * target)
+
+    _, grads = jax.jit(gradcache.value_and_grad(encode, loss, chunk_size=chunk))(params, x)
+    assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+
+    x64, t64 = np.asarray(x, np.float64), np.asarray(target, np.float64)
+    per_chunk = np.stack([x64[i : i + chunk].T @ t64[i : i + chunk] for i in range(0, b, chunk)])
+    # The premises: every chunk's gradient is exact in bfloat16, and the sums outgrow
+    # bfloat16's integers (a bfloat16 accumulator has to round).
+    np.testing.assert_array_equal(per_chunk.astype(jnp.bfloat16).astype(np.float64), per_chunk)
+    assert per_chunk.sum(0).min() > 256
+    ref = {
+        "w": per_chunk.sum(0),
+        "scale": np.sum((x64 @ np.asarray(params["w"], np.float64)) * t64),
+    }
+    assert bf16_ulps(grads, ref) <= 1
+
+
 # --- memory: compile only, nothing allocated --------------------------------------------
 
 _WIDTH, _D_IN, _D_OUT = 1024, 32, 32

@@ -19,14 +19,18 @@ from jax.sharding import PartitionSpec as P
 import losses
 from tests.loss_cases import (
     CASES,
+    LOSSES,
     assert_close,
     assert_hyper_grads_close,
+    assert_mix,
+    block_sizes,
     case_id,
-    cases,
     check_against_dense,
     embeddings,
     hyper,
+    options,
     oracle,
+    record,
     summed_terms,
     temperatures,
 )
@@ -62,30 +66,37 @@ id_ranges = st.one_of(st.none(), st.integers(1, 6))
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None)
-@given(
-    case=cases,
-    batch=st.integers(1, 40),
-    extra=st.integers(0, 50),
-    dim=st.integers(1, 24),
-    block=st.one_of(st.none(), st.integers(1, 24)),
-    pattern=patterns,
-    id_range=id_ranges,
-    temperature=temperatures,
-    seed=st.integers(0, 2**16),
-)
-def test_masked_batches_match_dense(
-    case, batch, extra, dim, block, pattern, id_range, temperature, seed
-):
-    name, opts = case
-    if opts.get("intra_view"):
-        extra = 0
-    if name == "decoupled" and batch + extra < 2:
-        batch = 2
-    x, y = retrieval_batch(seed, batch, extra, dim)
-    valid, ids = mask_vectors(seed, batch + extra, pattern, id_range)
-    opts = {**opts, "valid": valid, "ids": ids}
-    check_against_dense(name, opts, x, y, hyper(name, temperature, -2.0), block_size=block)
+@pytest.mark.parametrize("name", LOSSES)
+def test_masked_batches_match_dense(name):
+    """Drawn extra negatives, ``valid`` patterns, ``ids`` and tilings against the oracle."""
+    drawn = []
+
+    @settings(max_examples=5, deadline=None)
+    @given(
+        opts=options(name),
+        batch=st.integers(1, 40),
+        extra=st.integers(0, 50),
+        dim=st.integers(1, 24),
+        data=st.data(),
+        pattern=patterns,
+        id_range=id_ranges,
+        temperature=temperatures,
+        seed=st.integers(0, 2**16),
+    )
+    def check(opts, batch, extra, dim, data, pattern, id_range, temperature, seed):
+        if opts.get("intra_view"):
+            extra = 0
+        if name == "decoupled" and batch + extra < 2:
+            batch = 2
+        block = data.draw(block_sizes(batch), label="block_size")
+        record(drawn, batch, block, valid=pattern)
+        x, y = retrieval_batch(seed, batch, extra, dim)
+        valid, ids = mask_vectors(seed, batch + extra, pattern, id_range)
+        masked = {**opts, "valid": valid, "ids": ids}
+        check_against_dense(name, masked, x, y, hyper(name, temperature, -2.0), block_size=block)
+
+    check()
+    assert_mix(drawn, tiles=("several", 0.2))
 
 
 def ring_value_and_grads(name, opts, x, y, hp, *, n, check_vma, block):
@@ -109,28 +120,48 @@ def ring_value_and_grads(name, opts, x, y, hp, *, n, check_vma, block):
 
 
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None)
-@given(
-    case=cases,
-    n=st.sampled_from([1, 2, 4, 8]),
-    local_batch=st.integers(1, 6),
-    local_extra=st.integers(0, 7),
-    dim=st.integers(1, 16),
-    block=st.one_of(st.none(), st.integers(1, 8)),
-    pattern=patterns,
-    id_range=id_ranges,
-    temperature=temperatures,
-    seed=st.integers(0, 2**16),
-    check_vma=st.booleans(),
-)
-def test_ring_masked_batches_match_dense(
-    case, n, local_batch, local_extra, dim, block, pattern, id_range, temperature, seed, check_vma
-):
-    name, opts = case
-    if opts.get("intra_view"):
-        local_extra = 0
-    if name == "decoupled" and n * (local_batch + local_extra) < 2:
-        local_batch = 2
+@pytest.mark.parametrize("name", LOSSES)
+def test_ring_masked_batches_match_dense(name):
+    """The same on rings of 1, 2, 4 and 8 devices, y in the ring's interleaved layout."""
+    drawn = []
+
+    @settings(max_examples=4, deadline=None)
+    @given(
+        opts=options(name),
+        n=st.sampled_from([1, 2, 4, 8]),
+        local_batch=st.integers(1, 6),
+        local_extra=st.integers(0, 7),
+        dim=st.integers(1, 16),
+        data=st.data(),
+        pattern=patterns,
+        id_range=id_ranges,
+        temperature=temperatures,
+        seed=st.integers(0, 2**16),
+        check_vma=st.booleans(),
+    )
+    def check(
+        opts, n, local_batch, local_extra, dim, data, pattern, id_range, temperature, seed,
+        check_vma,
+    ):  # fmt: skip
+        if opts.get("intra_view"):
+            local_extra = 0
+        if name == "decoupled" and n * (local_batch + local_extra) < 2:
+            local_batch = 2
+        block = data.draw(block_sizes(local_batch), label="block_size")
+        record(drawn, local_batch, block, devices="several" if n > 1 else "one", valid=pattern)
+        check_ring_masked(
+            name, opts, n, local_batch, local_extra, dim, block, pattern, id_range, temperature,
+            seed, check_vma,
+        )  # fmt: skip
+
+    check()
+    assert_mix(drawn, devices=("several", 0.25))
+
+
+def check_ring_masked(
+    name, opts, n, local_batch, local_extra, dim, block, pattern, id_range, temperature, seed,
+    check_vma,
+):  # fmt: skip
     batch, extra = n * local_batch, n * local_extra
     # The oracle's layout: y = [positives; extra negatives]; the ring's: interleaved.
     x, y = retrieval_batch(seed, batch, extra, dim)

@@ -16,19 +16,17 @@ from contrastive import gradcache, models, optim
 from contrastive import mesh as mesh_lib
 from contrastive import train_step as ts
 from tests.loss_cases import assert_close
+from tests.test_gradcache import bf16_ulps
 
 RTOL_VALUE, RTOL_GRAD = 1e-5, 1e-4
 D_IN, B = 12, 48
 
 
-def _model(*, dropout_rate=0.0, two_towers=False, dtype=None, seed=0):
+def _model(*, dropout_rate=0.0, two_towers=False, dtype=None, param_dtype=jnp.float32, seed=0):
     rngs = nnx.Rngs(seed)
-    tower = models.MLPEncoder(D_IN, 32, 1, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
-    other = (
-        models.MLPEncoder(D_IN, 24, 1, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
-        if two_towers
-        else None
-    )
+    kw = dict(dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    tower = models.MLPEncoder(D_IN, 32, 1, **kw)
+    other = models.MLPEncoder(D_IN, 24, 1, **kw) if two_towers else None
     return models.DualEncoder(
         tower,
         other,
@@ -36,6 +34,7 @@ def _model(*, dropout_rate=0.0, two_towers=False, dtype=None, seed=0):
         init_temperature=0.2,
         init_bias=-2.0,
         dtype=dtype,
+        param_dtype=param_dtype,
         rngs=rngs,
     )
 
@@ -257,6 +256,62 @@ def test_bfloat16_compute_float32_params():
     )
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert {p.dtype for p in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def _partial_grads(params, batch, *, graphdef, config, mesh):
+    """Each device's partial gradients as ``local_loss_and_grads`` leaves them, in float32
+    (``keep_accumulator_dtype``), stacked [devices, ...] instead of reduced."""
+    axis = mesh_lib.DATA_AXIS
+    kw = dict(graphdef=graphdef, config=config, axis_name=axis, keep_accumulator_dtype=True)
+
+    def local(p, b):
+        p = jax.tree_util.tree_map(lambda a: jax.lax.pcast(a, axis, to="varying"), p)
+        _, grads = ts.local_loss_and_grads(p, b, None, **kw)
+        return jax.tree_util.tree_map(lambda g: g[None], grads)
+
+    rows, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep, rows), out_specs=rows)(params, batch)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "shard_optimizer"),
+    [(20, False), (20, True), (None, False)],
+    ids=["cached", "cached_reduce_scatter", "plain"],
+)
+def test_bfloat16_params_are_rounded_once_after_the_device_sum(chunk, shard_optimizer):
+    """bfloat16 parameters on 4 devices (3 chunks each, the last ragged): the gradients are
+    the float32 sum of the devices' partial gradients, rounded to bfloat16 once.
+
+    The reference sums the float32 partials of ``local_loss_and_grads`` (whose chunk sum
+    test_gradcache checks) in float64 and rounds once; the step's float32 sum differs from
+    it by float32 rounding only. Rounding the cached partials to bfloat16 before the
+    reduction misses by up to 174 ulps here, where the devices' partials cancel. The plain
+    path's partials are bfloat16 already (autodiff rounds them); XLA on CPU sums even a
+    bfloat16 all-reduce in float32, so there only the dtypes and the sum are checked. (A
+    reference built from per-chunk gradients computed apart is not exact: float32
+    differences flip their bfloat16 roundings, by many ulps of a sum that cancels.)
+    """
+    mesh = mesh_lib.make_mesh(num_devices=4)
+    cfg = ts.TrainConfig(chunk_size=chunk, shard_optimizer=shard_optimizer)
+    graphdef, params = nnx.split(_model(param_dtype=jnp.bfloat16))
+    params = mesh_lib.place_params(params, mesh)
+    batch = mesh_lib.shard_batch(_batch(), mesh)  # 12 rows per device: chunks of 5, 5, 2
+    kw = dict(graphdef=graphdef, config=cfg, mesh=mesh)
+
+    (_, grads), partials = jax.jit(
+        lambda p, b: (ts.loss_and_grads(p, b, None, **kw), _partial_grads(p, b, **kw))
+    )(params, batch)
+    assert {g.dtype for g in jax.tree_util.tree_leaves(partials)} == {jnp.dtype(jnp.float32)}
+    ref = [np.asarray(g, np.float64).sum(0) for g in jax.tree_util.tree_leaves(partials)]
+
+    leaves = jax.tree_util.tree_leaves(grads)
+    params_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
+    assert [g.dtype for g in leaves] == params_dtypes
+    low = [i for i, g in enumerate(leaves) if g.dtype == jnp.bfloat16]
+    assert len(low) > len(leaves) / 2  # all but the temperature and the bias
+    assert bf16_ulps([leaves[i] for i in low], [ref[i] for i in low]) <= 1
+    high = [i for i in range(len(leaves)) if i not in low]
+    assert_close([leaves[i] for i in high], [ref[i] for i in high], rtol=RTOL_VALUE)
 
 
 def test_errors_are_clear():
