@@ -9,7 +9,8 @@ A checkpoint ``workdir/checkpoints/<step>`` holds three items:
 - ``meta``: a small JSON dict (step, data-iterator position, seed, config) that says where
   the run was;
 - ``integrity``: a digest of every leaf of ``state`` and of ``meta``, computed when the
-  checkpoint was written and checked after every restore (:func:`state_digest`).
+  checkpoint was written and checked after every restore
+  (:func:`contrastive.state_digest.state_digest`).
 
 Three guarantees:
 
@@ -29,28 +30,25 @@ Three guarantees:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
+
+from contrastive.orbax_logs import one_line, quiet
+from contrastive.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
 
 __all__ = [
     "CheckpointCorruptError",
     "Checkpointer",
     "NoUsableCheckpointError",
     "NonFiniteStateError",
-    "state_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,20 +71,11 @@ class NoUsableCheckpointError(RuntimeError):
 # --- PRNG keys -----------------------------------------------------------------------------
 
 
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _keys_to_data(tree: Any) -> Any:
-    # Typed PRNG keys are not plain arrays; store their uint32 data and rewrap on restore.
-    return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
 def _abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings where known) describing the stored form of ``tree``."""
 
     def one(x: Any) -> Any:
-        if _is_key(x):
+        if is_key(x):
             x = jax.eval_shape(jax.random.key_data, x)
             return jax.ShapeDtypeStruct(x.shape, x.dtype)
         sharding = getattr(x, "sharding", None)
@@ -99,208 +88,13 @@ def _abstract(tree: Any) -> Any:
 
 def _rewrap_keys(restored: Any, template: Any) -> Any:
     def one(r: Any, t: Any) -> Any:
-        if _is_key(t):
+        if is_key(t):
             key = jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
             sharding = getattr(t, "sharding", None)
             return jax.device_put(key, sharding) if sharding is not None else key
         return r
 
     return jax.tree_util.tree_map(one, restored, template)
-
-
-# --- digests -------------------------------------------------------------------------------
-#
-# Each leaf x with n elements is read as 32-bit words w_i (its bits; 8/16-bit elements are
-# zero-extended, 64-bit ones folded), i = the flat row-major position. For two seeds s,
-#     h_s(x) = sum_i fmix(w_i + fmix(i ^ s))   (mod 2^32),
-# fmix being MurmurHash3's 32-bit finaliser (a bijection of uint32). Changing any element
-# changes its term, and moving a value to another position changes two terms, so a corruption
-# goes unnoticed only when the changed terms cancel in both sums: about 2^-64 for a random
-# change. Addition mod 2^32 is associative and commutative, so the sum is exact in any order:
-# the digest of a global array does not depend on its sharding, on the device count or on
-# which process computes it (every process of a multi-host run gets the same numbers, from
-# one jitted reduction over the global array).
-
-_SEEDS = (0x9E3779B9, 0x7F4A7C15)
-
-
-def _fmix(h: jax.Array) -> jax.Array:
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The bits of ``x`` as uint32, one word per element (same shape as ``x``)."""
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        parts = jnp.stack([jnp.real(x), jnp.imag(x)])
-        w = _words(parts)
-        return w[0] ^ _fmix(w[1] + jnp.uint32(_SEEDS[0]))
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    bits = x.dtype.itemsize * 8
-    if bits == 64:
-        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
-        return pair[..., 0] ^ _fmix(pair[..., 1] + jnp.uint32(_SEEDS[1]))
-    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _leaf_digest(x: jax.Array) -> jax.Array:
-    """uint32[2]: the two sums h_s(x) above."""
-    w = _words(x)
-    pos = jnp.zeros(x.shape, jnp.uint32)  # flat row-major index, built without a reshape
-    stride = 1
-    for d in reversed(range(x.ndim)):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
-        pos = pos + iota * jnp.uint32(stride & 0xFFFFFFFF)
-        stride *= x.shape[d]
-    return jnp.stack(
-        [jnp.sum(_fmix(w + _fmix(pos ^ jnp.uint32(s))), dtype=jnp.uint32) for s in _SEEDS]
-    )
-
-
-def _leaf_finite(x: jax.Array) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.all(jnp.isfinite(x))
-    return jnp.array(True)
-
-
-def _digest_and_finite(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    digests = jnp.stack([_leaf_digest(x) for x in leaves])  # (n_leaves, 2)
-    finite = jnp.stack([_leaf_finite(x) for x in leaves])  # (n_leaves,)
-    return digests, finite
-
-
-def _device_group(x: Any) -> tuple:
-    # One jitted call per set of devices: leaves committed to different devices cannot meet
-    # in one computation. Host arrays and uncommitted ones go wherever jax puts them.
-    if isinstance(x, jax.Array) and x.committed:
-        return tuple(sorted(d.id for d in x.sharding.device_set))
-    return ()
-
-
-def _replicated_out(leaves: list[Any]) -> Any:
-    # Replicated outputs can be read on every process (addressable_data(0)), also multi-host.
-    for x in leaves:
-        s = getattr(x, "sharding", None)
-        if isinstance(x, jax.Array) and x.committed and isinstance(s, NamedSharding):
-            r = NamedSharding(s.mesh, PartitionSpec())
-            return (r, r)
-    return None
-
-
-def _scan(tree: Any) -> tuple[dict[str, str], list[str]]:
-    """``({leaf path: digest}, [paths of non-finite leaves])`` of the stored form of ``tree``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(_keys_to_data(tree))
-    paths = [jax.tree_util.keystr(p) for p, _ in flat]
-    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-    digests: dict[str, str] = {}
-    bad: list[str] = []
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault(_device_group(x), []).append(i)
-    for idx in groups.values():
-        part = [leaves[i] for i in idx]
-        fn = jax.jit(_digest_and_finite, out_shardings=_replicated_out(part))
-        d, f = fn(part)
-        d = np.asarray(d.addressable_data(0))
-        f = np.asarray(f.addressable_data(0))
-        for k, i in enumerate(idx):
-            x = leaves[i]
-            digests[paths[i]] = f"{x.dtype}{list(x.shape)}:{int(d[k, 0]):08x}{int(d[k, 1]):08x}"
-            if not f[k]:
-                bad.append(paths[i])
-    return digests, bad
-
-
-def state_digest(tree: Any) -> dict[str, str]:
-    """Digest of every leaf of ``tree``: ``{leaf path: "dtype[shape]:16 hex digits"}``.
-
-    Computed on device by one jitted reduction per device set (see the comment above
-    ``_fmix`` for the math); equal for equal bits whatever the sharding, on every process.
-    PRNG keys are digested through their key data.
-
-    >>> d = state_digest({"w": jnp.zeros((2, 3))})
-    >>> list(d), d["['w']"].split(":")[0]
-    (["['w']"], 'float32[2, 3]')
-    """
-    return _scan(tree)[0]
-
-
-def _meta_digest(meta: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-# --- quieting orbax on a failed restore ----------------------------------------------------
-
-
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence orbax's and asyncio's multi-line logging while a checkpoint is tried.
-
-    A failed TensorStore read leaves orbax's event loop with pending tasks, which log
-    "Event loop is closed" tracebacks; the one-line reason is logged by the caller instead.
-    """
-    _silence_restore_stragglers()
-    names = ["absl", "orbax", "asyncio", "jax._src.distributed"]
-    loggers = [logging.getLogger(n) for n in names]
-    drop = _DropAll()
-    for lg in loggers:
-        lg.addFilter(drop)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(drop)
-
-
-_ORBAX_DIR = os.path.dirname(ocp.__file__)
-
-
-def _is_restore_straggler(u: Any) -> bool:
-    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-        return True
-    code = getattr(u.object, "cr_code", None)  # a coroutine of orbax's, never awaited to the end
-    return code is not None and code.co_filename.startswith(_ORBAX_DIR)
-
-
-def _silence_restore_stragglers() -> None:
-    """Drop the tracebacks that a failed restore leaves behind, from then on.
-
-    After a failed read orbax closes its event loop while TensorStore still completes the
-    other reads of that restore; each completion reports ``RuntimeError('Event loop is
-    closed')``, and each unfinished read coroutine its own error, through
-    ``sys.unraisablehook``, from other threads and possibly after the restore has returned
-    (hundreds of lines). The hook installed here (at the first restore, for good, since the
-    reports come late) drops exactly these and passes every other report to the hook that
-    was in place.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_restore_stragglers", False):
-        return
-
-    def hook(u: Any) -> None:
-        if not _is_restore_straggler(u):
-            previous(u)
-
-    hook.drops_restore_stragglers = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(e).__name__}: {text}"
 
 
 # --- multi-process agreement ---------------------------------------------------------------
@@ -400,18 +194,18 @@ class Checkpointer:
             raise TypeError(f"meta must be a dict of JSON values: {e}") from None
         if not force and not self._manager.should_save(step):
             return False  # orbax would skip it (off the interval, or not after the latest)
-        digests, bad = _scan(state)
+        digests, bad = digests_and_nonfinite(state)
         if bad:
             more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
             raise NonFiniteStateError(
                 f"checkpoint {step} not written: state{bad[0]}{more} holds NaN or Inf; "
                 f"the older checkpoints in {self.directory} are kept"
             )
-        integrity = {"state": digests, "meta": _meta_digest(meta)}
+        integrity = {"state": digests, "meta": meta_digest(meta)}
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_keys_to_data(state)),
+                state=ocp.args.StandardSave(keys_to_data(state)),
                 meta=ocp.args.JsonSave(meta),
                 integrity=ocp.args.JsonSave(integrity),
             ),
@@ -429,7 +223,7 @@ class Checkpointer:
         if step not in self._manager.all_steps():
             raise CheckpointCorruptError(f"checkpoint {step} does not exist in {self.directory}")
         try:
-            with _quiet():
+            with quiet():
                 out = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -438,12 +232,12 @@ class Checkpointer:
                 )
             meta, integrity = out.meta, out.integrity
         except Exception as e:
-            raise CheckpointCorruptError(f"meta unreadable: {_one_line(e)}") from e
+            raise CheckpointCorruptError(f"meta unreadable: {one_line(e)}") from e
         if not isinstance(meta, dict) or not isinstance(integrity, dict):
             raise CheckpointCorruptError("meta or integrity record missing")
         if not isinstance(integrity.get("state"), dict) or "meta" not in integrity:
             raise CheckpointCorruptError("integrity record incomplete")
-        if _meta_digest(meta) != integrity["meta"]:
+        if meta_digest(meta) != integrity["meta"]:
             raise CheckpointCorruptError("meta differs from the one saved (digest mismatch)")
         return dict(meta), integrity
 
@@ -459,7 +253,7 @@ class Checkpointer:
         stored: Any = None
         reason = ""
         try:
-            with _quiet():
+            with quiet():
                 out = self._manager.restore(
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template))),
@@ -468,14 +262,14 @@ class Checkpointer:
             if stored is None:
                 reason = "state item missing"
         except Exception as e:
-            reason = f"state unreadable: {_one_line(e)}"
+            reason = f"state unreadable: {one_line(e)}"
         # Every process must take the same branch before the (collective) digest.
         if not _all_processes(not reason):
             raise CheckpointCorruptError(reason or "state unreadable on another process")
         try:
-            got, _ = _scan(stored)
+            got, _ = digests_and_nonfinite(stored)
         except Exception as e:  # e.g. a restored tree that does not match the template
-            raise CheckpointCorruptError(f"state unusable: {_one_line(e)}") from e
+            raise CheckpointCorruptError(f"state unusable: {one_line(e)}") from e
         want = integrity["state"]
         if set(got) != set(want):
             raise CheckpointCorruptError(
@@ -547,11 +341,6 @@ class Checkpointer:
             f"{newest}: {why}); nothing was deleted: move them away to start afresh"
         )
 
-    def restore_or(self, template: Any) -> tuple[Any, dict[str, Any]]:
-        """``restore_latest`` without the step: ``(template, {})`` when there is none."""
-        state, meta, _ = self.restore_latest(template)
-        return state, meta
-
     def _set_aside(self, steps: list[int]) -> None:
         """Move the checkpoints of ``steps`` (newer than the restored one) out of orbax's way."""
         if not steps:
@@ -573,9 +362,6 @@ class Checkpointer:
             )
         _sync("contrastive.checkpoint.set_aside")
         self._manager.reload()
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

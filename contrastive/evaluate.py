@@ -1,7 +1,8 @@
 """Evaluation of frozen embeddings: linear probe, k-NN, zero-shot accuracy, retrieval recall@k.
 
 All functions take plain arrays (NumPy or JAX) of embeddings, so they work with any encoder;
-:func:`embed` computes embeddings in fixed-size batches with a jitted apply function.
+:func:`embed` computes embeddings in fixed-size batches with a jitted apply function, and
+:func:`evaluate_model` runs the metrics that fit a data set on a dual encoder's towers.
 
 For an image-caption set with class captions (``shapes``)::
 
@@ -17,12 +18,25 @@ For an image-caption set with class captions (``shapes``)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-__all__ = ["embed", "linear_probe", "knn_accuracy", "retrieval_recall", "zero_shot_accuracy"]
+from contrastive.data import class_captions
+from contrastive.data.pipeline import DatasetSpec
+from contrastive.mesh import replicated, shard_batch
+
+__all__ = [
+    "embed",
+    "linear_probe",
+    "knn_accuracy",
+    "retrieval_recall",
+    "zero_shot_accuracy",
+    "evaluate_model",
+]
 
 
 def embed(
@@ -230,4 +244,78 @@ def retrieval_recall(
     for k in ks:
         out[f"i2t_r@{k}"] = float((rank_i2t < k).mean())
         out[f"t2i_r@{k}"] = float((rank_t2i < k).mean())
+    return out
+
+
+def _embedder(graphdef: nnx.GraphDef, params: Any, method: str, mesh: jax.sharding.Mesh):
+    """``x [N, ...] -> float32[N, D]`` on the host through ``model.<method>``, on the mesh.
+
+    Every process passes the same whole array; each feeds its own rows to the mesh, and
+    the result comes back replicated, so this is correct with several processes too.
+    """
+    fn = jax.jit(
+        lambda p, x: getattr(nnx.merge(graphdef, p), method)(x),
+        out_shardings=replicated(mesh),
+    )
+    count, index = jax.process_count(), jax.process_index()
+
+    def apply(x):
+        rows = len(x) // count
+        return fn(params, shard_batch(x[index * rows : (index + 1) * rows], mesh))
+
+    return apply
+
+
+def evaluate_model(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    spec: DatasetSpec,
+    data: dict,
+    mesh: jax.sharding.Mesh,
+    dataset: str,
+) -> dict[str, float]:
+    """Linear probe and k-NN (labelled images), or retrieval recall and zero-shot accuracy.
+
+    Image data sets are probed on the image tower's output, before the projection head
+    (SimCLR's protocol: the head's output discards information the loss does not need).
+    Image-text data sets get image->text and text->image recall@k on the test pairs; with
+    class captions (``shapes``) also zero-shot top-1 accuracy among every caption, overall
+    and on the compositions never seen in training, and recall that counts a retrieved
+    item with the same caption as a match. A ``data["val"]`` split (carved from the
+    training split) adds the same metrics with a ``val_`` prefix.
+    """
+    batch = 256 * mesh.devices.size  # embed pads the last batch to this; a multiple of it
+
+    def emb(method: str, x) -> np.ndarray:
+        return embed(_embedder(graphdef, params, method, mesh), x, batch_size=batch, jit=False)
+
+    if spec.kind == "image":
+        tr = emb("tower_x", data["train"]["image"])
+        te = emb("tower_x", data["test"]["image"])
+        ytr, yte = data["train"]["label"], data["test"]["label"]
+        return {
+            "linear_probe": linear_probe(tr, ytr, te, yte),
+            "knn": knn_accuracy(tr, ytr, te, yte, num_classes=spec.num_classes),
+        }
+    tokens, _ = class_captions(dataset) if spec.class_captions else (None, None)
+    captions = None if tokens is None else emb("embed_y", tokens)
+    out = _image_text_metrics(emb, data["test"], captions)
+    if "val" in data:  # a validation split carved from train: what tuning reads
+        val = _image_text_metrics(emb, data["val"], captions)
+        out.update({f"val_{k}": v for k, v in val.items()})
+    return out
+
+
+def _image_text_metrics(emb: Callable, split: dict, captions: np.ndarray | None) -> dict:
+    """Retrieval recall of a split's pairs; with class captions also zero-shot top-1 among
+    them, overall and on never-seen compositions, and recall that counts same-caption items."""
+    img, txt = emb("embed_x", split["image"]), emb("embed_y", split["text"])
+    if captions is None:
+        return retrieval_recall(img, txt)
+    ids = split["caption_id"]
+    out = {"zero_shot_top1": zero_shot_accuracy(img, captions, ids)}
+    if "novel" in split and np.any(split["novel"]):
+        novel = np.asarray(split["novel"], bool)
+        out["zero_shot_top1_novel"] = zero_shot_accuracy(img[novel], captions, ids[novel])
+    out.update(retrieval_recall(img, txt, ks=(1, 5), ids=ids))
     return out

@@ -7,62 +7,27 @@ alone, as in CLIP, SimCLR and SigLIP.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import optax
 
-from contrastive.settings import check_fields, field_name, setting
+from contrastive.configs import OptimConfig
 
-__all__ = ["OPTIMIZERS", "OptimConfig", "make_schedule", "make_optimizer", "decay_mask"]
-
-OPTIMIZERS = ("adamw", "lamb", "lars")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser settings (each field's help is in its metadata)."""
-
-    name: str = setting("adamw", "optimiser", flag="optimizer", choices=OPTIMIZERS)
-    learning_rate: float = setting(
-        1e-3, "peak learning rate (linear warm-up, then cosine decay)", positive=True
-    )
-    warmup_steps: int = setting(0, "linear warm-up steps from 0", at_least=0)
-    total_steps: int = setting(
-        1000, "length of the schedule, warm-up included", at_least=1, cli=False
-    )
-    end_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak", at_least=0)
-    weight_decay: float = setting(1e-4, "decoupled weight decay on weight matrices", at_least=0)
-    b1: float = setting(0.9, "Adam/LAMB first-moment decay", at_least=0)
-    b2: float = setting(0.999, "Adam/LAMB second-moment decay", at_least=0)
-    eps: float = setting(1e-8, "Adam/LAMB epsilon", positive=True)
-    momentum: float = setting(0.9, "LARS momentum", at_least=0)
-    trust_coefficient: float = setting(1e-3, "LARS trust coefficient", positive=True)
-    clip_norm: float | None = setting(
-        1.0, "clip the global gradient norm to this value first; none: no clipping", positive=True
-    )
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"{field_name(self, 'warmup_steps')} ({self.warmup_steps}) must not exceed the "
-                f"schedule's {self.total_steps} steps: lower it"
-            )
+__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Linear warm-up to ``learning_rate``, then cosine decay to ``end_lr_ratio * lr``.
 
-    A schedule that is all warm-up (``warmup_steps == total_steps``) ends at the peak.
+    A schedule that is all warm-up (``warmup == total_steps``) ends at the peak.
     """
-    if cfg.warmup_steps >= cfg.total_steps:
-        return optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.warmup >= cfg.total_steps:
+        return optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=cfg.warmup,
         decay_steps=cfg.total_steps,
         end_value=cfg.learning_rate * cfg.end_lr_ratio,
     )

@@ -33,9 +33,7 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -45,8 +43,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-import losses
 from contrastive import gradcache
+from contrastive.configs import LossConfig, TrainConfig, local_chunk_size
 from contrastive.mesh import (
     DATA_AXIS,
     batch_sharding,
@@ -56,96 +54,25 @@ from contrastive.mesh import (
     replicated,
     scatter_axes,
 )
-from contrastive.optim import OptimConfig, make_optimizer, make_schedule
-from contrastive.settings import check_fields, field_name, setting
+from contrastive.optim import make_optimizer, make_schedule
+from losses._common import global_sum
 
 __all__ = [
-    "LOSSES",
-    "LossConfig",
-    "TrainConfig",
     "TrainState",
     "Batch",
     "as_batch",
     "tower_fns",
     "create_train_state",
     "place_state",
-    "default_temperature",
     "contrastive_loss",
     "make_loss_fn",
     "loss_and_grads",
     "train_step",
     "make_train_step",
+    "state_shardings",
+    "reduce_grads",
+    "all_finite",
 ]
-
-# The loss functions by name: the one list of loss names in the training system.
-LOSSES: dict[str, Any] = {
-    "infonce": losses.infonce,
-    "sigmoid": losses.sigmoid,
-    "decoupled": losses.decoupled,
-}
-
-
-def default_temperature(name: str) -> float:
-    """The loss's own default temperature (CLIP 0.07 for InfoNCE, SigLIP/DCL 0.1)."""
-    return inspect.signature(LOSSES[name]).parameters["temperature"].default
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Which loss and its options (see ``losses``)."""
-
-    name: str = setting(
-        "infonce",
-        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP) or decoupled (DCL/DCLW)",
-        flag="loss",
-        choices=tuple(LOSSES),
-    )
-    symmetric: bool = setting(True, "average both directions of the softmax losses")
-    intra_view: bool = setting(
-        False, "same-view negatives in the softmax losses (SimCLR's NT-Xent)"
-    )
-    sigma: float | None = setting(
-        None, "DCLW weighting of the decoupled loss; none: plain DCL", positive=True
-    )
-    block_size: int | None = setting(
-        None, "similarity tile edge of the tiled losses; none: automatic", at_least=1
-    )
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.sigma is not None and self.name != "decoupled":
-            raise ValueError(
-                f"{field_name(self, 'sigma')} (DCLW) is an option of the decoupled loss: set "
-                f"{field_name(self, 'name')} decoupled or drop it"
-            )
-        if self.intra_view and self.name == "sigmoid":
-            raise ValueError(
-                f"{field_name(self, 'intra_view')} is for the softmax losses: drop it or set "
-                f"{field_name(self, 'name')} infonce"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Train step settings: loss, optimiser, gradient-cache chunk, optimiser sharding."""
-
-    loss: LossConfig = setting(default_factory=LossConfig)
-    optim: OptimConfig = setting(default_factory=OptimConfig)
-    chunk_size: int | None = setting(
-        None,
-        "gradient caching: encode the global batch in chunks of this many rows (a multiple "
-        "of the device count; each device encodes chunk/devices rows at a time); none: "
-        "encode the whole batch at once",
-        at_least=1,
-    )
-    shard_optimizer: bool = setting(
-        False,
-        "shard the optimiser state (and reduce-scatter the gradients) along the data axis "
-        "(ZeRO-1/2); parameters stay replicated",
-    )
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 class TrainState(NamedTuple):
@@ -210,29 +137,23 @@ def contrastive_loss(
     ``ids`` [M] (int): candidates with the anchor's id are not its negatives (duplicates);
     ``valid`` [M] (bool): False drops a pair or an extra negative (padding).
     """
+    spec = cfg.spec
     kw: dict[str, Any] = {"temperature": temperature, "axis_name": axis_name}
+    kw.update({name: getattr(cfg, name) for name in spec.options})
     if ids is not None:
         kw["ids"] = ids
     if valid is not None:
         kw["valid"] = valid
     if cfg.block_size is not None:
         kw["block_size"] = cfg.block_size
-    if cfg.name == "sigmoid":
+    if spec.has_bias:
         if bias is None:
             raise ValueError(
-                "the sigmoid loss needs a learnable bias: build the model with "
-                "DualEncoder(..., init_bias=-10.0)."
+                f"the {cfg.name} loss needs a learnable bias: build the model with "
+                f"DualEncoder(..., init_bias={spec.bias})."
             )
-        return losses.sigmoid(x, y, bias=bias, **kw)
-    if cfg.name == "infonce":
-        return losses.infonce(x, y, symmetric=cfg.symmetric, intra_view=cfg.intra_view, **kw)
-    return losses.decoupled(
-        x, y, sigma=cfg.sigma, symmetric=cfg.symmetric, intra_view=cfg.intra_view, **kw
-    )
-
-
-def _global_sum(v: jax.Array, axis_name: str | None) -> jax.Array:
-    return v if axis_name is None else lax.psum(v, axis_name)
+        kw["bias"] = bias
+    return spec(x, y, **kw)
 
 
 def _logit_stats(x, y, temperature, bias, axis_name) -> dict[str, jax.Array]:
@@ -241,9 +162,9 @@ def _logit_stats(x, y, temperature, bias, axis_name) -> dict[str, jax.Array]:
     y = lax.stop_gradient(y).astype(jnp.float32)
     # A float: n (n - 1) overflows int32 from n = 46,341 pairs on.
     n = float(x.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name)))
-    pos = _global_sum(jnp.sum(x * y), axis_name)  # sum_i x_i . y_i
-    sx = _global_sum(jnp.sum(x, axis=0), axis_name)
-    sy = _global_sum(jnp.sum(y, axis=0), axis_name)
+    pos = global_sum(jnp.sum(x * y), axis_name)  # sum_i x_i . y_i
+    sx = global_sum(jnp.sum(x, axis=0), axis_name)
+    sy = global_sum(jnp.sum(y, axis=0), axis_name)
     total = jnp.dot(sx, sy)  # (D,) . (D,) -> sum_ij x_i . y_j
     t = lax.stop_gradient(temperature)
     b = 0.0 if bias is None else lax.stop_gradient(bias)
@@ -271,7 +192,7 @@ def make_loss_fn(
         model = nnx.merge(graphdef, params)
         x, y = embeddings
         t = model.temperature()
-        b = model.bias_value() if cfg.name == "sigmoid" else None
+        b = model.bias_value() if cfg.spec.has_bias else None
         loss = contrastive_loss(x, y, t, b, cfg, axis_name=axis_name, ids=ids, valid=valid)
         # The positives: the first rows of y (extra negatives follow them).
         aux = {"temperature": t, **_logit_stats(x, y[: x.shape[0]], t, b, axis_name)}
@@ -283,18 +204,6 @@ def make_loss_fn(
 
 
 # ------------------------------------------------------------- the per-device gradient
-
-
-def local_chunk_size(chunk_size: int | None, devices: int) -> int | None:
-    """Rows per chunk on each device; ValueError unless the devices split the chunk evenly."""
-    if chunk_size is None:
-        return None
-    if chunk_size % devices:
-        raise ValueError(
-            f"chunk_size={chunk_size} does not split over the {devices} devices: use a multiple "
-            f"of {devices} (e.g. {max(devices, chunk_size - chunk_size % devices)})."
-        )
-    return chunk_size // devices
 
 
 class Batch(NamedTuple):
@@ -386,7 +295,7 @@ def local_loss_and_grads(
     return f(params, inputs, key)
 
 
-def _reduce(grads: Any, axis_name: str, scatter: Any) -> Any:
+def reduce_grads(grads: Any, axis_name: str, scatter: Any) -> Any:
     """Sum partial gradients over the devices: psum, or psum_scatter on the sharded axis."""
 
     def one(g, axis):
@@ -447,7 +356,7 @@ def loss_and_grads(
         aux = jax.tree_util.tree_map(lambda a: lax.pmax(a, DATA_AXIS), aux)
         # A bfloat16 gradient is rounded once, after the float32 sums over chunks and
         # devices: rounding before the reduction would add an error per device.
-        grads = _reduce(grads, DATA_AXIS, scatter)
+        grads = reduce_grads(grads, DATA_AXIS, scatter)
         return (loss, aux), jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), params, grads)
 
     return jax.shard_map(
@@ -461,7 +370,7 @@ def loss_and_grads(
 # ------------------------------------------------------------------------------ the step
 
 
-def _all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
     leaves = [
         jnp.all(jnp.isfinite(a))
         for a in jax.tree_util.tree_leaves(tree)
@@ -496,7 +405,7 @@ def train_step(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(params) & _all_finite(opt_state)
+    finite = all_finite(params) & all_finite(opt_state)
     metrics = {
         "loss": loss,
         **aux,

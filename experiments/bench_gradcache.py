@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
@@ -28,14 +29,17 @@ from flax import nnx
 from contrastive import mesh as mesh_lib
 from contrastive import models
 from contrastive import train_step as ts
-from experiments import benchmarking as bm
-from experiments import run_dir
+from contrastive.configs import LossConfig, TrainConfig
+from contrastive.loss_registry import LOSS_NAMES
+from experiments.common import benchmarking as bm
+from experiments.common import run_dir
+from experiments.common.cli import OneLineParser, run_main
 
 STEM = "bench_gradcache"
 
 
 def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m experiments.bench_gradcache",
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
@@ -47,14 +51,14 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024, help="encoder width")
     p.add_argument("--depth", type=int, default=3, help="encoder depth")
     p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--loss", choices=list(ts.LOSSES), default="infonce")
+    p.add_argument("--loss", choices=LOSS_NAMES, default="infonce")
     p.add_argument("--reps", type=int, default=11, help="timed calls of each step")
     p.add_argument("--devices", type=int, default=1, help="devices in the mesh")
     run_dir.add_output_flags(p)
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def run(argv: Sequence[str] | None = None) -> dict:
     args = _parse(argv)
     bm.simulate_cpu_devices(args.devices)  # before the first jax operation
     out = run_dir.create(STEM, args.out)
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     steps = {}
     for name, chunk in (("plain", None), ("cached", args.chunk)):
-        cfg = ts.TrainConfig(loss=ts.LossConfig(args.loss), chunk_size=chunk)
+        cfg = TrainConfig(loss=LossConfig(args.loss), chunk_size=chunk)
         f = jax.jit(functools.partial(ts.loss_and_grads, graphdef=graphdef, config=cfg, mesh=mesh))
         t0 = time.perf_counter()
         steps[name] = f.lower(params, batch, None).compile()
@@ -121,5 +125,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,17 +21,23 @@ and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 import losses
-from experiments import run_dir
-from experiments.benchmarking import compiled_memory, matmul_flops, median_seconds, save_outputs
+from experiments.common import run_dir
+from experiments.common.benchmarking import (
+    compiled_memory,
+    matmul_flops,
+    median_seconds,
+    save_outputs,
+)
+from experiments.common.cli import OneLineParser, run_main
 
 CASES = [
     ("infonce", {}),
@@ -69,10 +75,8 @@ def meets_targets(row: dict) -> bool:
     return row["tiled_over_dense"] <= bound and row["fraction_of_matmul"] >= 0.75
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.bench_losses", description=__doc__.split("\n")[0]
-    )
+def run(argv: Sequence[str] | None = None) -> list[dict]:
+    p = OneLineParser(prog="python -m experiments.bench_losses", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None)
@@ -160,5 +164,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,8 +24,8 @@ and prints the table. The two methods are timed in alternation (``benchmarking``
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 
@@ -34,8 +34,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import benchmarking as bm
-from experiments import run_dir
+from contrastive.loss_registry import LOSS_NAMES
+from experiments.common import benchmarking as bm
+from experiments.common import run_dir
+from experiments.common.cli import OneLineParser, run_main
 
 STEM = "bench_ring"
 METHODS = ("ring", "gathered")
@@ -46,16 +48,14 @@ def _num(v: float) -> str:
     return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.bench_ring", description=__doc__.split("\n")[0]
-    )
+def run(argv: Sequence[str] | None = None) -> list[dict]:
+    p = OneLineParser(prog="python -m experiments.bench_ring", description=__doc__.split("\n")[0])
     p.add_argument("--time-batch", type=int, nargs="*", default=[2048, 4096])
     p.add_argument(
         "--memory-batch", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1048576]
     )
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--loss", default="infonce", choices=bm.LOSSES)
+    p.add_argument("--loss", default="infonce", choices=LOSS_NAMES)
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
@@ -150,5 +150,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,16 +16,17 @@ Writes ``bench_tile_products.json`` into a run directory (``--out``, default
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from experiments import run_dir
-from experiments.benchmarking import median_seconds, save_outputs
+from experiments.common import run_dir
+from experiments.common.benchmarking import median_seconds, save_outputs
+from experiments.common.cli import OneLineParser, run_main
 
 F32 = jnp.float32
 STEM = "bench_tile_products"
@@ -58,8 +59,8 @@ def backward_tiles(form: str, tile: int, dim: int, count: int):
     return jax.jit(run)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
+def run(argv: Sequence[str] | None = None) -> dict:
+    p = OneLineParser(
         prog="python -m experiments.bench_tile_products", description=__doc__.split("\n")[0]
     )
     p.add_argument("--tile", type=int, default=1024)
@@ -92,5 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

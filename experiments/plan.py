@@ -53,13 +53,16 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from experiments import run_dir
+from contrastive.models.clip import CLIP_CONFIGS
+from experiments.common import run_dir
+from experiments.common.cli import OneLineParser, run_main
 
-MODELS = ("vit-b-32", "vit-b-16", "vit-l-14", "vit-tiny")
+MODELS = tuple(CLIP_CONFIGS)
 # Rows per device in one gradient-cache chunk: activations of a chunk are a few GiB at
 # most (ViT-L/14 without remat: ~0.3 GiB per row), small beside what 80 GiB holds of
 # batch, while a chunk keeps a GPU's matmuls large (32 x 257 tokens for ViT-L/14).
@@ -109,23 +112,17 @@ def build_step(
     from contrastive import mesh as mesh_lib
     from contrastive import models
     from contrastive import train_step as ts
-    from contrastive.optim import OptimConfig, make_optimizer
-    from experiments import benchmarking as bm
+    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
+    from contrastive.optim import make_optimizer
+    from experiments.common import benchmarking as bm
 
     mesh = mesh_lib.make_mesh(jax.devices("cpu"), num_devices=devices)
     chunk = None if chunk_rows is None else chunk_rows * devices
-    extra, ring = {}, {}
-    if shard_optimizer:  # ZeRO-style optimiser-state sharding of the train step
-        if "shard_optimizer" not in {f.name for f in dataclasses.fields(ts.TrainConfig)}:
-            raise ValueError("--shard-optimizer: this TrainConfig has no shard_optimizer field")
-        extra["shard_optimizer"] = True
-    if "ring" in {f.name for f in dataclasses.fields(ts.LossConfig)}:
-        ring["ring"] = True  # a train step where the ring is an option: ask for it
-    cfg = ts.TrainConfig(
-        loss=ts.LossConfig("infonce", **ring),
+    cfg = TrainConfig(
+        loss=LossConfig("infonce"),
         optim=OptimConfig("adamw"),
         chunk_size=chunk,
-        **extra,
+        shard_optimizer=shard_optimizer,
     )
     tx = make_optimizer(cfg.optim)
 
@@ -275,7 +272,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m experiments.plan",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -305,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-optimizer",
         action="store_true",
-        help="pass TrainConfig(shard_optimizer=True) (once the train step has it)",
+        help="shard the optimiser state along the data axis (TrainConfig.shard_optimizer)",
     )
     run_dir.add_output_flags(p)
     return p
@@ -313,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def markdown(records: list[dict], limit: int) -> str:
     """The results table: largest global batch per model and device count."""
-    from experiments.benchmarking import fmt_bytes
+    from experiments.common.benchmarking import fmt_bytes
 
     devices = sorted({r["devices"] for r in records})
     models = list(dict.fromkeys(r["model"] for r in records))
@@ -353,7 +350,7 @@ def markdown(records: list[dict], limit: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     models = [args.model] if args.model else []
     models += [m for m in (args.models or "").split(",") if m]
@@ -376,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         records = [r for r in records if keep(r)]
         return _report(records, limit, out, args.update_results, models, devices, steps)
 
-    from experiments import benchmarking as bm
+    from experiments.common import benchmarking as bm
 
     bm.simulate_cpu_devices(max(devices), compile_only=True)  # before any jax operation
     records = []
@@ -405,7 +402,7 @@ def _report(
     steps: list[str],
 ) -> dict:
     """Write plan.{json,md}, print the table, and last the JSON line of the first record."""
-    from experiments.benchmarking import save_outputs
+    from experiments.common.benchmarking import save_outputs
 
     if not records:
         raise ValueError("no records for these --models and --devices in --from-records")
@@ -431,5 +428,9 @@ def _report(
     return final
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

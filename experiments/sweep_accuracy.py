@@ -45,11 +45,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from contrastive.configs import Config, ConfigError
 from contrastive.data.captioned_shapes import expected_neighbours
-from experiments.config import ConfigError
-from experiments.seed_sweeps import (
+from experiments.common.cli import command_parser, positive_int
+from experiments.common.grid import (
     GridRun,
-    OneLineParser,
     SweepSpec,
     add_grid_flags,
     grid_runs,
@@ -68,14 +68,10 @@ METRICS = ("zero_shot_top1", "zero_shot_top1_novel", "i2t_r@1", "t2i_r@1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m experiments.sweep_accuracy",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser("python -m experiments.sweep_accuracy", __doc__)
     p.add_argument("--budget", choices=tuple(BUDGETS), default="short",
                    help=f"examples per run: {BUDGETS}")  # fmt: skip
-    p.add_argument("--examples", type=int, default=None,
+    p.add_argument("--examples", type=positive_int, default=None,
                    help="examples (pairs) per run; overrides --budget")  # fmt: skip
     add_grid_flags(p, batch_sizes=BATCH_SIZES, seeds=SEEDS, model=MODEL, width=WIDTH,
                    base_lr=BASE_LR)  # fmt: skip
@@ -100,8 +96,7 @@ def build(args: argparse.Namespace) -> tuple[SweepSpec, list[GridRun]]:
             f"--examples {n} is smaller than --batch-sizes {too_big}: every run needs at least "
             "one step; raise --examples or drop those batch sizes"
         )
-    runs = grid_runs(args, steps_for=lambda b: n // b, data_flags=["--dataset", "shapes"])
-    depth = "default (2)" if args.depth is None else args.depth
+    runs = grid_runs(args, Config().with_updates(dataset="shapes"), steps_for=lambda b: n // b)
     spec = SweepSpec(
         stem=STEM,
         title=f"shapes, CLIP-style two towers, {n:,} examples per run",
@@ -113,23 +108,11 @@ def build(args: argparse.Namespace) -> tuple[SweepSpec, list[GridRun]]:
             ("t2i_r@1", "Text→image recall@1"),
         ),
         panels=(("zero_shot_top1", "zero-shot top-1 (%)"), ("i2t_r@1", "image→text R@1 (%)")),
-        protocol={
-            "data": "shapes (generated; test split 2,000 pairs, half never-seen compositions)",
-            "model": f"image tower {args.model} width {args.width} depth {depth}; text "
-            "transformer width 64 depth 2; 256-wide heads to 64-d embeddings",
-            "budget": f"{n:,} examples per run (--budget {args.budget}"
-            + (f", --examples {args.examples}" if args.examples is not None else "")
-            + "); steps = examples // batch",
-            "batch_sizes": list(args.batch_sizes),
-            "seeds": list(args.seeds),
-            "losses": list(args.losses),
-            "learning_rate": lr_rule(args),
-            "temperature": "learned; initial 0.07 (InfoNCE), 0.1 (sigmoid, DCL); sigmoid bias "
-            "initial -10",
-            "gradient_cache": "off"
-            if args.chunk_size is None
-            else f"chunks of {args.chunk_size} above B = {args.chunk_size}",
-        },
+        notes=(
+            f"budget: {n:,} examples per run; steps = examples // batch",
+            f"learning rate: {lr_rule(args)}",
+            "temperature learned from the loss's default; the sigmoid loss's bias from -10",
+        ),
         columns={
             "hard negatives / anchor": hard_negatives,
             "steps": lambda b: str(n // b),

@@ -18,7 +18,9 @@ Protocol (the same for every loss):
   2B - 2 same-batch images are negatives too); sigmoid as in SigLIP (bias initialised at
   −10); temperatures learned from the loss's default.
 - learning rate: AdamW, peak ``2e-3 · sqrt(B / 256)``, warm-up ⌊steps / 10⌋ steps, cosine
-  decay to 0 (:func:`experiments.seed_sweeps.learning_rate`).
+  decay to 0 (:func:`experiments.common.grid.learning_rate`).
+
+The report lists every setting of the runs, read from their configs.
 - the untrained encoder of each seed is the baseline.
 
 Writes ``digits_sweep.{md,png,json,csv}`` to a new run directory (``--out``) and prints the
@@ -35,11 +37,12 @@ import math
 import sys
 from collections.abc import Sequence
 
+from contrastive.configs import Config, ConfigError
 from contrastive.data import get_spec, load_source
-from experiments.config import ConfigError
-from experiments.seed_sweeps import (
+from contrastive.loss_registry import LOSSES
+from experiments.common.cli import command_parser, path
+from experiments.common.grid import (
     GridRun,
-    OneLineParser,
     SweepSpec,
     add_grid_flags,
     grid_runs,
@@ -57,13 +60,10 @@ METRICS = ("linear_probe", "knn")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m experiments.sweep_digits",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser("python -m experiments.sweep_digits", __doc__)
     p.add_argument("--epochs", type=float, default=10.0, help="passes over the training split")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir; none: ~/tensorflow_datasets")
+    p.add_argument("--data-dir", type=path, default=None,
+                   help="TFDS data dir; none: ~/tensorflow_datasets")  # fmt: skip
     add_grid_flags(p, batch_sizes=BATCH_SIZES, seeds=SEEDS, model=MODEL, width=WIDTH,
                    base_lr=BASE_LR)  # fmt: skip
     return p
@@ -81,12 +81,12 @@ def build(args: argparse.Namespace) -> tuple[SweepSpec, list[GridRun]]:
     def steps_for(b: int) -> int:
         return max(1, math.ceil(args.epochs * n_train / b))
 
-    data = ["--dataset", "digits"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    base = Config().with_updates(dataset="digits", data_dir=args.data_dir)
     runs = grid_runs(
         args,
+        base,
         steps_for=steps_for,
-        data_flags=data,
-        loss_flags=lambda loss: [] if loss == "sigmoid" else ["--intra-view"],
+        loss_updates=lambda loss: {"intra_view": "intra_view" in LOSSES[loss].options},
     )
     spec = SweepSpec(
         stem=STEM,
@@ -97,18 +97,11 @@ def build(args: argparse.Namespace) -> tuple[SweepSpec, list[GridRun]]:
             ("knn", "k-NN accuracy on the test split"),
         ),
         panels=(("linear_probe", "linear-probe accuracy (%)"), ("knn", "k-NN accuracy (%)")),
-        protocol={
-            "data": f"digits (scikit-learn, {n_train} training images), two augmented views",
-            "model": f"image tower {args.model} width {args.width}"
-            + ("" if args.depth is None else f" depth {args.depth}")
-            + "; 256-wide head to 64-d; probes on the features before the head",
-            "budget": f"{args.epochs:g} epochs per run; steps = ceil(epochs * {n_train} / batch)",
-            "batch_sizes": list(args.batch_sizes),
-            "seeds": list(args.seeds),
-            "losses": list(args.losses),
-            "softmax_form": "NT-Xent (--intra-view) for InfoNCE and DCL",
-            "learning_rate": lr_rule(args),
-        },
+        notes=(
+            f"budget: {args.epochs:g} epochs per run; steps = ceil(epochs * {n_train} / batch)",
+            "softmax losses in NT-Xent form (--intra-view); probes on the features before the head",
+            f"learning rate: {lr_rule(args)}",
+        ),
         columns={
             "steps": lambda b: str(steps_for(b)),
             "peak LR": lambda b: f"{learning_rate(b, args.base_lr):.2g}",

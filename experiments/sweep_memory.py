@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -44,10 +45,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import benchmarking as bm
-from experiments import memory_report, run_dir
+from contrastive.loss_registry import LOSS_NAMES
+from experiments.common import benchmarking as bm
+from experiments.common import memory_report, run_dir
+from experiments.common.cli import OneLineParser, run_main
 
-LOSSES = bm.LOSSES
 LOSS_METHODS = bm.LOSS_METHODS
 TRAIN_METHODS = ("train_cached", "train_plain")
 DEFAULT_BATCH = [1024, 4096, 16384, 65536, 262144, 1048576, 4194304]
@@ -94,15 +96,17 @@ def train_method(name: str, loss: str, dim: int, mesh, args) -> Method:
     from contrastive import mesh as mesh_lib
     from contrastive import models, optim
     from contrastive import train_step as ts
+    from contrastive.configs import LossConfig, TrainConfig
+    from contrastive.loss_registry import LOSSES
 
     chunk = args.train_chunk if name == "train_cached" else None
     model = models.DualEncoder(
         models.MLPEncoder(args.train_input_dim, args.train_width, 2, rngs=nnx.Rngs(0)),
         embed_dim=dim,
-        init_bias=-10.0 if loss == "sigmoid" else None,
+        init_bias=LOSSES[loss].bias,
         rngs=nnx.Rngs(0),
     )
-    cfg = ts.TrainConfig(loss=ts.LossConfig(loss, block_size=args.block_size), chunk_size=chunk)
+    cfg = TrainConfig(loss=LossConfig(loss, block_size=args.block_size), chunk_size=chunk)
     graphdef, state = ts.create_train_state(model, optim.make_optimizer(cfg.optim))
     state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     step = ts.make_train_step(graphdef, cfg, mesh)
@@ -189,12 +193,10 @@ def largest_batch(sweep: Sweep, m: Method, budget: float, swept, quantum: int, t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.sweep_memory", description=__doc__.split("\n")[0]
-    )
+    p = OneLineParser(prog="python -m experiments.sweep_memory", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=DEFAULT_BATCH, help="global B")
     p.add_argument("--dim", type=int, default=512, help="embedding width D")
-    p.add_argument("--losses", default="infonce", help="comma-separated: " + ",".join(LOSSES))
+    p.add_argument("--losses", default="infonce", help="comma-separated: " + ",".join(LOSS_NAMES))
     p.add_argument(
         "--methods",
         default=",".join(LOSS_METHODS + TRAIN_METHODS),
@@ -282,12 +284,12 @@ def _fit_table(sweep: Sweep, table: list[Method], loss: str, fit_methods, args) 
     return fits
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def run(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     args.losses = [s for s in args.losses.split(",") if s]
     methods = [s for s in args.methods.split(",") if s]
     fit_methods = [] if args.fit == "none" else [s for s in args.fit.split(",") if s]
-    for name, known in (("loss", LOSSES), ("method", LOSS_METHODS + TRAIN_METHODS)):
+    for name, known in (("loss", LOSS_NAMES), ("method", LOSS_METHODS + TRAIN_METHODS)):
         for v in args.losses if name == "loss" else methods + fit_methods:
             if v not in known:
                 raise SystemExit(f"error: unknown {name} {v!r}; choose from {','.join(known)}")
@@ -329,5 +331,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,7 @@ from experiments import bench_losses
 
 def test_bench_losses_writes_every_case(tmp_path):
     argv = ["--batch", "40", "--dim", "8", "--repeats", "1", "--matmul-size", "64"]
-    rows = bench_losses.main([*argv, "--block-size", "16", "--out", str(tmp_path)])
+    rows = bench_losses.run([*argv, "--block-size", "16", "--out", str(tmp_path)])
     assert [r["loss"] for r in rows] == [
         name + "".join(f" {k}={v}" for k, v in opts.items()) for name, opts in bench_losses.CASES
     ]
@@ -33,14 +33,14 @@ def test_tile_product_forms_agree(tmp_path):
     from experiments import bench_tile_products
 
     argv = ["--tile", "32", "--dim", "8", "--count", "3", "--repeats", "1", "--out", str(tmp_path)]
-    out = bench_tile_products.main(argv)
+    out = bench_tile_products.run(argv)
     assert (tmp_path / "bench_tile_products.json").stat().st_size > 0
     assert out["max_abs_difference"] < 1e-4
     assert out["transposed"]["gflops"] > 0 and out["row-contraction"]["gflops"] > 0
 
 
 def test_alternating_times_time_every_call_in_turn():
-    from experiments import benchmarking
+    from experiments.common import benchmarking
 
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
@@ -55,7 +55,7 @@ def test_formatting_and_memory_analysis():
     import jax
     import jax.numpy as jnp
 
-    from experiments import benchmarking
+    from experiments.common import benchmarking
 
     assert benchmarking.fmt_bytes(1536) == "1.5 KiB" and benchmarking.fmt_bytes(None) == "-"
     assert benchmarking.fmt_batch(2**20) == "1M" and benchmarking.fmt_batch(1000) == "1000"

@@ -32,10 +32,10 @@ def test_save_every_and_keep_last(tmp_path):
         assert ckpt.latest_step() == 12
 
 
-def test_restore_or_returns_template_when_empty(tmp_path):
+def test_restore_latest_returns_template_when_empty(tmp_path):
     with Checkpointer(tmp_path, every=1) as ckpt:
         state = _state()
-        restored, meta = ckpt.restore_or(state)
+        restored, meta, step = ckpt.restore_latest(state)
         assert restored is state and meta == {}
 
 
@@ -50,7 +50,7 @@ def test_roundtrip_sharded_state_keys_and_meta(tmp_path):
     # A fresh process would build the template from scratch: different values, same layout.
     template = _state(mesh)
     with Checkpointer(tmp_path, every=5) as ckpt:
-        restored, got_meta = ckpt.restore_or(template)
+        restored, got_meta, _ = ckpt.restore_latest(template)
     assert got_meta == meta
     assert restored["params"]["w"].sharding == template["params"]["w"].sharding
     assert restored["params"]["b"].dtype == jnp.bfloat16
@@ -73,7 +73,7 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-123").mkdir()
     with Checkpointer(tmp_path, every=1) as ckpt:
         assert ckpt.latest_step() == 1
-        _, meta = ckpt.restore_or(_state())
+        _, meta, _ = ckpt.restore_latest(_state())
         assert meta == {"step": 1}
 
 
@@ -224,7 +224,7 @@ def test_non_finite_state_is_refused_and_older_checkpoints_kept(tmp_path):
 
 
 def test_digest_is_independent_of_sharding_and_survives_save_restore(tmp_path):
-    from contrastive.checkpoint import state_digest
+    from contrastive.state_digest import state_digest
 
     mesh = _mesh()
     state = _big_state(mesh, 3)
@@ -246,7 +246,7 @@ def test_digest_is_independent_of_sharding_and_survives_save_restore(tmp_path):
 
 
 def test_digest_changes_with_one_bit_or_a_swap():
-    from contrastive.checkpoint import state_digest
+    from contrastive.state_digest import state_digest
 
     w = np.arange(64, dtype=np.float32).reshape(8, 8)
     one_bit = w.copy()
@@ -317,7 +317,8 @@ jax.distributed.initialize(
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from contrastive.checkpoint import Checkpointer, state_digest
+from contrastive.checkpoint import Checkpointer
+from contrastive.state_digest import state_digest
 from contrastive.run_guard import StopSignals, WorkdirLock
 from tests.test_checkpoint import _flip_middle
 
@@ -358,7 +359,7 @@ def test_two_hosts_agree_on_digests_and_fallback(tmp_path):
     import os
     import sys
 
-    from contrastive.checkpoint import state_digest
+    from contrastive.state_digest import state_digest
     from tests import processes
 
     env = {**os.environ, "PYTHONPATH": str(processes.REPO)}

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contrastive import loop
+from contrastive.configs import parse_config
 from contrastive.data import prepare_digits
-from experiments import train
-from experiments.config import parse_config
 from tests import processes
 from tests.processes import free_port
 
@@ -66,7 +66,7 @@ def test_two_hosts_train_like_one_and_resume_after_a_dead_peer(tmp_path):
     prepare_digits(data_dir)
 
     # One process, 4 of this process's 8 simulated devices: the reference.
-    reference = train.run(
+    reference = loop.train(
         parse_config(
             ["--workdir", str(tmp_path / "one"), "--data-dir", data_dir, *RUN, "--num-devices", "4"]
         )  # fmt: skip

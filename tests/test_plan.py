@@ -14,7 +14,7 @@ def test_plan_finds_the_largest_batch_that_fits(tmp_path, capsys):
     limit = 48 * 2**20
     argv = ["--model", "vit-tiny", "--devices", "2", "--memory", "48MiB", "--cached-only",
             "--out", str(tmp_path)]  # fmt: skip
-    final = plan.main(argv)
+    final = plan.run(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == final
     assert set(final) >= {"model", "devices", "memory_limit_bytes", "largest_global_batch",
@@ -36,9 +36,9 @@ def test_plan_arguments_are_checked_before_any_compile():
     with pytest.raises(ValueError, match="--memory"):
         plan.parse_bytes("80 parsecs")
     with pytest.raises(ValueError, match="--model 'vit-h-14'"):
-        plan.main(["--model", "vit-h-14"])
+        plan.run(["--model", "vit-h-14"])
     with pytest.raises(ValueError, match="--devices"):
-        plan.main(["--model", "vit-tiny", "--devices", "0"])
+        plan.run(["--model", "vit-tiny", "--devices", "0"])
 
 
 @pytest.mark.parametrize("bend", [0.0, 0.3, 3.0])

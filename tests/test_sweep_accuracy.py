@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from experiments import seed_sweeps, sweep_accuracy, sweep_digits
+from contrastive import configs, loss_registry
+from experiments import sweep_accuracy, sweep_digits
+from experiments.common import cli, reports
 
 
 @pytest.mark.slow
@@ -27,7 +29,10 @@ def test_tiny_shapes_sweep_writes_every_output_with_per_seed_values(tmp_path, ca
 
     record = json.loads((out / "accuracy_sweep.json").read_text())
     assert record["complete"] and record["runs_planned"] == 2
-    assert "32 examples per run" in record["protocol"]["budget"]
+    protocol = record["protocol"]  # read back from the runs' configs
+    assert any("32 examples per run" in rule for rule in protocol["rules"])
+    assert protocol["fixed"]["--dataset"] == "shapes" and protocol["fixed"]["--loss"] == "decoupled"
+    assert protocol["fixed"]["--steps"] == 2 and protocol["varied"] == ["--seed"]
     runs = record["runs"]
     assert [(r["loss"], r["batch_size"], r["seed"]) for r in runs] == [
         ("decoupled", 16, 0),
@@ -78,25 +83,26 @@ def test_bad_sweep_setting_is_one_line_before_anything_runs(module, argv, start,
 
 
 def test_statistics_are_sample_std_min_max():
-    s = seed_sweeps.statistics([0.2, 0.4, 0.9])
+    s = reports.statistics([0.2, 0.4, 0.9])
     assert s["mean"] == pytest.approx(0.5)
     assert s["std"] == pytest.approx(math.sqrt((0.09 + 0.01 + 0.16) / 2))
     assert (s["min"], s["max"], s["values"]) == (0.2, 0.9, [0.2, 0.4, 0.9])
-    assert seed_sweeps.statistics([0.3])["std"] == 0.0
+    assert reports.statistics([0.3])["std"] == 0.0
 
 
-def test_seed_sweeps_docstring_examples():
-    result = doctest.testmod(seed_sweeps)
-    assert result.attempted > 0 and result.failed == 0
+def test_shared_modules_docstring_examples():
+    for module in (reports, cli, loss_registry, configs):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def test_a_diverged_run_is_kept_and_left_out_of_the_statistics():
     runs = [(0, 0.2, None), (1, None, "step 3: loss = nan"), (2, 0.4, None)]
     rows = [{"loss": "sigmoid", "batch_size": 8192, "seed": s, "acc": a, "error": e}
             for s, a, e in runs]  # fmt: skip
-    (point,) = seed_sweeps.summarise(rows, ["acc"])
+    (point,) = reports.summarise(rows, ["acc"])
     assert point["failed_seeds"] == [1] and point["acc"]["values"] == [0.2, None, 0.4]
     assert point["acc"]["mean"] == pytest.approx(0.3)
-    assert seed_sweeps.table_cell(point, "acc") == "30.0 ± 14.1 (1 of 3 diverged)"
+    assert reports.table_cell(point, "acc") == "30.0 ± 14.1 (1 of 3 diverged)"
     rows = [dict(r, acc=None, error="nan") for r in rows]
-    assert seed_sweeps.table_cell(seed_sweeps.summarise(rows, ["acc"])[0], "acc") == "diverged"
+    assert reports.table_cell(reports.summarise(rows, ["acc"])[0], "acc") == "diverged"

@@ -12,7 +12,7 @@ def test_memory_sweep_and_ring_bench_write_their_results(tmp_path, capsys):
             "--methods", "dense,tiled,ring,gathered", "--time-max-batch", "256",
             "--repeats", "1", "--fit", "ring", "--fit-quantum", "256",
             "--fit-tol", "0.1", "--budget-gib", str(1 / 1024), "--out", str(tmp_path)]  # fmt: skip
-    rows = sweep_memory.main(argv)
+    rows = sweep_memory.run(argv)
     for ext in ("csv", "json", "md", "png"):
         assert (tmp_path / f"memory_sweep.{ext}").stat().st_size > 0
     temp = {(r["method"], r["batch"]): r["temp_bytes"] for r in rows}
@@ -25,7 +25,7 @@ def test_memory_sweep_and_ring_bench_write_their_results(tmp_path, capsys):
     assert "| infonce | ring | 8 |" in printed and f"to {tmp_path}" in printed
 
     ring_dir = tmp_path / "ring"
-    rows = bench_ring.main(["--time-batch", "256", "--memory-batch", "1024", "--dim", "16",
+    rows = bench_ring.run(["--time-batch", "256", "--memory-batch", "1024", "--dim", "16",
                             "--repeats", "1", "--out", str(ring_dir)])  # fmt: skip
     for ext in ("json", "md"):
         assert (ring_dir / f"bench_ring.{ext}").stat().st_size > 0

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
+from contrastive import assemble, loop
+from contrastive.configs import ConfigError, parse_config
 from contrastive.data import prepare_digits
 from experiments import train
-from experiments.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def _losses(workdir) -> dict[int, float]:
 def reference(tmp_path_factory, data_dir):
     """An uninterrupted run: its per-step losses and final record."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    records = train.run(parse_config(["--workdir", str(workdir), "--data-dir", data_dir, *FAST]))
+    records = loop.train(parse_config(["--workdir", str(workdir), "--data-dir", data_dir, *FAST]))
     return _losses(workdir), records[-1]
 
 
@@ -62,28 +63,28 @@ def test_uninterrupted_run_writes_metrics_and_checkpoints(reference, tmp_path):
 @pytest.mark.parametrize("stop_after", [6, 8])  # between checkpoints, and right on one
 def test_resume_gives_identical_losses(reference, data_dir, tmp_path, stop_after):
     args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    train.run(parse_config([*args, "--stop-after", str(stop_after)]))
+    loop.train(parse_config([*args, "--stop-after", str(stop_after)]))
     assert max(_losses(tmp_path)) == stop_after
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts[-1] == 4 * (stop_after // 4)
-    records = train.run(parse_config(args))  # started again: resumes from the checkpoint
+    records = loop.train(parse_config(args))  # started again: resumes from the checkpoint
     assert _losses(tmp_path) == reference[0]  # exactly equal, every step
     assert records[-1]["linear_probe"] == reference[1]["linear_probe"]
 
 
 def test_finished_run_does_nothing_more(reference, data_dir, tmp_path):
     args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    train.run(parse_config(args))
+    loop.train(parse_config(args))
     before = (tmp_path / "metrics.jsonl").read_text()
-    train.run(parse_config(args))
+    loop.train(parse_config(args))
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
 def test_other_run_in_workdir_is_refused(reference, data_dir, tmp_path):
     args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    train.run(parse_config([*args, "--stop-after", "4"]))
+    loop.train(parse_config([*args, "--stop-after", "4"]))
     with pytest.raises(ConfigError, match="holds a run with other settings"):
-        train.run(parse_config([*args, "--loss", "decoupled"]))
+        loop.train(parse_config([*args, "--loss", "decoupled"]))
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_image_text_run_on_mocked_coco(tmp_path):
     with tfds.testing.mock_data(
         num_examples=16, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(meta)
     ):
-        records = train.run(parse_config(args))
+        records = loop.train(parse_config(args))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {"i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@10"} <= set(records[-1])
     assert "bias" in records[-1]  # the sigmoid loss learns its bias
@@ -196,7 +197,7 @@ def test_image_text_run_on_mocked_coco(tmp_path):
 
 def _stopped_run(tmp_path, data_dir, stop_after=6):
     args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    train.run(parse_config([*args, "--stop-after", str(stop_after)]))
+    loop.train(parse_config([*args, "--stop-after", str(stop_after)]))
     return args
 
 
@@ -241,7 +242,7 @@ def test_divergence_stops_before_saving_it(data_dir, tmp_path, capsys):
     assert re.search(r"(loss|grad_norm) = (nan|inf)|the new state", err), err
     from contrastive.checkpoint import Checkpointer
 
-    s = train.setup(parse_config(argv))
+    s = assemble.setup(parse_config(argv))
     with Checkpointer(tmp_path, every=1) as ckpt:
         assert ckpt.all_steps() and max(ckpt.all_steps()) < step
         restored, meta, at = ckpt.restore_latest({"train": s.state, "key": s.key})
@@ -280,7 +281,7 @@ def test_torn_metrics_line_is_dropped_on_resume(reference, data_dir, tmp_path):
     args = _stopped_run(tmp_path, data_dir)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 3.1')  # the disk filled up mid-line
-    train.run(parse_config(args))
+    loop.train(parse_config(args))
     assert _losses(tmp_path) == reference[0]
 
 
@@ -314,11 +315,13 @@ def test_bad_paths_are_one_line(make, flags, message, tmp_path, capsys):
 
 
 def test_warmup_as_long_as_the_run_is_a_valid_schedule():
-    from contrastive.optim import OptimConfig, make_schedule
+    from contrastive.configs import OptimConfig
+    from contrastive.optim import make_schedule
 
     sched = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=20, total_steps=20))
     np.testing.assert_allclose([sched(0), sched(10), sched(20)], [0.0, 0.5, 1.0], atol=1e-6)
-    assert parse_config(["--workdir", "x", "--steps", "20"]).train.optim.warmup_steps == 20
+    assert parse_config(["--workdir", "x", "--steps", "20"]).train.optim.warmup == 20
+    assert parse_config(["--workdir", "x", "--steps", "10"]).train.optim.warmup == 10
 
 
 @pytest.mark.slow
@@ -359,7 +362,7 @@ def test_hard_negative_batches_follow_the_ring_layout():
                         "--hard-negatives", "2", "--skip-duplicate-negatives"])  # fmt: skip
     spec = get_spec("shapes")
     host = train_dataset("shapes", global_batch_size=16, seed=0)[3]
-    build = train.batch_builder(cfg, spec, make_mesh())
+    build = assemble.batch_builder(cfg, spec, make_mesh())
     batch = build(host, 3)
     assert batch.x.shape == (16, 32, 32, 3) and batch.y.shape == (48, cs.TEXT_LEN)
     assert batch.ids.shape == (48,) and batch.valid is None
@@ -374,7 +377,7 @@ def test_hard_negative_batches_follow_the_ring_layout():
             neg = cs.decode(y[j])
             assert cs.caption_id(*(neg[k] for k in cs.ATTRIBUTES)) == ids[j]
             assert sum(int(own[k]) != neg[k] for k in cs.ATTRIBUTES) == 1
-    plain = train.batch_builder(
+    plain = assemble.batch_builder(
         parse_config(["--workdir", "x", "--dataset", "shapes", "--batch-size", "16"]),
         spec,
         make_mesh(),

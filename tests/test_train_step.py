@@ -12,7 +12,7 @@ from flax import nnx
 from optax import apply_updates as optax_apply
 
 import losses
-from contrastive import gradcache, models, optim
+from contrastive import configs, gradcache, models, optim
 from contrastive import mesh as mesh_lib
 from contrastive import train_step as ts
 from tests.loss_cases import assert_close
@@ -46,9 +46,9 @@ def _batch(b=B, seed=1):
 
 
 LOSS_CONFIGS = {
-    "infonce": ts.LossConfig("infonce"),
-    "sigmoid": ts.LossConfig("sigmoid"),
-    "decoupled": ts.LossConfig("decoupled", sigma=0.5, intra_view=True),
+    "infonce": configs.LossConfig("infonce"),
+    "sigmoid": configs.LossConfig("sigmoid"),
+    "decoupled": configs.LossConfig("decoupled", sigma=0.5, intra_view=True),
 }
 
 
@@ -61,7 +61,7 @@ def reference_loss_and_grads(params, batch, key, *, graphdef, config, mesh):
     """
     axis = mesh_lib.DATA_AXIS
     towers = ts.tower_fns(graphdef)
-    chunk = ts.local_chunk_size(config.chunk_size, mesh.shape[axis])
+    chunk = configs.local_chunk_size(config.chunk_size, mesh.shape[axis])
     rows, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
 
     def local(p, b, k):
@@ -93,7 +93,7 @@ def test_cached_gradients_equal_plain(loss_name, num_devices, dropout):
     mesh = mesh_lib.make_mesh(num_devices=num_devices)
     # 48 % 20 != 0 and 6 % 4 != 0: a ragged last chunk on every device.
     chunk = 20 if num_devices == 1 else 32
-    cfg = ts.TrainConfig(loss=LOSS_CONFIGS[loss_name], chunk_size=chunk)
+    cfg = configs.TrainConfig(loss=LOSS_CONFIGS[loss_name], chunk_size=chunk)
     model = _model(dropout_rate=0.3 if dropout else 0.0, two_towers=loss_name == "sigmoid")
     graphdef, params = nnx.split(model)
     batch = mesh_lib.shard_batch(_batch(), mesh)
@@ -118,7 +118,7 @@ def test_cached_gradients_equal_plain(loss_name, num_devices, dropout):
 def test_plain_step_equals_whole_batch_autodiff():
     """chunk_size=None on 8 devices: the gradient of the loss of the whole batch, no dropout."""
     mesh = mesh_lib.make_mesh()
-    cfg = ts.TrainConfig(loss=ts.LossConfig("sigmoid"))
+    cfg = configs.TrainConfig(loss=configs.LossConfig("sigmoid"))
     graphdef, params = nnx.split(_model(two_towers=True))
     batch = _batch(64)
     encode = models.encode_fn(graphdef)
@@ -150,8 +150,8 @@ def test_sharded_optimizer_state_gives_the_same_steps(chunk):
     batch = mesh_lib.shard_batch(_batch(64), mesh)
     out = {}
     for shard in (False, True):
-        cfg = ts.TrainConfig(
-            optim=optim.OptimConfig("adamw", learning_rate=1e-2, total_steps=10),
+        cfg = configs.TrainConfig(
+            optim=configs.OptimConfig("adamw", learning_rate=1e-2, total_steps=10),
             chunk_size=chunk,
             shard_optimizer=shard,
         )
@@ -220,7 +220,7 @@ def test_one_gradient_reduction_per_step(shard_optimizer):
     """The compiled cached step (8 devices, 8 chunks) reduces parameter gradients once, after
     the chunk loop: no all-reduce or reduce-scatter inside any loop body of its HLO."""
     mesh = mesh_lib.make_mesh()
-    cfg = ts.TrainConfig(chunk_size=8, shard_optimizer=shard_optimizer)
+    cfg = configs.TrainConfig(chunk_size=8, shard_optimizer=shard_optimizer)
     graphdef, state = ts.create_train_state(_model_for_sharding(), optim.make_optimizer(cfg.optim))
     state = ts.place_state(state, mesh, shard_optimizer=shard_optimizer)
     batch = mesh_lib.shard_batch(_batch(64), mesh)
@@ -234,7 +234,7 @@ def test_one_gradient_reduction_per_step(shard_optimizer):
 def test_logit_metrics_match_the_dense_definition():
     graphdef, params = nnx.split(_model())
     x, y = models.encode_fn(graphdef)(params, _batch(), None)
-    _, aux = ts.make_loss_fn(graphdef, ts.LossConfig("infonce"))(params, (x, y))
+    _, aux = ts.make_loss_fn(graphdef, configs.LossConfig("infonce"))(params, (x, y))
     s = np.asarray(x @ y.T) / 0.2  # (B, D) · (D, B) -> (B, B)
     off = ~np.eye(B, dtype=bool)
     np.testing.assert_allclose(aux["pos_logit"], np.mean(np.diag(s)), rtol=1e-5)
@@ -244,7 +244,7 @@ def test_logit_metrics_match_the_dense_definition():
 
 def test_bfloat16_compute_float32_params():
     mesh = mesh_lib.make_mesh()
-    cfg = ts.TrainConfig(chunk_size=16)
+    cfg = configs.TrainConfig(chunk_size=16)
     graphdef, state = ts.create_train_state(
         _model(dtype=jnp.bfloat16, dropout_rate=0.1), optim.make_optimizer(cfg.optim)
     )
@@ -292,7 +292,7 @@ def test_bfloat16_params_are_rounded_once_after_the_device_sum(chunk, shard_opti
     differences flip their bfloat16 roundings, by many ulps of a sum that cancels.)
     """
     mesh = mesh_lib.make_mesh(num_devices=4)
-    cfg = ts.TrainConfig(chunk_size=chunk, shard_optimizer=shard_optimizer)
+    cfg = configs.TrainConfig(chunk_size=chunk, shard_optimizer=shard_optimizer)
     graphdef, params = nnx.split(_model(param_dtype=jnp.bfloat16))
     params = mesh_lib.place_params(params, mesh)
     batch = mesh_lib.shard_batch(_batch(), mesh)  # 12 rows per device: chunks of 5, 5, 2
@@ -317,13 +317,13 @@ def test_bfloat16_params_are_rounded_once_after_the_device_sum(chunk, shard_opti
 def test_errors_are_clear():
     mesh = mesh_lib.make_mesh()
     with pytest.raises(ValueError, match="unknown LossConfig.name"):
-        ts.LossConfig("triplet")
+        configs.LossConfig("triplet")
     with pytest.raises(ValueError, match="unknown OptimConfig.name"):
-        optim.OptimConfig("sgd")
+        configs.OptimConfig("sgd")
     with pytest.raises(ValueError, match="multiple of 8"):
         mesh_lib.shard_batch(_batch(12), mesh)
 
-    cfg = ts.TrainConfig(chunk_size=128)
+    cfg = configs.TrainConfig(chunk_size=128)
     graphdef, state = ts.create_train_state(_model(), optim.make_optimizer(cfg.optim))
     step = ts.make_train_step(graphdef, cfg, mesh)
     with pytest.raises(ValueError, match="larger than the batch"):
@@ -332,7 +332,7 @@ def test_errors_are_clear():
     no_bias = models.DualEncoder(models.MLPEncoder(D_IN, 8, 1, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(no_bias)
     with pytest.raises(ValueError, match="init_bias"):
-        ts.make_loss_fn(graphdef, ts.LossConfig("sigmoid"))(params, (jnp.ones((4, 64)),) * 2)
+        ts.make_loss_fn(graphdef, configs.LossConfig("sigmoid"))(params, (jnp.ones((4, 64)),) * 2)
 
 
 def test_mesh_is_auto_data_parallel():
@@ -347,7 +347,7 @@ def test_mesh_is_auto_data_parallel():
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "lars"])
 def test_optimizers_update_and_skip_decay_on_scalars(name):
-    cfg = optim.OptimConfig(name, learning_rate=0.1, warmup_steps=2, total_steps=6)
+    cfg = configs.OptimConfig(name, learning_rate=0.1, warmup_steps=2, total_steps=6)
     _, params = nnx.split(_model())
     tx = optim.make_optimizer(cfg)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -380,7 +380,9 @@ def test_sharded_cached_step_memory_per_device():
     )
     temp = {}
     for chunk in (None, 1024):
-        cfg = ts.TrainConfig(loss=ts.LossConfig("infonce", block_size=1024), chunk_size=chunk)
+        cfg = configs.TrainConfig(
+            loss=configs.LossConfig("infonce", block_size=1024), chunk_size=chunk
+        )
         graphdef, state = ts.create_train_state(model, optim.make_optimizer(cfg.optim))
         step = ts.make_train_step(graphdef, cfg, mesh)
         compiled = step.lower(state, batch, None).compile()
@@ -413,7 +415,7 @@ def test_extra_negatives_ids_and_padding_on_8_devices(loss_name):
     valid = np.ones(len(ids), bool)
     valid[[1, 9]] = False  # two padded pairs: rows 1 of devices 0 and 1 are positives
     batch = ts.Batch(x_in, jnp.asarray(y_in), jnp.asarray(ids), jnp.asarray(valid))
-    cfg = ts.TrainConfig(loss=ts.LossConfig(loss_name), chunk_size=16)
+    cfg = configs.TrainConfig(loss=configs.LossConfig(loss_name), chunk_size=16)
     kw = dict(graphdef=graphdef, config=cfg, mesh=mesh)
     placed = mesh_lib.shard_batch(batch, mesh)
 

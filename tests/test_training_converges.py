@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 from sklearn.datasets import load_digits
 
+from contrastive import configs, models, optim
 from contrastive import mesh as mesh_lib
-from contrastive import models, optim
 from contrastive import train_step as ts
 
 STEPS, BATCH, CHUNK = 300, 256, 64
@@ -54,9 +54,9 @@ def test_cached_training_learns_digits():
         init_temperature=0.1,
         rngs=nnx.Rngs(0),
     )
-    cfg = ts.TrainConfig(
-        loss=ts.LossConfig("infonce"),
-        optim=optim.OptimConfig("adamw", learning_rate=3e-3, warmup_steps=20, total_steps=STEPS),
+    cfg = configs.TrainConfig(
+        loss=configs.LossConfig("infonce"),
+        optim=configs.OptimConfig("adamw", learning_rate=3e-3, warmup_steps=20, total_steps=STEPS),
         chunk_size=CHUNK,
     )
     graphdef, state = ts.create_train_state(model, optim.make_optimizer(cfg.optim))

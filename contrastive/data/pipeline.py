@@ -105,6 +105,19 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def metric_names(spec: DatasetSpec, *, validation: bool = False) -> list[str]:
+    """The evaluation metrics a run on ``spec`` reports (``val_*`` with a validation split)."""
+    if spec.kind == "image":
+        return ["linear_probe", "knn"]
+    if not spec.class_captions:
+        return [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    names = ["zero_shot_top1", "zero_shot_top1_novel"]
+    names += [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5)]
+    if validation:  # carved from the training split: no never-seen compositions
+        names += [f"val_{n}" for n in names if n != "zero_shot_top1_novel"]
+    return names
+
+
 def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
     """The spec of a known dataset, optionally at another image size."""
     if name not in DATASETS:
@@ -204,13 +217,58 @@ def _own_token_batch(spec: DatasetSpec, source: Sequence):
 
     Grain handles only the indices (sharding, shuffling, batching); the examples are read
     here, which spares grain's per-element bookkeeping on the source (a third of the time
-    of a generated batch).
+    of a generated batch). A :class:`TableSource` gives its rows at once, as they are.
     """
 
     def fn(indices: np.ndarray) -> Batch:
+        if isinstance(source, TableSource):
+            return source.rows(np.asarray(indices))
         return _own_token_arrays(spec, [source[int(i)] for i in indices])
 
     return fn
+
+
+class TableSource:
+    """Equal-length arrays as a random-access source: ``src[i]`` is the dict of row ``i``,
+    ``src.rows(idx)`` the dict of the rows at ``idx`` (one gather per array).
+
+    What a run on precomputed inputs reads, e.g. a locked image tower's features beside the
+    caption tokens and ids: ``TableSource(image=features, text=tokens, caption_id=ids)``.
+    """
+
+    def __init__(self, **arrays: np.ndarray):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if not arrays or len(set(lengths.values())) != 1:
+            raise ValueError(f"a table needs arrays of one length, got {lengths}")
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index] for k, v in self.arrays.items()}
+
+    def rows(self, indices: np.ndarray) -> Batch:
+        return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class Subrange:
+    """Examples ``[start, stop)`` of a random-access source, as a source of their own."""
+
+    def __init__(self, source: Sequence, start: int, stop: int):
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(
+                f"examples [{start}, {stop}) do not fit a split of {len(source)} examples"
+            )
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self.source[self.start + int(index)]
 
 
 # Data sets with class captions -> the function that lists them.

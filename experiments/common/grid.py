@@ -1,91 +1,48 @@
-"""What the batch-size sweeps share: a grid of (loss, batch size, seed) runs, their statistics.
+"""A grid of (loss, batch size, seed) runs: built as configs, checked, trained, reported.
 
-``experiments/sweep_accuracy.py`` (CLIP-style, ``shapes``) and ``experiments/sweep_digits.py``
-(SimCLR-style, ``digits``) differ only in their data, budget and metrics; this module
-
-- holds their common flags (:func:`add_grid_flags`) and builds one
-  :class:`experiments.config.Config` per (seed, batch size, loss), with the one
-  learning-rate rule of both: AdamW at ``base_lr · sqrt(B / 256)`` (square-root scaling,
-  Malladi et al. 2022), warm-up over ⌊steps / 10⌋ steps, cosine decay (:func:`grid_runs`),
-- checks every configuration before the first run starts (:func:`check_lists`,
-  :func:`check_runs`: a bad one is one :class:`~experiments.config.ConfigError` line),
-- trains them one after another through :func:`experiments.train.run` (:func:`run_grid`),
-  each in its own workdir inside the run directory, with a line before and after every run
-  and the run's own progress bar while it trains; a workdir that holds a finished run is
-  read back, not trained again, so a sweep cut short resumes where it stopped,
-- reduces the per-seed results to ``mean``, sample standard deviation (``std``, ``n - 1``
-  in the denominator; ``0`` for one seed), ``min`` and ``max`` per (loss, batch size)
-  (:func:`summarise`),
-- writes them as Markdown tables (mean ± std), a PNG with ±1 std error bars, a CSV of every
-  run and a JSON file (:func:`write_csv`, :func:`write_json`, :func:`markdown_table`,
-  :func:`plot_error_bars`).
-
-Example (statistics only; a real sweep calls :func:`run_grid` first)::
-
-    >>> rows = [{"loss": "infonce", "batch_size": 32, "seed": s, "acc": a}
-    ...         for s, a in enumerate([0.5, 0.6, 0.7])]
-    >>> (point,) = summarise(rows, ["acc"])
-    >>> point["acc"]["mean"], round(point["acc"]["std"], 3), point["acc"]["values"]
-    (0.6, 0.1, [0.5, 0.6, 0.7])
-    >>> mean_std(point["acc"])
-    '60.0 ± 10.0'
+Every sweep builds its runs as :class:`~contrastive.configs.Config` updates of one base
+config (:func:`grid_runs`), checks all of them before the first starts (:func:`check_runs`:
+a bad one is one :class:`~contrastive.configs.ConfigError` line), trains them one after
+another through :func:`contrastive.loop.train` (:func:`run_grid`), each in its own work dir
+inside the run directory, and writes its report after every run (:func:`execute`). A work dir
+that holds a finished run is read back, not trained again, so a sweep cut short resumes where
+it stopped. The report's protocol is printed from the runs' own configs
+(:func:`protocol_of`): the settings every run shares, and the ones the grid varies, so the
+prose cannot drift from what runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
-from experiments import run_dir, train
-from experiments.config import Config, ConfigError, check_devices, parse_config
-
-LOSS_LABELS = {
-    "infonce": "InfoNCE",
-    "sigmoid": "sigmoid (SigLIP)",
-    "decoupled": "decoupled (DCL)",
-}
-LOSSES = ("infonce", "sigmoid", "decoupled")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (exit 2) instead of usage + error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def int_list(text: str) -> list[int]:
-    """``"32,256"`` -> ``[32, 256]`` (argparse ``type``)."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        msg = f"{text!r} is not a comma-separated list of integers"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return values
-
-
-def name_list(text: str) -> list[str]:
-    """``"infonce,sigmoid"`` -> ``["infonce", "sigmoid"]`` (argparse ``type``)."""
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one name")
-    return values
-
+from contrastive.assemble import evaluate_untrained
+from contrastive.configs import Config, ConfigError
+from contrastive.loop import RunError, train
+from contrastive.loss_registry import LOSS_NAMES
+from contrastive.models import IMAGE_ENCODERS
+from experiments.common import run_dir
+from experiments.common.cli import int_list, name_list, positive_float, positive_int
+from experiments.common.reports import (
+    command_line,
+    markdown_table,
+    mean_std,
+    plot_error_bars,
+    statistics,
+    summarise,
+    write_csv,
+    write_json,
+)
 
 BASE_BATCH = 256  # the batch size at which the base learning rate applies
 WARMUP_FRACTION = 0.1  # of the steps, rounded down
@@ -111,23 +68,27 @@ def add_grid_flags(
     base_lr: float,
 ) -> None:
     """The flags both sweeps share: the grid, the image tower, the LR rule, progress, cache,
-    and the output flags of :mod:`experiments.run_dir`."""
-    p.add_argument("--batch-sizes", type=int_list, default=list(batch_sizes))
-    p.add_argument("--losses", type=name_list, default=list(LOSSES))
-    p.add_argument("--seeds", type=int_list, default=list(seeds))
-    p.add_argument("--model", default=model, help="image tower (mlp, resnet, vit)")
-    p.add_argument("--width", type=int, default=width)
-    p.add_argument("--depth", type=int, default=None, help="none: the tower's default")
+    and the output flags of :mod:`experiments.common.run_dir`."""
+    p.add_argument("--batch-sizes", type=int_list, default=list(batch_sizes),
+                   help="global batch sizes of the grid, comma-separated")  # fmt: skip
+    p.add_argument("--losses", type=name_list, default=list(LOSS_NAMES),
+                   help="losses of the grid, comma-separated")  # fmt: skip
+    p.add_argument("--seeds", type=int_list, default=list(seeds),
+                   help="seeds (initialisation and data order), comma-separated")  # fmt: skip
+    p.add_argument("--model", default=model, choices=IMAGE_ENCODERS, help="image tower")
+    p.add_argument("--width", type=positive_int, default=width, help="image tower width")
+    p.add_argument("--depth", type=positive_int, default=None,
+                   help="image tower depth; none: the tower's default")  # fmt: skip
     rule = f"peak learning rate at B={BASE_BATCH}; sqrt(B/{BASE_BATCH}) times it elsewhere"
-    p.add_argument("--base-lr", type=float, default=base_lr, help=rule)
+    p.add_argument("--base-lr", type=positive_float, default=base_lr, help=rule)
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="gradient cache: batches larger than this are encoded in chunks of this many "
         "rows (exact; one extra forward pass); none: whole batches",
     )
-    p.add_argument("--eval-examples", type=int, default=10000,
+    p.add_argument("--eval-examples", type=positive_int, default=10000,
                    help="at most this many examples per split are evaluated")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a progress bar while each run trains")  # fmt: skip
@@ -139,8 +100,8 @@ def add_grid_flags(
 def check_lists(args: argparse.Namespace) -> None:
     """The grid's lists name known losses and repeat nothing; :class:`ConfigError` if not."""
     for loss in args.losses:
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown --loss {loss!r} in --losses: use {', '.join(LOSSES)}")
+        if loss not in LOSS_NAMES:
+            raise ConfigError(f"unknown --loss {loss!r} in --losses: use {', '.join(LOSS_NAMES)}")
     for flag, values in (("--batch-sizes", args.batch_sizes), ("--seeds", args.seeds),
                          ("--losses", args.losses)):  # fmt: skip
         if len(set(values)) != len(values):
@@ -149,46 +110,67 @@ def check_lists(args: argparse.Namespace) -> None:
 
 def grid_runs(
     args: argparse.Namespace,
+    base: Config,
     steps_for: Callable[[int], int],
-    data_flags: Sequence[str],
-    loss_flags: Callable[[str], list[str]] = lambda loss: [],
+    loss_updates: Callable[[str], dict[str, Any]] = lambda loss: {},
 ) -> list[GridRun]:
-    """Every (seed, batch size, loss) run of ``args``' grid, seed-major (a sweep cut short
-    has every point for its first seeds). A run of batch ``B`` takes ``steps_for(B)`` steps
-    at peak LR :func:`learning_rate` with ⌊steps / 10⌋ warm-up steps; ``data_flags`` and
-    ``loss_flags(loss)`` are further :mod:`experiments.train` flags. :class:`ConfigError`
-    (one line) for a bad setting; the workdirs are set later, by :func:`execute`."""
+    """Every (seed, batch size, loss) run of ``args``' grid as an update of ``base``,
+    seed-major (a sweep cut short has every point for its first seeds). A run of batch ``B``
+    takes ``steps_for(B)`` steps at peak LR :func:`learning_rate` with ⌊steps / 10⌋ warm-up
+    steps; ``loss_updates(loss)`` are further settings per loss. :class:`ConfigError` (one
+    line) for a bad setting; the work dirs are set later, by :func:`execute`."""
     check_lists(args)
     runs = []
     for seed in args.seeds:
         for b in args.batch_sizes:
             steps = steps_for(b)
             for loss in args.losses:
-                flags = ["--workdir", "pending", *data_flags, "--model", args.model,
-                         "--width", str(args.width), "--loss", loss, "--batch-size", str(b),
-                         "--steps", str(steps),
-                         "--learning-rate", str(learning_rate(b, args.base_lr)),
-                         "--warmup-steps", str(int(WARMUP_FRACTION * steps)), "--seed", str(seed),
-                         "--checkpoint-every", str(steps), "--keep-checkpoints", "1",
-                         "--log-every", str(max(1, steps // 20)),
-                         "--eval-examples", str(args.eval_examples),
-                         "--progress" if args.progress else "--no-progress",
-                         *loss_flags(loss)]  # fmt: skip
+                updates: dict[str, Any] = dict(
+                    model=args.model,
+                    width=args.width,
+                    loss=loss,
+                    batch_size=b,
+                    steps=steps,
+                    learning_rate=learning_rate(b, args.base_lr),
+                    warmup_steps=int(WARMUP_FRACTION * steps),
+                    seed=seed,
+                    checkpoint_every=steps,
+                    keep_checkpoints=1,
+                    log_every=max(1, steps // 20),
+                    eval_examples=args.eval_examples,
+                    progress=args.progress,
+                    **loss_updates(loss),
+                )
                 if args.depth is not None:
-                    flags += ["--depth", str(args.depth)]
+                    updates["depth"] = args.depth
                 if args.chunk_size is not None and b > args.chunk_size:
-                    flags += ["--chunk-size", str(args.chunk_size)]
-                runs.append(GridRun(loss, b, seed, parse_config(flags)))
+                    updates["chunk_size"] = args.chunk_size
+                runs.append(GridRun(loss, b, seed, base.with_updates(**updates)))
     return runs
 
 
 def lr_rule(args: argparse.Namespace) -> str:
     """The learning-rate rule of ``args`` in words, for the protocol."""
     return (
-        f"AdamW, peak {args.base_lr:g} * sqrt(B / {BASE_BATCH}), warm-up "
-        f"floor({WARMUP_FRACTION:g} * steps) steps, cosine decay to 0; weight decay 1e-4, "
-        "gradient norm clipped at 1"
+        f"peak {args.base_lr:g} * sqrt(B / {BASE_BATCH}), warm-up floor({WARMUP_FRACTION:g} * "
+        "steps) steps, cosine decay to the end"
     )
+
+
+def protocol_of(runs: Sequence[GridRun]) -> dict[str, Any]:
+    """What the runs' configs say, read back from them: ``{"fixed": {flag: value}, "varied":
+    [flags]}`` over every setting that changes the computation (``--seed`` and the grid's
+    axes vary; everything else is the same for every run, or listed as varied)."""
+    identities = [r.config.identity() for r in runs]
+    flags = list(identities[0]) if identities else []
+    fixed, varied = {}, []
+    for flag in flags:
+        values = {repr(i.get(flag)) for i in identities}
+        if len(values) == 1:
+            fixed[flag] = identities[0][flag]
+        else:
+            varied.append(flag)
+    return {"fixed": fixed, "varied": varied}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +198,7 @@ def check_runs(runs: Sequence[GridRun]) -> None:
         want = cfg.run.num_devices or n_dev
         if want > n_dev:
             raise ConfigError(f"--num-devices {want} but only {n_dev} devices are present")
-        check_devices(cfg, want)
+        cfg.check_devices(want)
 
 
 @contextlib.contextmanager
@@ -275,13 +257,13 @@ def run_grid(
         t0 = time.perf_counter()
         row = {"loss": run.loss, "batch_size": run.batch_size, "seed": run.seed, **info}
         try:
-            records = train.run(run.config)
-        except train.RunError as e:
+            records = train(run.config)
+        except RunError as e:
             row.update({m: None for m in metrics}, error=str(e))
             got = f"failed: {e}"
         else:
             final = records[-1] if records else {}
-            if final.get("step", 0) < run.config.run.steps:
+            if final.get("step", 0) < run.config.steps:
                 print(f"[{i}/{len(runs)}] {run.label}: stopped before its last step; run the "
                       "same command with the same --out to resume", file=sys.stderr)  # fmt: skip
                 break
@@ -299,156 +281,14 @@ def run_grid(
     return rows
 
 
-def statistics(values: Sequence[float | None]) -> dict[str, Any] | None:
-    """``mean``, sample ``std`` (n - 1; 0 for one value), ``min``, ``max`` of the values
-    that are not None (runs that diverged are None); ``values`` lists them all, in order.
-    None if every value is None."""
-    done = [v for v in values if v is not None]
-    if not done:
-        return None
-    n = len(done)
-    mean = sum(done) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in done) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(done), "max": max(done), "values": list(values)}
-
-
-def summarise(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
-    """One entry per (loss, batch size), in first-seen order: its seeds, the seeds whose run
-    failed, and each metric's :func:`statistics` over the seeds (``values`` in seed order)."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["loss"], r["batch_size"]), []).append(r)
-    points = []
-    for (loss, b), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["seed"])
-        point = {"loss": loss, "batch_size": b, "seeds": [r["seed"] for r in rs]}
-        point["failed_seeds"] = [r["seed"] for r in rs if r.get("error")]
-        point.update({m: statistics([r[m] for r in rs]) for m in metrics})
-        points.append(point)
-    return points
-
-
-def mean_std(stat: dict[str, Any], scale: float = 100.0) -> str:
-    """``"mean ± std"`` of a :func:`statistics` entry, in percent by default."""
-    return f"{scale * stat['mean']:.1f} ± {scale * stat['std']:.1f}"
-
-
-def table_cell(point: dict | None, metric: str) -> str:
-    """``mean ± std`` in percent, saying how many seeds it rests on when not all finished."""
-    if point is None:
-        return "-"
-    stat, failed = point[metric], point.get("failed_seeds", [])
-    if stat is None:
-        return "diverged"
-    text = mean_std(stat)
-    if failed:
-        text += f" ({len(failed)} of {len(point['seeds'])} diverged)"
-    elif len(point["seeds"]) == 1:
-        text += " (1 seed)"
-    return text
-
-
-def markdown_table(
-    points: Sequence[dict],
-    metric: str,
-    losses: Sequence[str],
-    columns: dict[str, Callable[[int], str]] | None = None,
-) -> str:
-    """Batch sizes down; ``columns`` (name -> text for a batch size), then one column per
-    loss with the metric's mean ± std in percent (``-`` where no run finished)."""
-    columns = columns or {}
-    cell = {(p["loss"], p["batch_size"]): p for p in points}
-    sizes = sorted({p["batch_size"] for p in points})
-    head = ["batch", *columns, *(LOSS_LABELS.get(x, x) for x in losses)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    for b in sizes:
-        vals = [str(b), *(f(b) for f in columns.values())]
-        for loss in losses:
-            p = cell.get((loss, b))
-            vals.append(table_cell(p, metric))
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
-def plot_error_bars(
-    points: Sequence[dict],
-    panels: Sequence[tuple[str, str]],
-    losses: Sequence[str],
-    path: str | os.PathLike,
-    title: str,
-    baseline: dict[str, float] | None = None,
-) -> None:
-    """One panel per ``(metric, axis label)``: mean vs batch size (log₂ axis), one line per
-    loss, error bars ±1 sample std over the seeds; ``baseline[metric]`` as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (metric, ylabel) in zip(axes[0], panels, strict=True):
-        for k, loss in enumerate(losses):
-            ps = sorted(
-                (p for p in points if p["loss"] == loss and p[metric] is not None),
-                key=lambda p: p["batch_size"],
-            )
-            if not ps:
-                continue
-            # Nudge each loss sideways a little so that overlapping error bars stay readable.
-            xs = [p["batch_size"] * 2 ** (0.06 * (k - (len(losses) - 1) / 2)) for p in ps]
-            ax.errorbar(
-                xs,
-                [100 * p[metric]["mean"] for p in ps],
-                yerr=[100 * p[metric]["std"] for p in ps],
-                marker="o",
-                capsize=3,
-                label=LOSS_LABELS.get(loss, loss),
-            )
-        if baseline is not None and metric in baseline:
-            ax.axhline(100 * baseline[metric], color="grey", ls="--", label="untrained")
-        ax.set_xscale("log", base=2)
-        sizes = sorted({p["batch_size"] for p in points})
-        ax.set_xticks(sizes, [str(b) for b in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("batch size (pairs)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title + " (mean ± 1 std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Every run as one CSV row (the union of the rows' keys as columns)."""
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as indented JSON, written to a temporary file first (never half a file)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def command_line(prog: str, argv: Sequence[str] | None) -> str:
-    """The command that ran, for the JSON record."""
-    return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-
-
 def describe_run(run: GridRun) -> dict[str, Any]:
     """What the JSON records of a run's schedule: examples seen, steps, peak LR, warm-up."""
     cfg = run.config
     return {
-        "examples": cfg.run.steps * cfg.run.batch_size,
-        "steps": cfg.run.steps,
+        "examples": cfg.steps * cfg.run.batch_size,
+        "steps": cfg.steps,
         "learning_rate": cfg.train.optim.learning_rate,
-        "warmup_steps": cfg.train.optim.warmup_steps,
+        "warmup_steps": cfg.train.optim.warmup,
         "chunk_size": cfg.train.chunk_size,
     }
 
@@ -462,9 +302,8 @@ class SweepSpec:
     metrics: tuple[str, ...]  # read from each run's final record, in [0, 1]
     tables: tuple[tuple[str, str], ...]  # (metric, caption): one Markdown table each
     panels: tuple[tuple[str, str], ...]  # (metric, axis label): one plot panel each
-    protocol: dict[str, Any]  # the fixed settings, into the JSON and the Markdown
     columns: dict[str, Callable[[int], str]] = dataclasses.field(default_factory=dict)
-    notes: tuple[str, ...] = ()  # lines under the protocol in the Markdown
+    notes: tuple[str, ...] = ()  # the grid's rules in words (no setting restated)
 
 
 def outputs(spec: SweepSpec) -> list[str]:
@@ -472,12 +311,15 @@ def outputs(spec: SweepSpec) -> list[str]:
     return [f"{spec.stem}.{ext}" for ext in ("json", "md", "csv", "png")]
 
 
-def report(spec: SweepSpec, points: Sequence[dict], untrained: dict, losses: Sequence[str],
-           finished: int, total: int) -> str:  # fmt: skip
-    """The Markdown report: protocol, one table per ``spec.tables``, the untrained model."""
+def report(spec: SweepSpec, protocol: dict[str, Any], points: Sequence[dict], untrained: dict,
+           losses: Sequence[str], finished: int, total: int) -> str:  # fmt: skip
+    """The Markdown report: protocol (read from the runs' configs, :func:`protocol_of`), one
+    table per ``spec.tables``, the untrained model."""
     lines = [f"## {spec.title}", ""]
-    lines += [f"- {k}: {v}" for k, v in spec.protocol.items()]
     lines += [f"- {n}" for n in spec.notes]
+    lines.append("- varied by the grid: " + ", ".join(f"`{f}`" for f in protocol["varied"]))
+    fixed = ", ".join(f"`{f} {v}`" for f, v in protocol["fixed"].items())
+    lines.append(f"- the same in every run: {fixed}")
     if finished < total:
         lines.append(f"- **partial: {finished} of {total} runs finished**")
     for metric, caption in spec.tables:
@@ -520,11 +362,12 @@ def execute(
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"run directory: {out}", file=sys.stderr, flush=True)
     load_start = os.getloadavg()
     untrained: dict[str, Any] = {}
     record: dict[str, Any] = {
         "command": command_line(prog, argv),
-        "protocol": spec.protocol,
+        "protocol": {"rules": list(spec.notes), **protocol_of(runs)},
         "spread": "sample standard deviation over seeds (n - 1); min and max also given",
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -540,7 +383,7 @@ def execute(
                 r for r in rows if (r["loss"], r["batch_size"]) == (p["loss"], p["batch_size"])
             )
             p.update({k: first[k] for k in ("examples", "steps", "learning_rate", "warmup_steps")})
-        text = report(spec, points, untrained, losses, len(rows), len(runs))
+        text = report(spec, record["protocol"], points, untrained, losses, len(rows), len(runs))
         record.update(
             untrained=untrained,
             points=points,
@@ -563,7 +406,7 @@ def execute(
             first_of_seed = {}
             for r in runs:
                 first_of_seed.setdefault(r.seed, r)
-            base = [train.evaluate_init(r.config) for r in first_of_seed.values()]
+            base = [evaluate_untrained(r.config) for r in first_of_seed.values()]
             untrained.update({m: statistics([b[m] for b in base]) for m in spec.metrics})
             rows = run_grid(runs, spec.metrics, describe_run, after_each=write)
     except ConfigError as e:  # e.g. --out holds runs made with other settings
@@ -582,7 +425,7 @@ def main_of(
     build: Callable[[argparse.Namespace], tuple[SweepSpec, list[GridRun]]],
     argv: Sequence[str] | None,
 ) -> int:
-    """A sweep script's ``main``: parse, build the spec and runs, :func:`execute`."""
+    """A sweep command's ``main``: parse, build the spec and runs, :func:`execute`."""
     args = parser.parse_args(argv)
     try:
         check_lists(args)  # before ``build``, which may read data

@@ -17,7 +17,7 @@ backend; the devices cannot be added once a backend exists (XLA reads the count 
 
 Example::
 
-    from experiments import benchmarking as bm
+    from experiments.common import benchmarking as bm
     bm.simulate_cpu_devices(8)  # before the first jax operation
     f = bm.loss_grad_fn("tiled", "infonce", mesh=None)
     spec = jax.ShapeDtypeStruct((65536, 512), jnp.float32)
@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import re
 import statistics
@@ -41,20 +40,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import losses
-from contrastive.train_step import LOSSES as LOSS_FUNCTIONS
-from experiments import run_dir
+from contrastive.loss_registry import LOSS_NAMES, LOSSES
+from experiments.common import run_dir
 
 GiB, MiB = 2**30, 2**20
-LOSSES = tuple(LOSS_FUNCTIONS)
 # Each loss at its own default temperature (and bias), passed explicitly to both the tiled
 # and the dense version.
 HYPER = {
-    name: {
-        k: p.default
-        for k, p in inspect.signature(fn).parameters.items()
-        if k in ("temperature", "bias")
-    }
-    for name, fn in LOSS_FUNCTIONS.items()
+    name: {"temperature": s.temperature, **({"bias": s.bias} if s.has_bias else {})}
+    for name, s in LOSSES.items()
 }
 LOSS_METHODS = ("dense", "tiled", "ring", "gathered")
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -235,7 +229,7 @@ def loss_grad_fn(method: str, loss: str, mesh: Any, block_size: int | None = Non
     inside ``shard_map`` (the all-gather baseline).
     """
     if loss not in HYPER:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSS_NAMES)}")
     hyper = HYPER[loss]
     tiled = {} if block_size is None else {"block_size": block_size}
     if method == "dense":

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from experiments.benchmarking import GiB, fmt_batch, fmt_bytes
+from experiments.common.benchmarking import GiB, fmt_batch, fmt_bytes
 
 STEM = "memory_sweep"
 

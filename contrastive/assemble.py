@@ -1,0 +1,197 @@
+"""A run's parts, built in order from its config: mesh -> data -> model -> shard -> step.
+
+:func:`setup` turns a :class:`~contrastive.configs.Config` into a :class:`Setup` (the mesh, the
+data pipeline and evaluation arrays, the model's graphdef and placed train state, the dropout
+key and the jitted step), raising every configuration error as a one-line
+:class:`~contrastive.configs.ConfigError` before anything long starts. The loop
+(:mod:`contrastive.loop`) trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+import losses
+from contrastive.configs import Config, ConfigError
+from contrastive.data import HashTokenizer, captioned_shapes, get_spec
+from contrastive.data.pipeline import DatasetSpec
+from contrastive.data.splits import run_data
+from contrastive.evaluate import evaluate_model
+from contrastive.locked_tower import BagOfWordsText, LockedFeatures
+from contrastive.mesh import make_mesh, place_params
+from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
+from contrastive.optim import make_optimizer
+from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
+
+__all__ = ["Setup", "setup", "build_model", "text_shape", "batch_builder", "evaluate_untrained"]
+
+DEFAULT_VOCAB, DEFAULT_TEXT_LEN = 8192, 32  # hashed-word captions (coco_captions)
+
+
+def build_model(cfg: Config, spec: DatasetSpec, *, feature_width: int | None = None) -> DualEncoder:
+    """The dual encoder for ``cfg``: one tower on two views, or image + text towers.
+
+    ``feature_width``: the image tower is locked and its inputs are its features of this
+    width (:class:`~contrastive.locked_tower.LockedFeatures`); only the heads, the text
+    tower, the temperature and the bias train.
+    """
+    m = cfg.model
+    rngs = nnx.Rngs(cfg.run.seed)
+    if feature_width is not None:
+        image_tower = LockedFeatures(feature_width)
+    else:
+        s, c = spec.image_size, spec.channels
+        shape = (s * s * c,) if m.encoder == "mlp" else (s, s, c)
+        image_tower = make_image_encoder(
+            m.encoder, shape, width=m.width, depth=m.depth, dropout_rate=m.dropout, rngs=rngs
+        )
+    text_tower = None
+    if spec.kind == "image_text":
+        vocab, length = text_shape(cfg, spec)
+        text_cls = BagOfWordsText if m.text_tower == "bag-of-words" else TextTransformer
+        text_tower = text_cls(vocab, length, dropout_rate=m.dropout, rngs=rngs)
+    return DualEncoder(
+        image_tower,
+        text_tower,
+        embed_dim=m.embed_dim,
+        head_hidden=m.head_hidden,
+        init_temperature=cfg.init_temperature,
+        init_bias=cfg.init_bias,
+        learn_temperature=m.learn_temperature,
+        rngs=rngs,
+    )
+
+
+def text_shape(cfg: Config, spec: DatasetSpec) -> tuple[int, int]:
+    """(vocabulary size, caption length): the flags', else the data set's, else hashed words."""
+    vocab = cfg.model.vocab_size or spec.vocab_size or DEFAULT_VOCAB
+    length = cfg.model.text_len or spec.text_len or DEFAULT_TEXT_LEN
+    if spec.vocab_size is not None and vocab < spec.vocab_size:
+        raise ConfigError(
+            f"--vocab-size {vocab} is smaller than the {spec.vocab_size} token ids of the data "
+            "set: drop the flag"
+        )
+    if spec.text_len is not None and length != spec.text_len:
+        raise ConfigError(
+            f"--text-len {length} differs from the data set's captions of {spec.text_len} "
+            "tokens: drop the flag"
+        )
+    return vocab, length
+
+
+def batch_builder(cfg: Config, spec: DatasetSpec, mesh: jax.sharding.Mesh):
+    """``f(host batch, step) -> Batch``: this host's rows of the step's global batch.
+
+    Image data: the two views. Image-text: images and captions; with ``--hard-negatives
+    K`` also K captions one attribute away from each image's own (``shapes``), laid out as
+    the ring loss reads them (each device: its captions, then their hard negatives); with
+    ``--skip-duplicate-negatives`` the caption ids, so that equal captions are not
+    negatives.
+    """
+    d = cfg.data
+    if spec.kind == "image":
+        return lambda host, step: Batch(host["view1"], host["view2"])
+    local_devices = len(mesh.local_devices)
+    seed = cfg.run.seed
+
+    def build(host: dict, step: int) -> Batch:
+        text, ids = host["text"], host.get("caption_id")
+        if d.hard_negatives:
+            b = len(text)
+            first = jax.process_index() * b  # global row of this host's first example
+            extra = [
+                captioned_shapes.one_attribute_apart(
+                    ids[i : i + 1], d.hard_negatives, np.random.default_rng([seed, step, first + i])
+                )
+                for i in range(b)
+            ]
+            k = d.hard_negatives
+            tokens = np.concatenate([t for t, _ in extra])  # [b, K, L]
+            extra_ids = np.concatenate([n for _, n in extra])  # [b, K]
+            # Each device: its captions, then their hard negatives (the ring losses' layout).
+            text = np.asarray(losses.interleave(text, tokens.reshape(b * k, -1), local_devices))
+            ids = np.asarray(losses.interleave(ids, extra_ids.reshape(b * k), local_devices))
+        keep_ids = d.skip_duplicate_negatives
+        return Batch(host["image"], text, ids=ids if keep_ids else None)
+
+    return build
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of, built in order: mesh -> data -> model -> shard -> step."""
+
+    mesh: jax.sharding.Mesh
+    spec: DatasetSpec
+    train_ds: Any
+    eval_data: dict
+    make_batch: Any  # (host batch, step) -> Batch for the step
+    graphdef: nnx.GraphDef
+    state: Any  # TrainState, placed on the mesh
+    key: jax.Array
+    step_fn: Any
+    dataset: str
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """The evaluation metrics of the model with ``params`` (see ``evaluate_model``)."""
+        return evaluate_model(
+            self.graphdef, params, self.spec, self.eval_data, self.mesh, self.dataset
+        )
+
+
+def setup(cfg: Config) -> Setup:
+    """Build everything up to the jitted step (nothing compiled yet).
+
+    Every configuration error surfaces here as a :class:`ConfigError`, before any long work.
+    """
+    # --- config: the checks that need the devices ----------------------------------------
+    devices = jax.devices()
+    n_dev = cfg.run.num_devices or len(devices)
+    if n_dev > len(devices):
+        raise ConfigError(f"--num-devices {n_dev} but only {len(devices)} devices are present")
+    cfg.check_devices(n_dev)
+
+    # --- mesh ----------------------------------------------------------------------------
+    mesh = make_mesh(num_devices=n_dev)
+
+    # --- data ------------------------------------------------------------------------------
+    d = cfg.data
+    spec = get_spec(d.dataset, d.image_size)
+    vocab, length = text_shape(cfg, spec) if spec.kind == "image_text" else (None, None)
+    tokenizer = HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
+    try:
+        data = run_data(cfg, spec, tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    train_ds, eval_data = data.train, data.eval
+    make_batch = batch_builder(cfg, spec, mesh)
+
+    # --- model -----------------------------------------------------------------------------
+    try:
+        model = build_model(cfg, spec, feature_width=data.feature_width)
+    except ValueError as e:  # e.g. a ViT patch that does not divide the image
+        raise ConfigError(str(e)) from e
+    tx = make_optimizer(cfg.train.optim)
+    graphdef, state = create_train_state(model, tx)
+    key = jax.random.key(cfg.run.seed + 1)  # dropout; the step folds in the step number
+
+    # --- shard -----------------------------------------------------------------------------
+    state = place_state(state, mesh, shard_optimizer=cfg.train.shard_optimizer)
+    key = place_params(key, mesh)
+
+    # --- step ------------------------------------------------------------------------------
+    step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
+    return Setup(
+        mesh, spec, train_ds, eval_data, make_batch, graphdef, state, key, step_fn, d.dataset
+    )
+
+
+def evaluate_untrained(cfg: Config) -> dict[str, float]:
+    """Evaluation of the randomly initialised model of ``cfg`` (the no-training baseline)."""
+    s = setup(cfg)
+    return s.evaluate(s.state.params)

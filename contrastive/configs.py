@@ -1,0 +1,567 @@
+"""The configuration of a training run: one tree of frozen dataclasses, in one module.
+
+``Config`` holds ``DataConfig`` (which data), ``ModelConfig`` (the dual encoder),
+``TrainConfig`` (the train step: ``LossConfig``, ``OptimConfig``, gradient cache, optimiser
+sharding), ``RunConfig`` (batch, seed, bookkeeping) and ``HostsConfig`` (several processes).
+Every field is made with :func:`contrastive.settings.setting`, which states its default, help,
+flag and allowed values once; the CLI's flags are generated from this tree
+(:func:`parse_config`), and a sweep changes a tree with :meth:`Config.with_updates`. Nothing is
+overridden behind the tree's back: what a field says is what runs.
+
+>>> cfg = Config().with_updates(loss="sigmoid", batch_size=1024, learning_rate=1e-3)
+>>> cfg.train.loss.name, cfg.run.batch_size, cfg.init_bias
+('sigmoid', 1024, -10.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from contrastive.data.pipeline import DATASETS, metric_names
+from contrastive.loss_registry import LOSS_NAMES, loss_spec
+from contrastive.models import IMAGE_ENCODERS
+from contrastive.settings import (
+    ConfigError,
+    build_tree,
+    check_fields,
+    field_name,
+    flag_of,
+    flag_parser,
+    setting,
+    tree_values,
+    walk,
+)
+
+__all__ = [
+    "ConfigError",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "HostsConfig",
+    "Config",
+    "OPTIMIZERS",
+    "differences",
+    "local_chunk_size",
+    "build_parser",
+    "parse_config",
+]
+
+OPTIMIZERS = ("adamw", "lamb", "lars")
+TEXT_TOWERS = ("transformer", "bag-of-words")
+DEFAULT_WARMUP_STEPS = 20  # capped at the run's length: a short run needs no flag
+
+
+# ------------------------------------------------------------------ the train step
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which loss and its options (see ``losses``)."""
+
+    name: str = setting(
+        "infonce",
+        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP) or decoupled (DCL/DCLW)",
+        flag="loss",
+        choices=LOSS_NAMES,
+    )
+    symmetric: bool = setting(True, "average both directions of the softmax losses")
+    intra_view: bool = setting(
+        False, "same-view negatives in the softmax losses (SimCLR's NT-Xent)"
+    )
+    sigma: float | None = setting(
+        None, "DCLW weighting of the decoupled loss; none: plain DCL", positive=True
+    )
+    block_size: int | None = setting(
+        None, "similarity tile edge of the tiled losses; none: automatic", at_least=1
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        spec = loss_spec(self.name)
+        for option in ("sigma", "intra_view"):
+            value = getattr(self, option)
+            if value and option not in spec.options:
+                owners = [n for n in LOSS_NAMES if option in loss_spec(n).options]
+                what = (
+                    f"is an option of the {owners[0]} loss"
+                    if len(owners) == 1
+                    else "is for the softmax losses"
+                )
+                shown = f" {value!r}" if option == "sigma" else ""
+                raise ValueError(
+                    f"{field_name(self, option)}{shown} {what}: drop it or set "
+                    f"{field_name(self, 'name')} {owners[0]}"
+                )
+
+    @property
+    def spec(self):
+        """The loss's :class:`~contrastive.loss_registry.LossSpec`."""
+        return loss_spec(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser and its schedule: linear warm-up, then cosine decay over the run."""
+
+    name: str = setting("adamw", "optimiser", flag="optimizer", choices=OPTIMIZERS)
+    learning_rate: float = setting(
+        2e-3, "peak learning rate (linear warm-up, then cosine decay)", positive=True
+    )
+    total_steps: int = setting(
+        300, "training steps (the schedule runs over all of them)", flag="steps", at_least=1
+    )
+    warmup_steps: int | None = setting(
+        None,
+        f"linear warm-up steps from 0; none: {DEFAULT_WARMUP_STEPS}, or the whole run if it "
+        "is shorter",
+        at_least=0,
+    )
+    end_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak", at_least=0)
+    weight_decay: float = setting(1e-4, "decoupled weight decay on weight matrices", at_least=0)
+    b1: float = setting(0.9, "Adam/LAMB first-moment decay, in [0, 1)", at_least=0)
+    b2: float = setting(0.999, "Adam/LAMB second-moment decay, in [0, 1)", at_least=0)
+    eps: float = setting(1e-8, "Adam/LAMB epsilon", positive=True)
+    momentum: float = setting(0.9, "LARS momentum, in [0, 1)", at_least=0)
+    trust_coefficient: float = setting(1e-3, "LARS trust coefficient", positive=True)
+    clip_norm: float | None = setting(
+        1.0, "clip the global gradient norm to this value first; none: no clipping", positive=True
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        for name in ("b1", "b2", "momentum"):
+            if not getattr(self, name) < 1:
+                raise ValueError(
+                    f"{field_name(self, name)} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if self.end_lr_ratio > 1:
+            raise ValueError(
+                f"{field_name(self, 'end_lr_ratio')} must be in [0, 1] (a fraction of the peak), "
+                f"got {self.end_lr_ratio}"
+            )
+        if self.warmup_steps is not None and self.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"{field_name(self, 'warmup_steps')} ({self.warmup_steps}) must not exceed the "
+                f"run's {field_name(self, 'total_steps')} {self.total_steps}: lower it"
+            )
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps in force (the default rule applied)."""
+        if self.warmup_steps is None:
+            return min(DEFAULT_WARMUP_STEPS, self.total_steps)
+        return self.warmup_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train step settings: loss, optimiser, gradient-cache chunk, optimiser sharding."""
+
+    loss: LossConfig = setting(default_factory=LossConfig)
+    optim: OptimConfig = setting(default_factory=OptimConfig)
+    chunk_size: int | None = setting(
+        None,
+        "gradient caching: encode the global batch in chunks of this many rows (a multiple "
+        "of the device count; each device encodes chunk/devices rows at a time); none: "
+        "encode the whole batch at once",
+        at_least=1,
+    )
+    shard_optimizer: bool = setting(
+        False,
+        "shard the optimiser state (and reduce-scatter the gradients) along the data axis "
+        "(ZeRO-1/2); parameters stay replicated",
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def local_chunk_size(chunk_size: int | None, devices: int) -> int | None:
+    """Rows per chunk on each device; ValueError unless the devices split the chunk evenly."""
+    if chunk_size is None:
+        return None
+    if chunk_size % devices:
+        raise ValueError(
+            f"chunk_size={chunk_size} does not split over the {devices} devices: use a multiple "
+            f"of {devices} (e.g. {max(devices, chunk_size - chunk_size % devices)})."
+        )
+    return chunk_size // devices
+
+
+# ------------------------------------------------------------------ data, model, run, hosts
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where it lives, how much of it evaluation reads."""
+
+    dataset: str = setting(
+        "digits", "data set (digits: offline, from scikit-learn)", choices=tuple(DATASETS)
+    )
+    data_dir: str | None = setting(
+        None, "TFDS data dir; none: ~/tensorflow_datasets", changes_run=False, path=True
+    )
+    image_size: int | None = setting(
+        None, "side of the square model input; none: the data set's", at_least=4
+    )
+    eval_examples: int = setting(
+        10000, "at most this many examples per split for evaluation", at_least=1, changes_run=False
+    )
+    train_examples: int | None = setting(
+        None,
+        "train on the first N examples of the training split (shapes generates N); none: all",
+        at_least=1,
+    )
+    validation_examples: int = setting(
+        0,
+        "carve a validation split of this many examples from the training split, right after "
+        "the training examples (never trained on); evaluations then add val_* metrics",
+        at_least=0,
+    )
+    hard_negatives: int = setting(
+        0,
+        "K extra captions per image, each one attribute away from its own, as negatives for "
+        "every image (retrieval-style batches of B images and (1 + K) B captions; shapes)",
+        at_least=0,
+    )
+    skip_duplicate_negatives: bool = setting(
+        False,
+        "give the loss each caption's id: a batch-mate or extra negative with an image's own "
+        "caption is not its negative (shapes)",
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        wants_ids = self.hard_negatives or self.skip_duplicate_negatives
+        if wants_ids and not DATASETS[self.dataset].class_captions:
+            flag = "hard_negatives" if self.hard_negatives else "skip_duplicate_negatives"
+            raise ValueError(
+                f"{field_name(self, flag)} needs a data set with caption ids: use --dataset shapes"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The dual encoder: image tower, projection head, text tower, temperature, bias."""
+
+    # A tiny GroupNorm ResNet by default: 4/8/16 channels, 16 features. Its random
+    # features are poor on the digits (about 50 % linear probe), so what training adds is
+    # visible; use --width 16 or more for CIFAR/STL.
+    encoder: str = setting("resnet", "image encoder", flag="model", choices=IMAGE_ENCODERS)
+    width: int | None = setting(
+        4,
+        "encoder width (resnet: channels of the first stage; mlp/vit: hidden width); none: "
+        "the encoder's default",
+        at_least=1,
+    )
+    depth: int | None = setting(
+        None, "encoder depth (resnet: blocks per stage; mlp/vit: layers); none: default", at_least=1
+    )
+    embed_dim: int = setting(64, "embedding width D", at_least=1)
+    head_hidden: int | None = setting(
+        256, "hidden width of the projection head; none: a linear head", at_least=1
+    )
+    dropout: float = setting(0.0, "dropout rate in the encoders", at_least=0)
+    vocab_size: int | None = setting(
+        None, "text vocabulary (image-text data); none: the data set's", at_least=4
+    )
+    text_len: int | None = setting(
+        None, "caption length in tokens (image-text data); none: the data set's", at_least=2
+    )
+    text_tower: str = setting(
+        "transformer",
+        "text tower: a transformer, or bag-of-words (mean of token embeddings, then an MLP: "
+        "cheap, what keeps a locked-tower step close to the loss's own cost)",
+        choices=TEXT_TOWERS,
+    )
+    locked_image: str | None = setting(
+        None,
+        "lock the image tower (LiT/SigLiT): 'pretrained' pre-trains an MLP tower on shapes' "
+        "five attributes once and trains on its features; or a directory with your own "
+        "features train.npy and test.npy ([N, F] float32, in the data set's example order); "
+        "none: train the image tower",
+        path=True,
+    )
+    temperature: float | None = setting(
+        None, "initial temperature; none: the loss's default", positive=True
+    )
+    learn_temperature: bool = setting(True, "learn the temperature (CLIP/SigLIP)")
+    bias: float | None = setting(
+        None, "initial bias of the sigmoid loss; none: the loss's default (SigLIP: -10)"
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.bias is not None and not math.isfinite(self.bias):
+            raise ValueError(f"{field_name(self, 'bias')} must be a finite number, got {self.bias}")
+        if self.dropout >= 1:
+            raise ValueError(f"{field_name(self, 'dropout')} must be below 1, got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How long, how big, where, and the bookkeeping of a run."""
+
+    workdir: str = setting(
+        "",
+        "directory for checkpoints and metrics.jsonl; an existing run there is resumed",
+        changes_run=False,
+        path=True,
+    )
+    batch_size: int = setting(
+        256, "global batch of pairs; a multiple of the device count", at_least=2
+    )
+    seed: int = setting(0, "seed of the initialisation, data order and augmentations")
+    num_devices: int | None = setting(None, "use the first N devices; none: all", at_least=1)
+    checkpoint_every: int = setting(
+        100, "save a checkpoint every K steps (and after the last)", at_least=1, changes_run=False
+    )
+    keep_checkpoints: int = setting(3, "keep the last K checkpoints", at_least=1, changes_run=False)
+    log_every: int = setting(
+        10, "write a metrics.jsonl record every K steps", at_least=1, changes_run=False
+    )
+    eval_every: int = setting(
+        0, "evaluate every K steps (0: after the last step only)", at_least=0, changes_run=False
+    )
+    eval_growth: float = setting(
+        0.0,
+        "also evaluate at the steps ceil(g^k), k = 0, 1, ... (g = 1.05: every 5 %% of the "
+        "run so far; what steps to a target need); 0: off",
+        at_least=0,
+        changes_run=False,
+    )
+    stop_at: str | None = setting(
+        None,
+        "stop (with a checkpoint) at the first evaluation where METRIC reaches VALUE, given as "
+        "METRIC=VALUE, e.g. val_zero_shot_top1=0.3; none: run every step",
+    )
+    noise_scale_every: int = setting(
+        0,
+        "measure the gradient noise scale B_simple every K steps (McCandlish et al. 2018; "
+        "written to the metrics as noise_*); 0: off",
+        at_least=0,
+        changes_run=False,
+    )
+    feature_cache: str | None = setting(
+        None,
+        "where a locked image tower's parameters and features are cached; none: <workdir>/features",
+        changes_run=False,
+        path=True,
+    )
+    stop_after: int | None = setting(
+        None, "stop after this step as if killed (for resume tests)", at_least=1, changes_run=False
+    )
+    progress: bool = setting(True, "show a progress bar", changes_run=False)
+
+    def __post_init__(self):
+        check_fields(self)
+        if 0 < self.eval_growth <= 1:
+            raise ValueError(
+                f"{field_name(self, 'eval_growth')} must be above 1 (1.05: 5 % apart) or 0 "
+                f"(off), got {self.eval_growth}"
+            )
+        try:
+            parse_stop_at(self.stop_at)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--stop-at", field_name(self, "stop_at"))) from None
+
+
+def parse_stop_at(text: str | None) -> tuple[str, float] | None:
+    """``"val_zero_shot_top1=0.3"`` -> ``("val_zero_shot_top1", 0.3)``; ValueError if bad."""
+    if text is None:
+        return None
+    metric, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not metric.strip() or not math.isfinite(number):
+        raise ValueError(
+            f"--stop-at {text!r}: give METRIC=VALUE with a finite number, e.g. "
+            "val_zero_shot_top1=0.3"
+        )
+    return metric.strip(), number
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsConfig:
+    """Several processes (hosts) on one global mesh: ``jax.distributed.initialize``.
+
+    Any of the first three set (or ``--distributed``) starts the multi-process runtime; a
+    flag given overrides what JAX would detect from the cluster's environment.
+    """
+
+    distributed: bool = setting(
+        False,
+        "start jax.distributed even without the flags below (JAX detects the cluster)",
+        changes_run=False,
+    )
+    coordinator_address: str | None = setting(
+        None, "HOST:PORT of process 0's coordinator (multi-host)", changes_run=False
+    )
+    num_processes: int | None = setting(
+        None, "number of processes (multi-host)", at_least=1, changes_run=False
+    )
+    process_id: int | None = setting(
+        None, "this process's index, 0 .. N-1 (multi-host)", at_least=0, changes_run=False
+    )
+    peer_timeout: float = setting(
+        300.0,
+        "seconds without progress (start-up, a step, a save) after which a multi-host "
+        "process ends with an error: a missing or dead peer never hangs the run",
+        positive=True,
+        changes_run=False,
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if (
+            self.num_processes is not None
+            and self.process_id is not None
+            and self.process_id >= self.num_processes
+        ):
+            raise ValueError(
+                f"{field_name(self, 'process_id')} {self.process_id} must be below "
+                f"{field_name(self, 'num_processes')} {self.num_processes}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        flags = (self.coordinator_address, self.num_processes, self.process_id)
+        return self.distributed or any(v is not None for v in flags)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run, as one tree."""
+
+    data: DataConfig = setting(default_factory=DataConfig)
+    model: ModelConfig = setting(default_factory=ModelConfig)
+    train: TrainConfig = setting(default_factory=TrainConfig)
+    run: RunConfig = setting(default_factory=RunConfig)
+    hosts: HostsConfig = setting(default_factory=HostsConfig)
+
+    def __post_init__(self):
+        r, t = self.run, self.train
+        if t.chunk_size is not None and t.chunk_size > r.batch_size:
+            raise ValueError(
+                f"{field_name(t, 'chunk_size')} {t.chunk_size} is larger than "
+                f"{field_name(r, 'batch_size')} {r.batch_size}: use a chunk size <= the batch "
+                "size, or drop it"
+            )
+        if r.stop_after is not None and r.stop_after > self.steps:
+            raise ValueError(
+                f"{field_name(r, 'stop_after')} must be between 1 and "
+                f"{field_name(t.optim, 'total_steps')}={self.steps}"
+            )
+        if DATASETS[self.data.dataset].kind == "image_text" and t.loss.intra_view:
+            raise ValueError(
+                f"{field_name(t.loss, 'intra_view')} needs two views of one image, not "
+                "image-text pairs"
+            )
+        spec = DATASETS[self.data.dataset]
+        d, m = self.data, self.model
+        if d.validation_examples and not spec.class_captions:
+            raise ValueError(
+                f"{field_name(d, 'validation_examples')} needs a data set whose validation "
+                "metric does not depend on the batch (zero-shot over its captions): use "
+                "--dataset shapes"
+            )
+        if m.locked_image is not None and not (spec.kind == "image_text" and spec.vocab_size):
+            raise ValueError(
+                f"{field_name(m, 'locked_image')} needs an image-text data set with its own "
+                "caption tokens: use --dataset shapes"
+            )
+        target = parse_stop_at(r.stop_at)
+        if target is not None:
+            known = metric_names(spec, validation=bool(d.validation_examples))
+            if target[0] not in known:
+                raise ValueError(
+                    f"{field_name(r, 'stop_at')}: unknown metric {target[0]!r} for "
+                    f"{d.dataset}: use one of {', '.join(known)}"
+                )
+        if self.model.bias is not None and not t.loss.spec.has_bias:
+            raise ValueError(
+                f"{field_name(self.model, 'bias')} is for a loss with a bias (sigmoid), not "
+                f"{t.loss.name}: drop it or set {field_name(t.loss, 'name')} sigmoid"
+            )
+
+    @property
+    def steps(self) -> int:
+        """The run's length in optimiser steps (the schedule's too)."""
+        return self.train.optim.total_steps
+
+    @property
+    def init_temperature(self) -> float:
+        t = self.model.temperature
+        return self.train.loss.spec.temperature if t is None else t
+
+    @property
+    def init_bias(self) -> float | None:
+        """The loss's initial bias (the sigmoid loss); None for a loss without one."""
+        spec = self.train.loss.spec
+        if not spec.has_bias:
+            return None
+        return spec.bias if self.model.bias is None else self.model.bias
+
+    def identity(self) -> dict[str, Any]:
+        """``{flag: value}`` of every setting that changes the computation.
+
+        A resumed run must agree with its checkpoints on all of these; the others
+        (logging, progress, paths, evaluation, ``--stop-after``) may change freely.
+        """
+        return {
+            flag_of(f): value for f, value, _ in walk(self) if f.metadata.get("changes_run", True)
+        }
+
+    def with_updates(self, **flags: Any) -> Config:
+        """A copy with some settings changed, by flag name (``learning_rate=1e-3``)."""
+        values = tree_values(self)
+        unknown = set(flags) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown settings {sorted(unknown)}")
+        values.update(flags)
+        return build_tree(Config, values)
+
+    def check_devices(self, num_devices: int) -> None:
+        """The checks that need the device count: the batch and the chunk split over it."""
+        b = self.run.batch_size
+        if b % num_devices:
+            raise ConfigError(
+                f"--batch-size {b} is not divisible by the {num_devices} devices: use a multiple "
+                f"of {num_devices}, e.g. {max(num_devices, b - b % num_devices)}"
+            )
+        try:
+            local_chunk_size(self.train.chunk_size, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("chunk_size=", "--chunk-size ")) from None
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"--flag: old -> new"`` for every setting that differs between two identities."""
+    out = []
+    for flag in sorted(set(old) | set(new)):
+        if old.get(flag, "<unset>") != new.get(flag, "<unset>"):
+            out.append(f"{flag} {old.get(flag, '<unset>')!r} -> {new.get(flag, '<unset>')!r}")
+    return out
+
+
+def build_parser(prog: str = "python -m experiments.train"):
+    """The training CLI's flags: one per setting of :class:`Config`."""
+    return flag_parser(
+        Config(),
+        prog=prog,
+        description="Train a contrastive dual encoder (SimCLR / CLIP / SigLIP style).",
+        required=("--workdir",),
+    )
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Flags -> a checked :class:`Config`; :class:`ConfigError` (one line) if bad."""
+    return build_tree(Config, vars(build_parser().parse_args(argv)))

@@ -1,0 +1,310 @@
+"""The training loop: ``train(config)`` trains (or resumes) one run and returns its records.
+
+Reads top to bottom: checks -> parts (:func:`contrastive.assemble.setup`: mesh, data, model,
+shard, step) -> checkpoint -> loop. Writes ``workdir/metrics.jsonl`` (one JSON object per
+logged step: ``step``, ``loss``, ..., and the evaluation results at evaluation steps) and
+``workdir/checkpoints/`` (orbax).
+
+Started again with the same work dir it resumes from the latest checkpoint, and a run killed
+at any moment then ends with exactly the per-step losses of an uninterrupted run: the batches
+are a pure function of (seed, step), and the checkpoint holds the parameters, optimiser
+state, PRNG key, step and data position.
+
+>>> from contrastive.configs import Config
+>>> records = train(Config().with_updates(workdir="/tmp/run", steps=2))  # doctest: +SKIP
+>>> records[-1]["linear_probe"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from contrastive.assemble import Setup, setup
+from contrastive.checkpoint import Checkpointer, NoUsableCheckpointError
+from contrastive.configs import Config, ConfigError, differences, parse_stop_at
+from contrastive.data import BatchIterator
+from contrastive.hosts import Watchdog, start
+from contrastive.mesh import shard_batch
+from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
+from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+
+__all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (divergence, no usable checkpoint, a busy work dir); one line."""
+
+
+def _check_writable_dir(flag: str, path: str) -> None:
+    """``path`` is (or is now) a directory this process can write; ConfigError if not.
+
+    Tried, not inferred from permission bits: ``os.access`` says yes to root on a read-only
+    file system, and a path below a regular file fails only when something is created.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file: pass a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError(
+            f"{flag} {path} cannot be used ({why}): pass a writable directory"
+        ) from None
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a work dir that cannot be written and a data dir that would be created out of
+    nowhere, before anything starts."""
+    workdir, data_dir = cfg.run.workdir, cfg.data.data_dir
+    if not workdir:
+        raise ConfigError("--workdir is required: pass a directory for checkpoints and metrics")
+    _check_writable_dir("--workdir", workdir)
+    if data_dir is not None:
+        parent = os.path.dirname(os.path.abspath(data_dir))
+        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise ConfigError(f"--data-dir {data_dir} is a file: pass a directory")
+        if not os.path.isdir(parent):
+            raise ConfigError(
+                f"--data-dir {data_dir}: its parent directory {parent} does not exist; create it "
+                "or pass an existing directory"
+            )
+
+
+def check_same_run(meta: dict, cfg: Config) -> None:
+    """Before a checkpoint is restored: it was written by a run with these settings, else a
+    :class:`ConfigError` naming every flag that differs, with its old and new value."""
+    changed = differences(meta.get("config") or {}, cfg.identity())
+    if changed:
+        raise ConfigError(
+            f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)}): use a "
+            "new --workdir, or the same settings to resume it"
+        )
+
+
+def _finite(value: float) -> bool:
+    return bool(np.isfinite(value))
+
+
+def train(cfg: Config, *, watchdog: Watchdog | None = None) -> list[dict]:
+    """Train (or resume) the run in ``cfg.run.workdir``; returns every metrics record.
+
+    Nothing a run has finished is lost: only finite states are checkpointed (a non-finite
+    loss, gradient norm or state stops the run at that step with :class:`RunError`), a
+    corrupted newest checkpoint is reported and skipped, changed settings are refused
+    before anything is restored, one run holds the work dir at a time, and SIGTERM or
+    SIGINT end the run after the current step with a checkpoint (exit status 0).
+    """
+    r = cfg.run
+    check_paths(cfg)
+    if cfg.hosts.enabled and watchdog is None:
+        return _train_on_hosts(cfg)
+    s = setup(cfg)
+    lead = jax.process_index() == 0
+    beat = watchdog.beat if watchdog is not None else (lambda: None)
+    os.makedirs(r.workdir, exist_ok=True)
+    try:
+        lock = WorkdirLock(r.workdir).acquire()
+    except WorkdirLockedError as e:
+        raise RunError(str(e)) from None
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, s, stop, beat, lead)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective whose peer died fails here (or hangs until the watchdog ends it).
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(
+            f"process {jax.process_index()} of {jax.process_count()}: a step across the hosts "
+            f"failed ({first}); a peer process is probably dead: restart every process with "
+            "the same command to resume from the last checkpoint"
+        ) from None
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[dict]:
+    r = cfg.run
+    # --- checkpoint ------------------------------------------------------------------------
+    ckpt = Checkpointer(r.workdir, every=r.checkpoint_every, keep=r.keep_checkpoints)
+    try:
+        restored, meta, restored_step = ckpt.restore_latest(
+            {"train": s.state, "key": s.key}, check_meta=lambda m: check_same_run(m, cfg)
+        )
+    except NoUsableCheckpointError as e:
+        ckpt.close()
+        raise RunError(str(e)) from None
+    except ConfigError:
+        ckpt.close()
+        raise
+    beat()
+    state, key = restored["train"], restored["key"]
+    start = int(meta.get("step", 0)) if restored_step is not None else 0
+    # A run that stopped at its --stop-at target is finished: nothing to resume.
+    end = start if meta.get("reached_target") else cfg.steps
+    target = parse_stop_at(r.stop_at)
+    evaluate_at = geometric_steps(r.eval_growth, cfg.steps)
+    noise = _NoiseMeter(cfg, s, meta.get("noise")) if r.noise_scale_every else None
+    batches = BatchIterator(s.train_ds)
+    if meta:
+        batches.set_state(meta["data"])
+    log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
+
+    # --- loop ------------------------------------------------------------------------------
+    def save(step: int, force: bool = False, reached: bool = False) -> None:
+        meta = {"step": step, "data": batches.get_state(), "config": cfg.identity()}
+        if reached:
+            meta["reached_target"] = True
+        if noise is not None:
+            meta["noise"] = noise.state()
+        tree = {"train": state, "key": key}
+        if force:
+            ckpt.save(step, tree, meta, force=True)
+        else:
+            ckpt.maybe_save(step, tree, meta)
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (r.progress and lead), desc="train")
+    try:
+        for step in range(start + 1, end + 1):  # `step` counts completed steps
+            host = next(batches)
+            batch = shard_batch(s.make_batch(host, step), s.mesh)
+            measure = noise is not None and step % r.noise_scale_every == 0
+            sq_small = noise.probe(state.params, batch) if measure else None  # before donation
+            state, m = s.step_fn(state, batch, key)
+            values = {k: float(v) for k, v in m.items()}  # waits for the step
+            beat()
+            bad = [k for k in ("loss", "grad_norm") if not _finite(values[k])]
+            if bad or values["finite"] != 1.0:
+                what = ", ".join(f"{k} = {values[k]}" for k in bad) or "the new state"
+                last = ckpt.latest_step()
+                verb = "are" if len(bad) > 1 else "is"
+                raise RunError(
+                    f"step {step}: {what} {verb} not finite: the run diverged and stopped before "
+                    f"saving that step; {'checkpoint ' + str(last) if last else 'no checkpoint'} "
+                    "on disk holds a finite state (a lower --learning-rate, in a new --workdir, "
+                    "may help)"
+                )
+            last = step == cfg.steps
+            do_eval = last or (r.eval_every and step % r.eval_every == 0) or step in evaluate_at
+            reached = False
+            if do_eval or measure or step % r.log_every == 0 or step == 1:
+                rec = {"step": step, **values}
+                rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+                if measure:
+                    rec.update(noise.update(float(sq_small), values["grad_norm"] ** 2))
+                if do_eval:
+                    rec.update(s.evaluate(state.params))
+                    beat()
+                    reached = target is not None and rec[target[0]] >= target[1]
+                    if reached:
+                        rec["reached_target"] = f"{target[0]}>={target[1]:g}"
+                log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            bar.update(1)
+            stopping = stop.agreed()
+            save(step, force=last or stopping or reached, reached=reached)
+            beat()
+            if stopping:
+                if lead:
+                    tqdm.write(
+                        f"stopped by {stop.name or 'a signal to another process'} after step "
+                        f"{step}: checkpoint saved in {r.workdir}; run the same command to resume"
+                    )
+                break
+            if reached:
+                break  # the target is reached: the run is finished
+            if r.stop_after is not None and step >= r.stop_after:
+                break  # as if killed here: no checkpoint beyond the periodic ones
+    finally:
+        bar.close()
+        batches.close()
+        ckpt.close()
+        log.close()
+    return log.records()
+
+
+def geometric_steps(growth: float, total: int) -> frozenset[int]:
+    """The steps ``ceil(growth^k)``, k = 0, 1, ..., up to ``total`` (empty for growth 0).
+
+    A fixed set, so that a resumed run evaluates where an uninterrupted one does.
+
+    >>> sorted(geometric_steps(1.5, 10))
+    [1, 2, 3, 4, 6, 8]
+    """
+    if not growth:
+        return frozenset()
+    steps, g = set(), 1.0
+    while g <= total:
+        steps.add(math.ceil(g - 1e-9))
+        g *= growth
+    return frozenset(steps)
+
+
+class _NoiseMeter:
+    """The gradient noise scale of a run (McCandlish et al. 2018, Appendix A), every K steps.
+
+    ``|G_small|^2``: the loss's gradient on each device's rows alone (split in two on one
+    device), from :func:`contrastive.noise_scale.make_noise_probe`, before the step;
+    ``|G_big|^2``: the step's own gradient norm (before clipping) at the same parameters.
+    Running means of the two-size estimates of ``|G|^2`` and ``tr(Σ)`` are kept in the
+    checkpoint, so a resumed run averages on.
+    """
+
+    def __init__(self, cfg: Config, s: Setup, state: dict | None):
+        n = s.mesh.devices.size
+        splits = 2 if n == 1 else 1
+        self.probe = make_noise_probe(s.graphdef, cfg.train, s.mesh, splits_per_device=splits)
+        self.b_small, self.b_big = cfg.run.batch_size // (n * splits), cfg.run.batch_size
+        self.meter = NoiseScaleMeter.init()
+        if state:  # from the checkpoint: the running sums, then the count
+            *sums, count = state
+            self.meter = NoiseScaleMeter(*(np.float32(v) for v in sums), np.int32(count))
+
+    def update(self, sq_small: float, sq_big: float) -> dict[str, float]:
+        self.meter = self.meter.update(sq_small, self.b_small, sq_big, self.b_big)
+        g2, trace, b_simple = (float(v) for v in self.meter.result())
+        return {
+            "noise_sq_small": sq_small,
+            "noise_sq_big": sq_big,
+            "noise_b_small": self.b_small,
+            "noise_g2": g2,
+            "noise_trace": trace,
+            "noise_b_simple": b_simple,
+        }
+
+    def state(self) -> list[float]:
+        return [float(v) for v in self.meter]
+
+
+def _train_on_hosts(cfg: Config) -> list[dict]:
+    """:func:`train` on several processes: start the runtime, watch the peers, train."""
+    h = cfg.hosts
+    start(h.coordinator_address, h.num_processes, h.process_id, timeout_s=h.peer_timeout)
+    watchdog = Watchdog(h.peer_timeout, "the multi-host run").__enter__()
+    try:
+        return train(cfg, watchdog=watchdog)
+    finally:
+        watchdog.stop()
+
+
+def summary_line(records: list[dict], workdir: str) -> str:
+    """The last line a run prints: where it is, how far it got, its final metrics."""
+    if not records:
+        return f"nothing to do: {workdir} holds a finished run"
+    final = records[-1]
+    keep = ("loss", "temperature", "linear_probe", "knn", "zero_shot_top1", "val_zero_shot_top1",
+            "i2t_r@1", "t2i_r@1", "noise_b_simple")  # fmt: skip
+    parts = [f"{k} {final[k]:.4g}" for k in keep if k in final]
+    return f"step {final['step']}: " + ", ".join(parts) + f" (metrics: {workdir}/{METRICS_FILE})"

@@ -1,0 +1,9 @@
+"""What the commands of ``experiments/`` share (this package holds no command).
+
+- :mod:`~experiments.common.cli`: one-line errors, list flags, the exit-status rule;
+- :mod:`~experiments.common.grid`: a grid of runs built as configs, trained, reported;
+- :mod:`~experiments.common.reports`: statistics over seeds, tables, plots, CSV/JSON;
+- :mod:`~experiments.common.run_dir`: fresh run directories, ``--update-results``;
+- :mod:`~experiments.common.benchmarking`: timing, compiled memory, simulated devices;
+- :mod:`~experiments.common.memory_report`: the memory sweep's tables and plot.
+"""
