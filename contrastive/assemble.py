@@ -25,6 +25,7 @@ from contrastive.evaluate import evaluate_model
 from contrastive.locked_tower import BagOfWordsText, LockedFeatures
 from contrastive.mesh import make_mesh, place_params
 from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
+from contrastive.negative_queue import check_queue_length, init_queue
 from contrastive.optim import make_optimizer
 from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
 
@@ -137,10 +138,10 @@ class Setup:
     step_fn: Any
     dataset: str
 
-    def evaluate(self, params: Any) -> dict[str, float]:
+    def evaluate(self, params: Any, only: str | None = None) -> dict[str, float]:
         """The evaluation metrics of the model with ``params`` (see ``evaluate_model``)."""
         return evaluate_model(
-            self.graphdef, params, self.spec, self.eval_data, self.mesh, self.dataset
+            self.graphdef, params, self.spec, self.eval_data, self.mesh, self.dataset, only=only
         )
 
 
@@ -178,6 +179,14 @@ def setup(cfg: Config) -> Setup:
         raise ConfigError(str(e)) from e
     tx = make_optimizer(cfg.train.optim)
     graphdef, state = create_train_state(model, tx)
+    k = cfg.train.negative_queue
+    if k:  # past embeddings of the second tower, each device its own rows
+        try:
+            check_queue_length(k, cfg.run.batch_size, data.num_train)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        rows = cfg.run.batch_size // n_dev
+        state = state._replace(queue=init_queue(k, rows, cfg.model.embed_dim, devices=n_dev))
     key = jax.random.key(cfg.run.seed + 1)  # dropout; the step folds in the step number
 
     # --- shard -----------------------------------------------------------------------------

@@ -177,9 +177,21 @@ class TrainConfig:
         "shard the optimiser state (and reduce-scatter the gradients) along the data axis "
         "(ZeRO-1/2); parameters stay replicated",
     )
+    negative_queue: int = setting(
+        0,
+        "keep the second tower's embeddings of the last K steps in a queue on the devices and "
+        "give them to the loss as extra negatives (MoCo's queue without the momentum "
+        "encoder; no gradient flows into them); 0: off",
+        at_least=0,
+    )
 
     def __post_init__(self):
         check_fields(self)
+        if self.negative_queue and self.loss.intra_view:
+            raise ValueError(
+                f"{field_name(self, 'negative_queue')} gives extra negatives of the second "
+                f"view; it does not combine with {field_name(self.loss, 'intra_view')}: drop one"
+            )
 
 
 def local_chunk_size(chunk_size: int | None, devices: int) -> int | None:
@@ -358,6 +370,11 @@ class RunConfig:
         None, "stop after this step as if killed (for resume tests)", at_least=1, changes_run=False
     )
     progress: bool = setting(True, "show a progress bar", changes_run=False)
+    tensorboard: bool = setting(
+        True,
+        "also write TensorBoard event files to <workdir>/tensorboard (process 0; tensorboardX)",
+        changes_run=False,
+    )
 
     def __post_init__(self):
         check_fields(self)

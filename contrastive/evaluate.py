@@ -247,16 +247,22 @@ def retrieval_recall(
     return out
 
 
+_EMBED_FNS: dict[tuple, Callable] = {}
+
+
 def _embedder(graphdef: nnx.GraphDef, params: Any, method: str, mesh: jax.sharding.Mesh):
     """``x [N, ...] -> float32[N, D]`` on the host through ``model.<method>``, on the mesh.
 
     Every process passes the same whole array; each feeds its own rows to the mesh, and
     the result comes back replicated, so this is correct with several processes too.
     """
-    fn = jax.jit(
-        lambda p, x: getattr(nnx.merge(graphdef, p), method)(x),
-        out_shardings=replicated(mesh),
-    )
+    key = (graphdef, method, mesh)
+    if key not in _EMBED_FNS:  # compiled once per model and tower, not per evaluation
+        _EMBED_FNS[key] = jax.jit(
+            lambda p, x: getattr(nnx.merge(graphdef, p), method)(x),
+            out_shardings=replicated(mesh),
+        )
+    fn = _EMBED_FNS[key]
     count, index = jax.process_count(), jax.process_index()
 
     def apply(x):
@@ -273,6 +279,8 @@ def evaluate_model(
     data: dict,
     mesh: jax.sharding.Mesh,
     dataset: str,
+    *,
+    only: str | None = None,
 ) -> dict[str, float]:
     """Linear probe and k-NN (labelled images), or retrieval recall and zero-shot accuracy.
 
@@ -282,7 +290,9 @@ def evaluate_model(
     class captions (``shapes``) also zero-shot top-1 accuracy among every caption, overall
     and on the compositions never seen in training, and recall that counts a retrieved
     item with the same caption as a match. A ``data["val"]`` split (carved from the
-    training split) adds the same metrics with a ``val_`` prefix.
+    training split) adds the same metrics with a ``val_`` prefix. ``only="val_zero_shot_top1"``
+    (or ``"zero_shot_top1"``) computes that metric alone: the cheap check of a run that
+    stops at a target.
     """
     batch = 256 * mesh.devices.size  # embed pads the last batch to this; a multiple of it
 
@@ -299,6 +309,10 @@ def evaluate_model(
         }
     tokens, _ = class_captions(dataset) if spec.class_captions else (None, None)
     captions = None if tokens is None else emb("embed_y", tokens)
+    if only in ("zero_shot_top1", "val_zero_shot_top1") and captions is not None:
+        split = data["val" if only.startswith("val_") else "test"]
+        img = emb("embed_x", split["image"])
+        return {only: zero_shot_accuracy(img, captions, split["caption_id"])}
     out = _image_text_metrics(emb, data["test"], captions)
     if "val" in data:  # a validation split carved from train: what tuning reads
         val = _image_text_metrics(emb, data["val"], captions)

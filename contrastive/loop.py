@@ -17,8 +17,10 @@ state, PRNG key, step and data position.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -32,12 +34,14 @@ from contrastive.configs import Config, ConfigError, differences, parse_stop_at
 from contrastive.data import BatchIterator
 from contrastive.hosts import Watchdog, start
 from contrastive.mesh import shard_batch
+from contrastive.metric_writers import TensorBoardWriter
 from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
 from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
 
 __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir WORKDIR/tensorboard`
 
 
 class RunError(RuntimeError):
@@ -96,7 +100,9 @@ def _finite(value: float) -> bool:
     return bool(np.isfinite(value))
 
 
-def train(cfg: Config, *, watchdog: Watchdog | None = None) -> list[dict]:
+def train(
+    cfg: Config, *, watchdog: Watchdog | None = None, on_second_signal: str = "raise"
+) -> list[dict]:
     """Train (or resume) the run in ``cfg.run.workdir``; returns every metrics record.
 
     Nothing a run has finished is lost: only finite states are checkpointed (a non-finite
@@ -108,7 +114,7 @@ def train(cfg: Config, *, watchdog: Watchdog | None = None) -> list[dict]:
     r = cfg.run
     check_paths(cfg)
     if cfg.hosts.enabled and watchdog is None:
-        return _train_on_hosts(cfg)
+        return _train_on_hosts(cfg, on_second_signal)
     s = setup(cfg)
     lead = jax.process_index() == 0
     beat = watchdog.beat if watchdog is not None else (lambda: None)
@@ -118,7 +124,7 @@ def train(cfg: Config, *, watchdog: Watchdog | None = None) -> list[dict]:
     except WorkdirLockedError as e:
         raise RunError(str(e)) from None
     try:
-        with StopSignals() as stop:
+        with StopSignals(on_second=on_second_signal) as stop:
             return _train(cfg, s, stop, beat, lead)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
@@ -151,6 +157,8 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     beat()
     state, key = restored["train"], restored["key"]
     start = int(meta.get("step", 0)) if restored_step is not None else 0
+    if restored_step is not None:
+        stop.checkpointed(os.path.join(ckpt.directory, str(restored_step)))
     # A run that stopped at its --stop-at target is finished: nothing to resume.
     end = start if meta.get("reached_target") else cfg.steps
     target = parse_stop_at(r.stop_at)
@@ -160,6 +168,25 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     if meta:
         batches.set_state(meta["data"])
     log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
+    logged = max((rec["step"] for rec in log.records()), default=0)
+    if logged < start:  # a kill tore the log after the checkpoint was written
+        lost = f"step {start}" if logged + 1 == start else f"steps {logged + 1}-{start}"
+        if lead:
+            tqdm.write(
+                f"{METRICS_FILE} had lost the records of {lost} (torn by a kill); the "
+                f"checkpoint of step {start} is intact"
+                + ("; its final evaluation is computed again" if end == start else ""),
+                file=sys.stderr,
+            )
+        if end == start:  # a finished run: its final record, evaluated again from the state
+            log.append({"step": start, "recovered_from_checkpoint": True,
+                        **s.evaluate(state.params)})  # fmt: skip
+    tb = None
+    if r.tensorboard:
+        tb = TensorBoardWriter(
+            os.path.join(r.workdir, TENSORBOARD_DIR), resume_from_step=start, run_name="train"
+        )
+        tb.write_text("config", "```\n" + json.dumps(cfg.identity(), indent=1) + "\n```")
 
     # --- loop ------------------------------------------------------------------------------
     def save(step: int, force: bool = False, reached: bool = False) -> None:
@@ -169,10 +196,13 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
         if noise is not None:
             meta["noise"] = noise.state()
         tree = {"train": state, "key": key}
-        if force:
-            ckpt.save(step, tree, meta, force=True)
-        else:
-            ckpt.maybe_save(step, tree, meta)
+        with stop.saving():  # a second signal in here abandons this write
+            if force:
+                wrote = ckpt.save(step, tree, meta, force=True)
+            else:
+                wrote = ckpt.maybe_save(step, tree, meta)
+        if wrote:
+            stop.checkpointed(os.path.join(ckpt.directory, str(step)))
 
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not (r.progress and lead), desc="train")
@@ -205,12 +235,21 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                 if measure:
                     rec.update(noise.update(float(sq_small), values["grad_norm"] ** 2))
                 if do_eval:
-                    rec.update(s.evaluate(state.params))
+                    # Between the full evaluations, a run stopping at a target checks the
+                    # target's metric alone (the geometric schedule's many small checks).
+                    full = last or (r.eval_every and step % r.eval_every == 0)
+                    quick = None if full or target is None else target[0]
+                    rec.update(s.evaluate(state.params, only=quick))
                     beat()
                     reached = target is not None and rec[target[0]] >= target[1]
                     if reached:
+                        if quick:  # the run ends here: its full evaluation
+                            rec.update(s.evaluate(state.params))
                         rec["reached_target"] = f"{target[0]}>={target[1]:g}"
                 log.append(rec)
+                if tb is not None:
+                    numbers = {k: v for k, v in rec.items() if isinstance(v, int | float)}
+                    tb.write_scalars(step, {k: v for k, v in numbers.items() if k != "step"})
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             bar.update(1)
             stopping = stop.agreed()
@@ -232,6 +271,8 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
         batches.close()
         ckpt.close()
         log.close()
+        if tb is not None:
+            tb.close()
     return log.records()
 
 
@@ -288,13 +329,13 @@ class _NoiseMeter:
         return [float(v) for v in self.meter]
 
 
-def _train_on_hosts(cfg: Config) -> list[dict]:
+def _train_on_hosts(cfg: Config, on_second_signal: str) -> list[dict]:
     """:func:`train` on several processes: start the runtime, watch the peers, train."""
     h = cfg.hosts
     start(h.coordinator_address, h.num_processes, h.process_id, timeout_s=h.peer_timeout)
     watchdog = Watchdog(h.peer_timeout, "the multi-host run").__enter__()
     try:
-        return train(cfg, watchdog=watchdog)
+        return train(cfg, watchdog=watchdog, on_second_signal=on_second_signal)
     finally:
         watchdog.stop()
 

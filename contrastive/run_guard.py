@@ -7,21 +7,30 @@
   drops a torn line and the records past the restored checkpoint, and every record is
   appended as one whole line, flushed and fsynced.
 - :class:`StopSignals`: SIGTERM (preemption) and SIGINT set a flag instead of killing the
-  process, so the training loop can save a checkpoint and exit 0.
+  process, so the training loop can save a checkpoint and exit 0. A second one stops at once
+  (:class:`StopNow`), with one line naming the last good checkpoint.
 
 Typical use in a training loop (``ckpt`` a :class:`contrastive.checkpoint.Checkpointer`)::
 
-    with WorkdirLock(workdir), StopSignals() as stop:
-        state, meta, start = ckpt.restore_latest(state)
-        metrics = MetricsLog.open(f"{workdir}/metrics.jsonl", upto_step=start or 0,
-                                  write=jax.process_index() == 0)
-        for step in range(start or 0, num_steps):
-            state, m = train_step(state, ...)
-            metrics.append({"step": step + 1, **m})
-            if stop.agreed():             # all processes stop at the same step
-                ckpt.save(step + 1, state, meta, force=True)
-                print(f"stopped by {stop.name} after step {step + 1}; checkpoint saved")
-                break
+    try:
+        with WorkdirLock(workdir), StopSignals() as stop:
+            state, meta, start = ckpt.restore_latest(state)
+            if start is not None:
+                stop.checkpointed(f"{ckpt.directory}/{start}")
+            metrics = MetricsLog.open(f"{workdir}/metrics.jsonl", upto_step=start or 0,
+                                      write=jax.process_index() == 0)
+            for step in range(start or 0, num_steps):
+                state, m = train_step(state, ...)
+                metrics.append({"step": step + 1, **m})
+                if stop.agreed():             # all processes stop at the same step
+                    with stop.saving():       # a second signal abandons this save
+                        ckpt.save(step + 1, state, meta, force=True)
+                    stop.checkpointed(f"{ckpt.directory}/{step + 1}")
+                    print(f"stopped by {stop.name} after step {step + 1}; checkpoint saved")
+                    break
+    except StopNow as e:
+        print(e.line, file=sys.stderr)  # "second SIGINT: stopped at once, ...; the last good
+        sys.exit(130)                   #  checkpoint is .../12: run the same command ..."
 """
 
 from __future__ import annotations
@@ -34,12 +43,13 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["MetricsLog", "StopSignals", "WorkdirLock", "WorkdirLockedError"]
+__all__ = ["MetricsLog", "StopNow", "StopSignals", "WorkdirLock", "WorkdirLockedError"]
 
 log = logging.getLogger(__name__)
 
@@ -277,16 +287,42 @@ class MetricsLog:
 # --- stop signals --------------------------------------------------------------------------
 
 
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: the user (or the cluster) wants the process gone now.
+
+    A ``KeyboardInterrupt``, so that ``except Exception`` clauses let it through. ``line`` is
+    the one line to print: which signal, whether a checkpoint write was abandoned, and the
+    last good checkpoint to resume from (``last_checkpoint``, ``None`` when there is none).
+    """
+
+    def __init__(self, line: str, *, signum: int, last_checkpoint: str | None):
+        super().__init__(line)
+        self.line = line
+        self.signum = signum
+        self.last_checkpoint = last_checkpoint
+
+
 class StopSignals:
     """Within the ``with`` block, SIGTERM and SIGINT request a stop instead of killing.
 
     The first signal sets ``requested`` (and ``signum`` / ``name``); the training loop checks
-    it after each step, saves a checkpoint and exits 0. A second SIGINT raises
-    ``KeyboardInterrupt`` at once (a user pressing Ctrl-C twice wants out now; the checkpoints
-    are atomic, the metrics log whole-line and the work dir lock released by the kernel, so
-    nothing is spoiled). Further SIGTERMs are ignored: a cluster follows its SIGTERM with
-    SIGKILL after a grace period, and the stop is already under way. The previous handlers
-    are restored on exit.
+    it after each step, saves a checkpoint and exits 0. A second signal (SIGTERM or SIGINT,
+    e.g. a user pressing Ctrl-C twice, or a scheduler that repeats its SIGTERM) means "now":
+    whatever is running, the stop's checkpoint write included, is abandoned. That is safe:
+    checkpoints are atomic (a write cut short leaves only a temporary folder, never a step),
+    the metrics log and the event files drop a torn record when reopened, and the kernel
+    releases the work dir lock. What happens then is ``on_second``:
+
+    - ``"raise"`` (default): the handler raises :class:`StopNow` in the main thread; its
+      ``line`` names the last good checkpoint. The caller prints it and exits (``finally``
+      blocks still run on the way out).
+    - ``"exit"``: the handler writes that line to stderr and ends the process with
+      ``os._exit(128 + signum)`` on the spot, as a SIGKILL would: no ``finally`` block, no
+      ``atexit`` hook, nothing that could wait on a half-done write. For command-line
+      entry points, never for a process that must survive (a notebook kernel).
+
+    The loop tells it the last good checkpoint with :meth:`checkpointed` (after a restore and
+    after each save) and marks a save with :meth:`saving`, so that the line can say so.
 
     In a multi-process run each process may receive its signal at a different step; call
     :meth:`agreed` (a tiny collective) so that all stop, and save, at the same step.
@@ -296,13 +332,38 @@ class StopSignals:
     ...     os.kill(os.getpid(), signal.SIGTERM)
     ...     stop.requested, stop.name
     (True, 'SIGTERM')
+    >>> with StopSignals() as stop:
+    ...     stop.checkpointed("/run/checkpoints/12")
+    ...     os.kill(os.getpid(), signal.SIGINT)
+    ...     try:
+    ...         with stop.saving():
+    ...             os.kill(os.getpid(), signal.SIGINT)  # while checkpoint 13 is written
+    ...     except StopNow as e:
+    ...         print(e.line)
+    second SIGINT: stopped at once, abandoning the checkpoint being written; the last good \
+checkpoint is /run/checkpoints/12: run the same command to resume from it
+
+    Args:
+      signals: the signals that request a stop.
+      on_second: ``"raise"`` or ``"exit"``: what a second signal does (see above).
     """
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(
+        self,
+        signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+        *,
+        on_second: str = "raise",
+    ):
         self.signals = tuple(signal.Signals(s) for s in signals)
         if not self.signals:
             raise ValueError("signals must name at least one signal, e.g. (signal.SIGTERM,)")
+        if on_second not in ("raise", "exit"):
+            raise ValueError(f"on_second must be 'raise' or 'exit', got {on_second!r}")
+        self.on_second = on_second
         self.signum: int | None = None
+        #: The newest checkpoint known to be complete (what :meth:`checkpointed` was told).
+        self.last_checkpoint: str | None = None
+        self._saving = 0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -315,15 +376,48 @@ class StopSignals:
         """``"SIGTERM"`` / ``"SIGINT"`` for the first signal received, else ``None``."""
         return None if self.signum is None else signal.Signals(self.signum).name
 
+    def checkpointed(self, where: str) -> None:
+        """Record ``where`` (e.g. ``".../checkpoints/12"``) as the last good checkpoint: call
+        it after a checkpoint is restored and after each one is written."""
+        self.last_checkpoint = str(where)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Mark a checkpoint write: a second signal inside says it abandoned one."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+
+    def stop_now_line(self, signum: int) -> str:
+        """The one line a second ``signum`` prints."""
+        what = "abandoning the checkpoint being written" if self._saving else "mid-step"
+        if self.last_checkpoint is None:
+            where = "no checkpoint was written yet: run the same command to start again"
+        else:
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}: run the same command to "
+                "resume from it"
+            )
+        return f"second {signal.Signals(signum).name}: stopped at once, {what}; {where}"
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
             # stderr, not logging: a handler may run while a logging lock is held.
             os.write(
                 2, f"received {signal.Signals(signum).name}: stopping after this step\n".encode()
             )
+            return
+        line = self.stop_now_line(signum)
+        if self.on_second == "exit":
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # e.g. a reentrant call mid-print
+                    stream.flush()
+            os.write(2, (line + "\n").encode())
+            os._exit(128 + signum)
+        raise StopNow(line, signum=signum, last_checkpoint=self.last_checkpoint)
 
     def agreed(self) -> bool:
         """Whether any process has been asked to stop (a collective with several processes;

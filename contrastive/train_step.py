@@ -54,6 +54,14 @@ from contrastive.mesh import (
     replicated,
     scatter_axes,
 )
+from contrastive.negative_queue import (
+    QUEUE_ROWS,
+    NegativeQueue,
+    push,
+    queue_shardings,
+    queue_specs,
+    queued_loss_fn,
+)
 from contrastive.optim import make_optimizer, make_schedule
 from losses._common import global_sum
 
@@ -81,6 +89,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: Any  # nnx.State of the model's Params
     opt_state: Any
+    queue: NegativeQueue | None = None  # past y embeddings as extra negatives, or None
 
 
 def _strong(tree: Any) -> Any:
@@ -109,7 +118,8 @@ def state_shardings(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = Fa
         if shard_optimizer
         else jax.tree_util.tree_map(lambda _: rep, state.opt_state)
     )
-    return TrainState(rep, jax.tree_util.tree_map(lambda _: rep, state.params), opt)
+    queue = None if state.queue is None else queue_shardings(mesh)
+    return TrainState(rep, jax.tree_util.tree_map(lambda _: rep, state.params), opt, queue)
 
 
 def place_state(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = False) -> TrainState:
@@ -254,6 +264,7 @@ def local_loss_and_grads(
     config: TrainConfig,
     axis_name: str | None,
     keep_accumulator_dtype: bool = False,
+    queue: NegativeQueue | None = None,
 ) -> tuple[tuple[jax.Array, dict], Any]:
     """``((loss, aux), partial grads)`` of this device's rows, before any reduction.
 
@@ -265,10 +276,18 @@ def local_loss_and_grads(
     ``keep_accumulator_dtype``: gradients in :func:`contrastive.gradcache.accumulator_dtype`
     (float32 for bfloat16 parameters), not rounded to the parameters' dtype, for a caller
     that sums them across devices before rounding once (:func:`loss_and_grads`).
+
+    ``queue``: this device's negative queue; its rows are extra negatives of the loss, and
+    ``aux[QUEUE_ROWS]`` returns this device's y positives to push (see
+    :func:`contrastive.negative_queue.queued_loss_fn`).
     """
     batch = as_batch(batch)
     towers = tower_fns(graphdef)
-    loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
+    if queue is None:
+        loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
+    else:
+        make = functools.partial(make_loss_fn, graphdef, config.loss, axis_name)
+        loss_fn = queued_loss_fn(make, queue, ids=batch.ids, valid=batch.valid)
     devices = 1 if axis_name is None else lax.psum(1, axis_name)
     chunk = local_chunk_size(config.chunk_size, devices)
     inputs = (batch.x, batch.y)
@@ -314,8 +333,11 @@ def loss_and_grads(
     graphdef: nnx.GraphDef,
     config: TrainConfig,
     mesh: Mesh,
-) -> tuple[tuple[jax.Array, dict], Any]:
-    """``((loss, aux), grads)`` of the global batch (sharded over ``"data"``) on ``mesh``.
+    queue: NegativeQueue | None = None,
+) -> tuple[tuple[jax.Array, dict], Any] | tuple[tuple[jax.Array, dict], Any, NegativeQueue]:
+    """``((loss, aux), grads)`` of the global batch (sharded over ``"data"``) on ``mesh``;
+    with a negative ``queue``, ``((loss, aux), grads, queue)``: the loss has the queued rows
+    as extra negatives, and the returned queue has this batch's y positives pushed.
 
     One ``shard_map`` holds the whole computation; the gradients are reduced across
     devices once, in float32 at least, and then rounded to the parameters' dtype. With
@@ -335,7 +357,7 @@ def loss_and_grads(
     rows = PartitionSpec(DATA_AXIS)
     batch = as_batch(batch)
 
-    def local(params, batch, key):
+    def local(params, batch, key, queue=None):
         # Mark the parameters as varying first: differentiating the replicated ones would
         # all-reduce their gradient in every chunk's backward pass (JAX's rule for the
         # transpose of a replicated value), instead of once below.
@@ -350,21 +372,32 @@ def loss_and_grads(
             config=config,
             axis_name=DATA_AXIS,
             keep_accumulator_dtype=True,
+            queue=queue,
         )
+        if queue is not None:  # after the loss: a batch never meets itself in the queue
+            aux = dict(aux)
+            rows = aux.pop(QUEUE_ROWS)
+            b = rows.shape[0]
+            cut = lambda a: None if a is None else a[:b]
+            queue = push(queue, rows, cut(batch.ids), cut(batch.valid))
         # The metrics are equal on every device but typed as varying (they come from the
         # varying parameters); the max of equal values is exact and costs a few scalars.
         aux = jax.tree_util.tree_map(lambda a: lax.pmax(a, DATA_AXIS), aux)
         # A bfloat16 gradient is rounded once, after the float32 sums over chunks and
         # devices: rounding before the reduction would add an error per device.
         grads = reduce_grads(grads, DATA_AXIS, scatter)
-        return (loss, aux), jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), params, grads)
+        grads = jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), params, grads)
+        return ((loss, aux), grads) if queue is None else ((loss, aux), grads, queue)
 
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), rows, PartitionSpec()),
-        out_specs=((PartitionSpec(), PartitionSpec()), grad_specs),
-    )(params, batch, key)
+    args, in_specs = (params, batch, key), (PartitionSpec(), rows, PartitionSpec())
+    out_specs = ((PartitionSpec(), PartitionSpec()), grad_specs)
+    if queue is not None:
+        args, in_specs, out_specs = (
+            (*args, queue),
+            (*in_specs, queue_specs()),
+            (*out_specs, queue_specs()),
+        )
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -400,8 +433,8 @@ def train_step(
     if key is not None:
         key = jax.random.fold_in(key, state.step)
     batch = as_batch(batch)
-    (loss, aux), grads = loss_and_grads(
-        state.params, batch, key, graphdef=graphdef, config=config, mesh=mesh
+    (loss, aux), grads, *queue = loss_and_grads(
+        state.params, batch, key, graphdef=graphdef, config=config, mesh=mesh, queue=state.queue
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -413,7 +446,7 @@ def train_step(
         "learning_rate": make_schedule(config.optim)(state.step),
         "finite": finite.astype(jnp.float32),
     }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, *queue), metrics
 
 
 def make_train_step(

@@ -20,6 +20,7 @@ import jax
 
 from contrastive.configs import ConfigError, parse_config
 from contrastive.loop import RunError, summary_line, train
+from contrastive.run_guard import StopNow
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        records = train(cfg)
+        # A second SIGTERM/SIGINT ends the command on the spot, with one line naming the
+        # last good checkpoint (os._exit: no clean-up that could wait on the abandoned write).
+        records = train(cfg, on_second_signal="exit")
+    except StopNow as e:  # on_second_signal="raise" (library use) ends up here
+        print(e.line, file=sys.stderr)
+        return 128 + e.signum
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

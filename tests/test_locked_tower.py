@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import contrastive.feature_cache as fc
 import contrastive.locked_tower as lt
 from contrastive.configs import LossConfig, OptimConfig, TrainConfig
 from contrastive.data.captioned_shapes import TEXT_LEN, VOCAB_SIZE, CaptionedShapes
@@ -163,7 +164,7 @@ def test_feature_cache_write_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no partial entry, no temporary file
 
     # A crash between the data file and its JSON: the data is not trusted without it.
-    real = lt._atomic_write
+    real = fc._atomic_write
     state = {"n": 0}
 
     def second_write_fails(path, data):
@@ -172,7 +173,7 @@ def test_feature_cache_write_is_atomic(tmp_path, monkeypatch):
             raise OSError("killed (simulated)")
         real(path, data)
 
-    monkeypatch.setattr(lt, "_atomic_write", second_write_fails)
+    monkeypatch.setattr(fc, "_atomic_write", second_write_fails)
     with pytest.raises(OSError, match="killed"):
         lt.cached_features(*args)
     monkeypatch.undo()

@@ -10,11 +10,18 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+from contrastive.run_guard import (
+    MetricsLog,
+    StopNow,
+    StopSignals,
+    WorkdirLock,
+    WorkdirLockedError,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,8 +163,6 @@ def test_sigterm_requests_a_stop_and_handlers_are_restored():
         assert not stop.requested and stop.name is None
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.name == "SIGTERM" and stop.agreed()
-        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM: still just a stop
-        assert stop.name == "SIGTERM"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
@@ -169,6 +174,95 @@ def test_second_sigint_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
+
+
+def _deliver(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # the handler runs between bytecodes
+        pass
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (signal.SIGTERM, signal.SIGTERM),  # a scheduler repeating its SIGTERM
+        (signal.SIGINT, signal.SIGINT),  # Ctrl-C twice
+        (signal.SIGTERM, signal.SIGINT),
+    ],
+)
+def test_second_signal_during_the_checkpoint_write_stops_at_once(first, second):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(StopNow) as e, StopSignals() as stop:
+        stop.checkpointed("/w/checkpoints/12")
+        _deliver(first)
+        assert stop.requested and stop.name == first.name
+        try:
+            with stop.saving():  # the stop's checkpoint, 13, is being written
+                _deliver(second)
+                reached.append("the save went on")
+        except Exception:  # the loop's error handling must not swallow it
+            reached.append("caught as an Exception")
+    assert reached == []
+    assert isinstance(e.value, KeyboardInterrupt)
+    assert e.value.signum == second and e.value.last_checkpoint == "/w/checkpoints/12"
+    assert e.value.line == (
+        f"second {second.name}: stopped at once, abandoning the checkpoint being written; "
+        "the last good checkpoint is /w/checkpoints/12: run the same command to resume from it"
+    )
+    assert str(e.value) == e.value.line and "\n" not in e.value.line
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_second_signal_mid_step_and_before_any_checkpoint():
+    with StopSignals() as stop:
+        _deliver(signal.SIGINT)
+        with pytest.raises(StopNow, match="^second SIGTERM: stopped at once, mid-step; no "):
+            _deliver(signal.SIGTERM)
+        assert stop.name == "SIGINT"  # the first signal is what `name` reports
+        with pytest.raises(StopNow, match="no checkpoint was written yet: run the same command"):
+            _deliver(signal.SIGINT)  # and every later one stops again
+        stop.checkpointed("ckpt/3")
+        with stop.saving(), stop.saving():
+            pass
+        with pytest.raises(StopNow, match="mid-step; the last good checkpoint is ckpt/3: "):
+            _deliver(signal.SIGINT)
+
+
+def test_second_signal_exits_the_process_at_once_with_one_line():
+    """``on_second="exit"``: a checkpoint write that would take a minute is abandoned; the
+    process ends with status 128 + signal number and one line on stderr."""
+    p = _python(
+        """
+        import os, sys, time
+        from contrastive.run_guard import StopSignals
+        with StopSignals(on_second="exit") as stop:
+            stop.checkpointed("/w/checkpoints/4")
+            print("ready", flush=True)
+            while not stop.requested:
+                time.sleep(0.01)
+            with stop.saving():
+                print("saving", flush=True)
+                try:
+                    time.sleep(60)  # a slow checkpoint write
+                finally:
+                    print("finally ran", flush=True)  # os._exit skips it
+        """
+    )
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    assert p.stdout.readline().strip() == "saving"
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert time.perf_counter() - t0 < 10
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert out == ""
+    assert err.splitlines() == [
+        "received SIGTERM: stopping after this step",
+        "second SIGINT: stopped at once, abandoning the checkpoint being written; the last "
+        "good checkpoint is /w/checkpoints/4: run the same command to resume from it",
+    ]
 
 
 def test_sigterm_in_a_child_ends_it_cleanly():
@@ -197,6 +291,8 @@ def test_sigterm_in_a_child_ends_it_cleanly():
 def test_stop_signals_bad_input():
     with pytest.raises(ValueError, match="signals"):
         StopSignals(signals=())
+    with pytest.raises(ValueError, match="on_second must be 'raise' or 'exit'"):
+        StopSignals(on_second="kill")
 
 
 def test_docstring_examples():

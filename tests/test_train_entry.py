@@ -285,6 +285,33 @@ def test_torn_metrics_line_is_dropped_on_resume(reference, data_dir, tmp_path):
     assert _losses(tmp_path) == reference[0]
 
 
+@pytest.mark.parametrize("damage", ["torn last line", "emptied"])
+def test_finished_run_with_a_damaged_log_gets_its_final_record_back(
+    reference, data_dir, tmp_path, capsys, damage
+):
+    """The final record of a finished run lost to a kill is evaluated again from the final
+    checkpoint, and one line says which records were lost."""
+    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
+    loop.train(parse_config(args))
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    kept = lines[:-1] if damage == "torn last line" else []
+    path.write_text("\n".join(kept) + ("\n" if kept else "") + lines[-1][:20])
+    capsys.readouterr()
+    records = loop.train(parse_config(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    lost = "step 16" if damage == "torn last line" else "steps 1-16"
+    assert err == [
+        f"metrics.jsonl had lost the records of {lost} (torn by a kill); the checkpoint of step "
+        "16 is intact; its final evaluation is computed again"
+    ]
+    final = records[-1]
+    assert final["step"] == 16 and final["recovered_from_checkpoint"] is True
+    # the same evaluation as the uninterrupted run's: the state is the same
+    assert final["linear_probe"] == reference[1]["linear_probe"]
+    assert final["knn"] == reference[1]["knn"]
+
+
 def test_busy_workdir_is_refused(data_dir, tmp_path, capsys):
     from contrastive.run_guard import WorkdirLock
 

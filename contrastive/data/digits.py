@@ -8,10 +8,16 @@ and split 80/20 into ``train`` (1438) and ``test`` (359) with a fixed permutatio
 Written in ``array_record`` format without TensorFlow: TFDS only needs TensorFlow to
 *encode* ``Image`` features (PNG/JPEG) and to write TFRecords, so the image is stored as a
 raw ``Tensor`` feature and the builder is constructed with ``file_format="array_record"``.
+
+Building is quiet and leaves nothing behind: TFDS's "Downloading and preparing dataset"
+banner (nothing is downloaded), its "Variant folder ... has no dataset_info.json" warning
+(asked before the first build) and its look-up of hosted metadata (which leaves an empty
+``tmp*tfds`` folder in the temporary directory) are all skipped for this builder.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -21,6 +27,8 @@ from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from contrastive.data.augment import resize_bilinear
+
+log = logging.getLogger(__name__)
 
 NAME = "sklearn_digits"
 IMAGE_SIZE = 16
@@ -43,6 +51,18 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (images[tr], labels[tr]), "test": (images[te], labels[te])}
 
 
+class _OfflineInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a data set that exists only locally.
+
+    TFDS's builder calls ``initialize_from_bucket`` whenever the data set is not prepared
+    yet: it makes a ``tempfile.mkdtemp("tfds")`` folder (never removed) before asking the
+    public bucket for precomputed metadata. Nothing of this data set is hosted anywhere.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return
+
+
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """Handwritten digits (UCI optdigits via scikit-learn), 16x16x1 uint8, 10 classes."""
 
@@ -57,7 +77,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _OfflineInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict(
@@ -80,6 +100,24 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             yield i, {"image": image, "label": int(label)}
+
+    # TFDS prints these two banners to stdout around every build; here nothing is
+    # downloaded and the build takes a second, so they go to the debug log instead.
+    def _log_download_bytes(self) -> None:
+        log.debug("preparing %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.debug("prepared %s in %s", self.name, self.data_dir)
+
+    def is_prepared(self) -> bool:
+        """Whether the data set is on disk (TFDS's own check warns when it is not)."""
+        return _prepared(self)
+
+
+def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    # What TFDS's `is_prepared` checks for a builder of a valid version, without its
+    # "Variant folder ... has no dataset_info.json" warning before the first build.
+    return os.path.isfile(os.path.join(os.fspath(builder.data_path), "dataset_info.json"))
 
 
 def prepare_digits(data_dir: str | os.PathLike | None = None) -> SklearnDigits:

@@ -38,10 +38,12 @@ LOCKED_PRETRAINED = "pretrained"
 @dataclasses.dataclass
 class RunData:
     """``train``: this host's batches by step; ``eval``: arrays per evaluated split;
-    ``feature_width``: F of a locked image tower's features (None: images)."""
+    ``num_train``: the training examples; ``feature_width``: F of a locked image tower's
+    features (None: images)."""
 
     train: Any
     eval: dict[str, dict[str, np.ndarray]]
+    num_train: int
     feature_width: int | None = None
 
 
@@ -92,7 +94,7 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
             d.dataset, spec.train_split, max_examples=d.eval_examples,
             source=Subrange(source, n_train, n_train + v), **eval_kw,
         )  # fmt: skip
-    return RunData(train, evals)
+    return RunData(train, evals, n_train)
 
 
 def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> RunData:
@@ -144,4 +146,4 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
             "caption_id": ids[rows],
             "novel": np.zeros(k, bool),
         }
-    return RunData(train, evals, feature_width=int(feats.shape[1]))
+    return RunData(train, evals, n_train, feature_width=int(feats.shape[1]))

@@ -1,0 +1,239 @@
+"""The machinery of the batch-size study: runs to a target, learning-rate choice, the report.
+
+A study run is one :class:`~contrastive.configs.Config` trained by
+:func:`contrastive.loop.train` until its validation metric first reaches the highest target
+(``--stop-at``) or its step cap; the loop evaluates on a geometric schedule
+(``--eval-growth``), so the first step at which each target is reached is known to a few
+per cent. Every run keeps its own work dir inside the study's run directory; a finished one
+is read back, not trained again, so a study cut short resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from contrastive.configs import Config
+from contrastive.loop import RunError, train
+from experiments.common.reports import loss_label, statistics
+from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
+
+__all__ = ["StudyRun", "run_to_target", "choose_rates", "steps_table", "plot_steps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """One run of the study: its coordinates and the config it trains."""
+
+    stage: str  # "tune", "seeds" or "budget"
+    loss: str
+    batch_size: int
+    learning_rate: float
+    seed: int
+    config: Config
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.stage}_{self.loss}_b{self.batch_size}_lr{self.learning_rate:.3g}_s{self.seed}"
+        )
+
+
+def run_to_target(
+    run: StudyRun, root: Path, metric: str, targets: Sequence[float], index: str
+) -> dict[str, Any]:
+    """Train (or read back) ``run`` in ``root/runs/<name>``; its row: steps to each target
+    (None: not reached within the cap), the final metrics, the validation curve, the noise
+    scale measurements, the wall time."""
+    cfg = run.config.with_updates(workdir=str(root / "runs" / run.name))
+    t0 = time.perf_counter()
+    print(f"[{index}] {run.name}: cap {cfg.steps} steps", file=sys.stderr, flush=True)
+    row: dict[str, Any] = {
+        "stage": run.stage,
+        "loss": run.loss,
+        "batch_size": run.batch_size,
+        "learning_rate": run.learning_rate,
+        "seed": run.seed,
+        "cap": cfg.steps,
+    }
+    try:
+        records = train(cfg)
+    except RunError as e:  # diverged: no target reached, said so
+        row.update(error=str(e), steps_to={str(t): None for t in targets}, curve=[])
+        print(f"[{index}] {run.name}: failed: {e}", file=sys.stderr)
+        return row
+    evals = [r for r in records if metric in r]
+    steps, values = [r["step"] for r in evals], [r[metric] for r in evals]
+    row["curve"] = [[s, v] for s, v in zip(steps, values, strict=True)]
+    row["steps_to"] = {str(t): first_crossing(steps, values, t) for t in targets}
+    final = records[-1] if records else {}
+    row["final_step"] = final.get("step")
+    row.update({k: final[k] for k in ("zero_shot_top1", "zero_shot_top1_novel") if k in final})
+    row["noise_b_simple"] = [
+        [r["step"], r["noise_b_simple"]] for r in records if "noise_b_simple" in r
+    ]
+    row["time_s"] = round(time.perf_counter() - t0, 1)
+    reached = ", ".join(f"{t}: {s}" for t, s in row["steps_to"].items())
+    print(f"[{index}] {run.name}: steps to target {{{reached}}} ({row['time_s']} s)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return row
+
+
+def choose_rates(rows: Sequence[dict], targets: Sequence[float]) -> dict[tuple, float | None]:
+    """The learning rate with the fewest steps to each target, per (loss, batch, target),
+    from the tuning rows (one seed; ties go to the smaller rate). None: no rate reached it."""
+    best: dict[tuple, tuple[int, float] | None] = {}
+    for r in rows:
+        if r["stage"] != "tune":
+            continue
+        for t in targets:
+            key = (r["loss"], r["batch_size"], t)
+            s = r["steps_to"].get(str(t))
+            best.setdefault(key, None)
+            if s is not None and (best[key] is None or (s, r["learning_rate"]) < best[key]):
+                best[key] = (s, r["learning_rate"])
+    return {k: (None if v is None else v[1]) for k, v in best.items()}
+
+
+def steps_summary(
+    rows: Sequence[dict], rates: dict[tuple, float | None], targets: Sequence[float]
+) -> list[dict]:
+    """Per (loss, batch, target): the chosen rate and the steps of every seed run at it
+    (tuning's seed included), with their statistics; a seed that did not reach the target
+    within its cap counts as not reached (never dropped)."""
+    out = []
+    for (loss, b, t), lr in rates.items():
+        runs = [
+            r
+            for r in rows
+            if r["stage"] in ("tune", "seeds")
+            and (r["loss"], r["batch_size"]) == (loss, b)
+            and lr is not None
+            and math.isclose(r["learning_rate"], lr)
+        ]
+        runs.sort(key=lambda r: r["seed"])
+        steps = [r["steps_to"].get(str(t)) for r in runs]
+        cap = max((r["cap"] for r in rows if (r["loss"], r["batch_size"]) == (loss, b)), default=0)
+        out.append(
+            {
+                "loss": loss,
+                "batch_size": b,
+                "target": t,
+                "learning_rate": lr,
+                "seeds": [r["seed"] for r in runs],
+                "steps": steps,
+                "not_reached": sum(s is None for s in steps) if runs else None,
+                "cap": cap,
+                "stats": statistics(steps) if runs else None,
+            }
+        )
+    return out
+
+
+def fits(summary: Sequence[dict], losses: Sequence[str], targets: Sequence[float]) -> list[dict]:
+    """McCandlish's fit per (loss, target) on the seed-mean steps of the batch sizes where
+    every seed reached the target."""
+    out = []
+    for loss in losses:
+        for t in targets:
+            pts = [
+                p
+                for p in summary
+                if p["loss"] == loss and p["target"] == t and p["stats"] and not p["not_reached"]
+            ]
+            pts.sort(key=lambda p: p["batch_size"])
+            entry = {"loss": loss, "target": t, "batch_sizes": [p["batch_size"] for p in pts]}
+            if len(pts) >= 2:
+                entry.update(
+                    fit_critical_batch(
+                        [p["batch_size"] for p in pts], [p["stats"]["mean"] for p in pts]
+                    )
+                )
+            out.append(entry)
+    return out
+
+
+def _cell(p: dict | None) -> str:
+    if p is None or p["learning_rate"] is None:
+        return "not reached"
+    st = p["stats"]
+    if st is None:
+        return "-"
+    text = f"{st['mean']:.0f} ({st['min']:.0f}–{st['max']:.0f})"
+    if p["not_reached"]:
+        text += f", {p['not_reached']} of {len(p['steps'])} not within {p['cap']}"
+    return text
+
+
+def steps_table(summary: Sequence[dict], losses: Sequence[str], target: float) -> str:
+    """Markdown: batch sizes down, one column per loss: mean steps (min–max over seeds) to
+    ``target``, and the chosen learning rate."""
+    cell = {(p["loss"], p["batch_size"]): p for p in summary if p["target"] == target}
+    sizes = sorted({b for _, b in cell})
+    head = ["batch", *(f"{loss_label(x)}: steps (LR)" for x in losses)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for b in sizes:
+        vals = [str(b)]
+        for loss in losses:
+            p = cell.get((loss, b))
+            lr = "" if p is None or p["learning_rate"] is None else f" ({p['learning_rate']:.2g})"
+            vals.append(_cell(p) + lr)
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot_steps(
+    summary: Sequence[dict],
+    fit_rows: Sequence[dict],
+    losses: Sequence[str],
+    targets: Sequence[float],
+    path: Path,
+    title: str,
+) -> None:
+    """Log-log steps to target against batch size, one panel per target: seed means with
+    min–max bars, the fitted ``S_min (1 + B_noise / B)`` and the perfect-scaling line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], targets, strict=True):
+        for k, loss in enumerate(losses):
+            pts = sorted(
+                (p for p in summary if p["loss"] == loss and p["target"] == t and p["stats"]),
+                key=lambda p: p["batch_size"],
+            )
+            if not pts:
+                continue
+            b = [p["batch_size"] for p in pts]
+            mean = [p["stats"]["mean"] for p in pts]
+            err = [
+                [m - p["stats"]["min"] for m, p in zip(mean, pts, strict=True)],
+                [p["stats"]["max"] - m for m, p in zip(mean, pts, strict=True)],
+            ]
+            line = ax.errorbar(b, mean, yerr=err, marker="o", capsize=3, label=loss_label(loss))
+            colour = line[0].get_color()
+            # Perfect scaling from the smallest batch: S halves when B doubles.
+            ax.plot(b, [mean[0] * b[0] / x for x in b], ls=":", color=colour, alpha=0.6)
+            fit = next((f for f in fit_rows if f["loss"] == loss and f["target"] == t), None)
+            if fit and fit.get("s_min") is not None:
+                grid = [b[0] * (b[-1] / b[0]) ** (i / 50) for i in range(51)]
+                ax.plot(grid, [model_steps(fit, x) for x in grid], ls="--", color=colour,
+                        alpha=0.8, label=f"fit, B_crit {fit['b_crit']:.0f}")  # fmt: skip
+            del k
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (pairs)")
+        ax.set_ylabel(f"steps to validation zero-shot top-1 ≥ {t:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title + " (dotted: perfect scaling; dashed: McCandlish fit)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
