@@ -12,7 +12,7 @@ A checkpoint ``workdir/checkpoints/<step>`` holds three items:
   checkpoint was written and checked after every restore
   (:func:`contrastive.state_digest.state_digest`).
 
-Three guarantees:
+Five guarantees:
 
 1. **Atomic.** orbax writes each step into a temporary folder and renames it when complete,
    so a run killed at any moment leaves only whole checkpoints.
@@ -26,29 +26,52 @@ Three guarantees:
    Inf in any floating-point leaf (:class:`NonFiniteStateError`). Rotation (keep the last k)
    only ever deletes a checkpoint when a newer one is written, so refusing non-finite writes
    is what guarantees that the newest finite checkpoint is never rotated out by a diverged run.
+4. **A failed write leaves the older checkpoints as they were.** A disk fault while a
+   checkpoint is written (disk full, quota, I/O error, read-only file system) ends
+   :meth:`Checkpointer.save` with a one-line :class:`CheckpointWriteError` naming the step, the
+   directory and the OS reason. What the write had put on disk (orbax's
+   ``<step>.orbax-checkpoint-tmp`` folder) is removed, so its space is free again and no
+   half-written step is ever restored; a folder left by a killed run is removed when the next
+   run starts. The older checkpoints are untouched: orbax's rotation runs only after a
+   complete write.
+5. **No unreferenced files.** orbax writes each process's arrays into its own OCDBT database
+   (``<step>/state/ocdbt.process_<i>/``) and then merges them into the root database
+   (``<step>/state/manifest.ocdbt`` and ``d/``). The merged tree points at the per-process
+   *value* files, but the per-process manifests and b-tree nodes (one per commit of the
+   per-process database) are superseded. After every save and every resume those files, found
+   by walking the root database's version tree, b-tree nodes and value references
+   (:func:`unreferenced_files`), are deleted; nothing a restore reads is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
-from contrastive.orbax_logs import one_line, quiet
+from contrastive.orbax_logs import _silence_restore_stragglers, one_line, quiet
 from contrastive.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointWriteError",
     "Checkpointer",
     "NoUsableCheckpointError",
     "NonFiniteStateError",
+    "unreferenced_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +89,16 @@ class CheckpointCorruptError(RuntimeError):
 
 class NoUsableCheckpointError(RuntimeError):
     """The work dir holds checkpoints but none of them can be restored (one-line message)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written because of a disk fault (one-line message).
+
+    The message names the step, the directory, the OS reason and the newest checkpoint left
+    on disk, e.g. ``step 8: writing the checkpoint to /w/checkpoints failed (No space left on
+    device); checkpoint 4 is intact: free space and run the same command to resume``. Nothing
+    of the failed write is left where orbax would find it.
+    """
 
 
 # --- PRNG keys -----------------------------------------------------------------------------
@@ -116,6 +149,226 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# --- disk faults during a write ------------------------------------------------------------
+
+# TensorStore reports a failed file write as a ValueError whose text ends in
+# "[os_error_code='28']"; orbax's Python writes raise OSError, and wrappers may keep only
+# its text ("[Errno 28] No space left on device").
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+# What the user can do about each kind of fault, for the last clause of the message.
+_ADVICE = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space (or raise the quota)",
+    errno.EROFS: "make the file system writable",
+    errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable",
+}
+
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+
+def _remove_settled(path: str, *, settle_s: float = 0.2, limit_s: float = 5.0) -> None:
+    """Remove the folder ``path`` and keep removing it until it stays away for ``settle_s``.
+
+    When a write fails orbax closes its event loop, but TensorStore still completes the writes
+    already under way, re-creating files in the folder for a moment. What appears later than
+    ``limit_s`` is left to orbax, which ignores temporary folders and removes them when the
+    next run starts.
+    """
+    start = time.monotonic()
+    gone_since: float | None = None
+    while time.monotonic() - start < limit_s:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= settle_s:
+            return
+        time.sleep(0.02)
+
+
+def _join_orbax_threads(*, timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) for orbax's worker threads of a failed write to end."""
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        # orbax's `_SignalingThread` (a private class, so matched by name) runs each handler's
+        # part of a write and logs the error it ends with. Its own `join` re-raises that
+        # error; the plain Thread.join only waits.
+        if type(t).__name__ == "_SignalingThread" and t is not threading.current_thread():
+            threading.Thread.join(t, max(deadline - time.monotonic(), 0.0))
+
+
+def _os_error(e: BaseException | None) -> tuple[int | None, str] | None:
+    """``(errno, reason)`` when ``e`` (or an exception it was raised from) is an OS error.
+
+    >>> _os_error(OSError(errno.ENOSPC, "No space left on device", "/w/d/1f"))
+    (28, 'No space left on device')
+    >>> _os_error(ValueError("RESOURCE_EXHAUSTED: Failed writing ... [os_error_code='122']"))
+    (122, 'Disk quota exceeded')
+    >>> _os_error(KeyError("w")) is None
+    True
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.errno or e.strerror):
+            return e.errno, e.strerror or os.strerror(e.errno)
+        m = _OS_ERROR_CODE.search(str(e))
+        if m:
+            code = int(m.group(1) or m.group(2))
+            return code, os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+_ORBAX_LOGGERS = ("absl", "orbax", "asyncio", "jax._src.distributed")
+
+
+class _Hold(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+class _DropUnretrievedDiskFaults(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of an OS error: after a failed
+    write, the tasks that orbax left with the same fault report it again when collected,
+    possibly as late as the interpreter's exit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        return _os_error(record.exc_info[1] if record.exc_info else None) is None
+
+
+def _drop_unretrieved_disk_faults() -> None:
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropUnretrievedDiskFaults) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropUnretrievedDiskFaults())
+
+
+@contextlib.contextmanager
+def _logs_held_back() -> Iterator[None]:
+    """Hold orbax's log records during a write: replayed if it succeeds, dropped if it fails.
+
+    A failed TensorStore write makes orbax log the same traceback from each of its threads
+    (pages of text); the caller raises one line instead. The "Event loop is closed" reports
+    that TensorStore's late callbacks leave are dropped by the hook of
+    :mod:`contrastive.orbax_logs`.
+    """
+    _silence_restore_stragglers()
+    hold = _Hold()
+    loggers = [logging.getLogger(n) for n in _ORBAX_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(hold)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for lg in loggers:
+            lg.removeFilter(hold)
+        if ok:
+            for record in hold.records:
+                logging.getLogger(record.name).handle(record)
+
+
+# --- files no checkpoint references ---------------------------------------------------------
+#
+# An OCDBT database (TensorStore's key-value store that orbax writes arrays into) is a
+# directory: ``manifest.ocdbt`` lists the versions (a root b-tree node each, older ones in
+# version-tree nodes), and b-tree nodes and values lie at (file, offset, length) in data files
+# under ``d/``. A location reads ``<kind>:<base path>:<relative path>:<offset>:<length>``, the
+# file being ``<database>/<base path><relative path>``; the root database that orbax merges
+# the per-process ones into refers to their value files with the base path
+# ``ocdbt.process_<i>/``. Everything a restore can read is reachable from the root manifest.
+
+_LOCATION = re.compile(r"^(btreenode|versionnode|value):(.*):(\d+):(\d+)$")
+
+
+def _referenced_files(db: str) -> set[str]:
+    """Every file that the OCDBT database in directory ``db`` refers to, by walking its
+    manifest, version-tree nodes, b-tree nodes and value references (all of its versions)."""
+    base = ts.KvStore.open({"driver": "file", "path": db.rstrip("/") + "/"}).result()
+    files: set[str] = set()
+    seen: set[str] = set()
+    todo: list[Any] = [ts.ocdbt.dump(base).result()]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, str):
+            m = _LOCATION.match(node)
+            if m is None or node in seen:
+                continue
+            seen.add(node)
+            kind, file_id = m.group(1), m.group(2)
+            base_path, _, relative = file_id.partition(":")
+            files.add(os.path.normpath(os.path.join(db, base_path + relative)))
+            if kind != "value":  # a node: what it points at is referenced too
+                todo.append(ts.ocdbt.dump(base, node).result())
+    return files
+
+
+def _ocdbt_databases(step_dir: str) -> list[str]:
+    """The root OCDBT databases of a checkpoint: its item folders with a ``manifest.ocdbt``."""
+    return [
+        os.path.join(step_dir, item)
+        for item in sorted(os.listdir(step_dir))
+        if os.path.isfile(os.path.join(step_dir, item, "manifest.ocdbt"))
+    ]
+
+
+def _files_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return [
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, f))
+    ]
+
+
+def unreferenced_files(step_dir: str | os.PathLike) -> list[str]:
+    """The files of checkpoint folder ``step_dir`` that no restore of it can read, sorted.
+
+    These are, in each root OCDBT database (``<step>/state``), the data files under ``d/``
+    and ``ocdbt.process_<i>/d/`` that no location reachable from the root manifest names, and
+    the per-process manifests ``ocdbt.process_<i>/manifest.ocdbt`` that the merge superseded.
+    Only files in those ``d/`` folders and those manifests are ever listed.
+
+    Raises (and so lists nothing) when a database cannot be walked, or when a file it refers
+    to is missing: a damaged checkpoint is left exactly as it is, for
+    :meth:`Checkpointer.restore_latest` to report.
+    """
+    step_dir = os.fspath(step_dir)
+    out: list[str] = []
+    for db in _ocdbt_databases(step_dir):
+        if any(f.startswith("manifest.") and f != "manifest.ocdbt" for f in os.listdir(db)):
+            continue  # numbered manifests: a layout orbax does not write; leave it alone
+        referenced = _referenced_files(db)
+        missing = sorted(f for f in referenced if not os.path.isfile(f))
+        if missing:
+            raise CheckpointCorruptError(f"{missing[0]} is referenced but missing")
+        candidates = _files_in(os.path.join(db, "d"))
+        for sub in sorted(os.listdir(db)):
+            if sub.startswith("ocdbt.process_") and os.path.isdir(os.path.join(db, sub)):
+                candidates += _files_in(os.path.join(db, sub, "d"))
+                manifest = os.path.join(db, sub, "manifest.ocdbt")
+                if os.path.isfile(manifest):
+                    candidates.append(manifest)
+        out += [f for f in candidates if os.path.normpath(f) not in referenced]
+    return sorted(out)
+
+
 # --- the checkpointer ----------------------------------------------------------------------
 
 
@@ -135,9 +388,10 @@ class Checkpointer:
     In a multi-process run every process makes the same calls (saves and restores are
     collective); only process 0 moves unusable checkpoints aside.
 
-    Raises (all with one-line messages): :class:`NonFiniteStateError` from :meth:`save`,
-    :class:`CheckpointCorruptError` from :meth:`read_meta` / :meth:`restore`,
-    :class:`NoUsableCheckpointError` from :meth:`restore_latest`.
+    Raises (all with one-line messages): :class:`NonFiniteStateError` and
+    :class:`CheckpointWriteError` from :meth:`save` (the latter also from :meth:`close` when an
+    asynchronous write failed), :class:`CheckpointCorruptError` from :meth:`read_meta` /
+    :meth:`restore`, :class:`NoUsableCheckpointError` from :meth:`restore_latest`.
     """
 
     def __init__(
@@ -163,12 +417,19 @@ class Checkpointer:
             # Synchronous by default: the per-step wall time stays honest and a SIGKILL right
             # after `save` returns cannot lose the checkpoint.
             enable_async_checkpointing=async_save,
+            # What a killed run or a failed write left (`<step>.orbax-checkpoint-tmp`) is
+            # removed at start: on a full disk, that space is what the next run needs.
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "meta", "integrity"), options=options
         )
         #: ``[(step, reason)]`` of the checkpoints the last :meth:`restore_latest` skipped.
         self.skipped: list[tuple[int, str]] = []
+        self._async = async_save
+        self._in_flight: int | None = None  # the step of an asynchronous write not waited for
+        self._write_failed = False
+        self._cleaned: set[int] = set()  # steps whose unreferenced files are removed
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (not necessarily intact), or ``None``."""
@@ -202,16 +463,86 @@ class Checkpointer:
                 f"the older checkpoints in {self.directory} are kept"
             )
         integrity = {"state": digests, "meta": meta_digest(meta)}
-        saved = self._manager.save(
+        self._wait_for_write_in_flight()
+        saved = self._write(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(keys_to_data(state)),
-                meta=ocp.args.JsonSave(meta),
-                integrity=ocp.args.JsonSave(integrity),
+            lambda: self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(keys_to_data(state)),
+                    meta=ocp.args.JsonSave(meta),
+                    integrity=ocp.args.JsonSave(integrity),
+                ),
+                force=force,
             ),
-            force=force,
         )
+        if saved and self._async:
+            self._in_flight = step
+        self._remove_unreferenced()  # orbax has rotated: the kept checkpoints only
         return bool(saved)
+
+    def _write(self, step: int, write: Callable[[], Any]) -> Any:
+        """``write()`` (of checkpoint ``step``); a disk fault becomes :class:`CheckpointWriteError`
+        after what it left on disk is removed. Other errors propagate, after the same cleanup."""
+        # The clean-up runs while the logs are still held: orbax's other threads of this write
+        # log their own copy of the error as they end, which is after `write()` has raised.
+        with _logs_held_back():
+            try:
+                return write()
+            except Exception as e:
+                _join_orbax_threads(timeout_s=10.0)
+                fault = _os_error(e)
+                self._discard(step)
+                if fault is None:
+                    raise
+                _drop_unretrieved_disk_faults()
+                self._write_failed = True
+                raise CheckpointWriteError(self._write_failure(step, *fault)) from None
+
+    def _wait_for_write_in_flight(self) -> None:
+        if self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None
+            self._write(step, self._manager.wait_until_finished)
+
+    def _discard(self, step: int) -> None:
+        """Remove orbax's temporary folder of the failed write of ``step``.
+
+        A folder renamed into place is complete (the rename is orbax's last act) and is kept.
+        """
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}{_ORBAX_TMP}"):
+                    _remove_settled(os.path.join(self.directory, name))
+        self._manager.reload()
+
+    def _write_failure(self, step: int, code: int | None, reason: str) -> str:
+        previous = self._manager.latest_step()
+        advice = _ADVICE.get(code, "check the disk")
+        head = f"step {step}: writing the checkpoint to {self.directory} failed ({reason}); "
+        if previous is None:
+            return head + f"no earlier checkpoint exists: {advice} and run the same command"
+        again = "run the same command to resume"
+        return head + f"checkpoint {previous} is intact: {advice} and {again}"
+
+    def _remove_unreferenced(self) -> None:
+        """Delete the files no kept checkpoint references (:func:`unreferenced_files`), in
+        each kept checkpoint not yet cleaned by this process; only process 0 deletes."""
+        if jax.process_index() != 0:
+            return
+        steps = set(self._manager.all_steps())
+        if self._in_flight is not None:
+            steps.discard(self._in_flight)  # still being written
+        self._cleaned &= steps
+        for step in sorted(steps - self._cleaned):
+            self._cleaned.add(step)
+            try:
+                files = unreferenced_files(os.path.join(self.directory, str(step)))
+            except Exception as e:  # a damaged checkpoint: left as it is for restore to report
+                log.warning("checkpoint %d: unreferenced files not removed (%s)", step, one_line(e))
+                continue
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f)
 
     def maybe_save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
         """Save when ``step`` is a multiple of ``every``."""
@@ -329,6 +660,7 @@ class Checkpointer:
                 reason, ok = "meta unreadable on another process", False
             if ok:
                 self._set_aside([s for s, _ in self.skipped])
+                self._remove_unreferenced()
                 return state, meta, step
             self.skipped.append((step, reason))
             nxt = f"trying {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
@@ -364,8 +696,18 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for an asynchronous write (raising :class:`CheckpointWriteError` if it failed)
+        and release orbax's threads. After a failed write has been reported, its error is not
+        raised again."""
+        try:
+            self._wait_for_write_in_flight()
+            if self._write_failed:
+                with contextlib.suppress(Exception), _logs_held_back():
+                    self._manager.wait_until_finished()
+            else:
+                self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -329,7 +329,7 @@ class RunConfig:
     batch_size: int = setting(
         256, "global batch of pairs; a multiple of the device count", at_least=2
     )
-    seed: int = setting(0, "seed of the initialisation, data order and augmentations")
+    seed: int = setting(0, "seed of the initialisation, data order and augmentations", at_least=0)
     num_devices: int | None = setting(None, "use the first N devices; none: all", at_least=1)
     checkpoint_every: int = setting(
         100, "save a checkpoint every K steps (and after the last)", at_least=1, changes_run=False
@@ -438,6 +438,13 @@ class HostsConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.coordinator_address is not None:
+            host, sep, port = self.coordinator_address.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"{field_name(self, 'coordinator_address')} {self.coordinator_address!r}: "
+                    "give HOST:PORT, e.g. 10.0.0.1:8476"
+                )
         if (
             self.num_processes is not None
             and self.process_id is not None

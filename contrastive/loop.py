@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from contrastive.assemble import Setup, setup
-from contrastive.checkpoint import Checkpointer, NoUsableCheckpointError
+from contrastive.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
 from contrastive.data import BatchIterator
 from contrastive.hosts import Watchdog, start
@@ -45,7 +45,8 @@ TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir WORKDIR/tensorboard`
 
 
 class RunError(RuntimeError):
-    """The run cannot go on (divergence, no usable checkpoint, a busy work dir); one line."""
+    """The run cannot go on (divergence, no usable checkpoint, a busy work dir, a checkpoint
+    that could not be written); one line."""
 
 
 def _check_writable_dir(flag: str, path: str) -> None:
@@ -73,7 +74,7 @@ def check_paths(cfg: Config) -> None:
     workdir, data_dir = cfg.run.workdir, cfg.data.data_dir
     if not workdir:
         raise ConfigError("--workdir is required: pass a directory for checkpoints and metrics")
-    _check_writable_dir("--workdir", workdir)
+    # Checked before the work dir is created: a bad one leaves nothing behind.
     if data_dir is not None:
         parent = os.path.dirname(os.path.abspath(data_dir))
         if os.path.exists(data_dir) and not os.path.isdir(data_dir):
@@ -83,6 +84,14 @@ def check_paths(cfg: Config) -> None:
                 f"--data-dir {data_dir}: its parent directory {parent} does not exist; create it "
                 "or pass an existing directory"
             )
+    cache = cfg.run.feature_cache
+    if cache is not None:
+        existing = os.path.abspath(cache)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"--feature-cache {cache}: {existing} is a file: pass a directory")
+    _check_writable_dir("--workdir", workdir)
 
 
 def check_same_run(meta: dict, cfg: Config) -> None:
@@ -197,10 +206,13 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
             meta["noise"] = noise.state()
         tree = {"train": state, "key": key}
         with stop.saving():  # a second signal in here abandons this write
-            if force:
-                wrote = ckpt.save(step, tree, meta, force=True)
-            else:
-                wrote = ckpt.maybe_save(step, tree, meta)
+            try:
+                if force:
+                    wrote = ckpt.save(step, tree, meta, force=True)
+                else:
+                    wrote = ckpt.maybe_save(step, tree, meta)
+            except CheckpointWriteError as e:  # e.g. a full disk; older checkpoints are intact
+                raise RunError(str(e)) from None
         if wrote:
             stop.checkpointed(os.path.join(ckpt.directory, str(step)))
 

@@ -67,6 +67,8 @@ from collections.abc import Iterator, Mapping
 from numbers import Real
 from typing import Any
 
+from contrastive.run_guard import _fsync_dir, _process_index
+
 __all__ = ["TensorBoardWriter", "event_files", "read_events", "read_scalars"]
 
 log = logging.getLogger(__name__)
@@ -75,21 +77,6 @@ _TFEVENTS = "tfevents"  # what TensorBoard looks for in a file name
 _SEQ = re.compile(r"\.s(\d{6})$")  # the session number ending our event files' names
 _COMPACTING = re.compile(r"^compacting\.s(\d{6})\.(partial|ready)$")
 _TEXT_PLUGIN = "text"
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
-
-
-def _fsync_dir(path: str) -> None:
-    # A rename or unlink is durable only once the directory holding it is synced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def event_files(path: str | os.PathLike) -> list[str]:

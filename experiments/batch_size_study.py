@@ -38,11 +38,12 @@ Protocol, fixed before the first run of this command (the values live in :data:`
 - seeds: 0, 1, 2 (initialisation and data order); steps are reported as mean (min–max).
 
 The main job, ``python -m experiments.batch_size_study`` with no flag, does not tune: it runs
-every seed at the learning rates the committed tuned study chose
+every seed at the learning rates the committed tuned study chose for the first target
 (``experiments/results/batch_size_study.json``, or ``--rates FILE`` of any finished study),
-3 losses x 4 batch sizes x 3 seeds, in about 15 minutes on 2 cores.
+3 losses x 4 batch sizes x 3 seeds, steps to the first target, within 15 minutes on 2 cores.
 
-Writes ``batch_size_study.{json,md,png}`` into a new run directory (every run's work dir,
+Writes ``batch_size_study.{json,md,png}`` (tuned) or ``batch_size_study_main.{json,md,png}``
+(the main job) into a new run directory (every run's work dir,
 with its metrics.jsonl curve, under ``runs/``) and prints the tables, the plot's path and the
 directory. Started again with ``--out`` of a study cut short, it resumes.
 """
@@ -64,6 +65,7 @@ from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import run_dir
 from experiments.common.cli import (
     command_parser,
+    directory,
     int_list,
     name_list,
     path,
@@ -115,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch sizes, comma-separated; default: the preset's")  # fmt: skip
     p.add_argument("--lr-factors", default="0.25,0.5,1,2",
                    help="the learning-rate grid, as factors of 4e-3 * sqrt(B / 256)")  # fmt: skip
-    p.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS),
-                   help=f"targets of {METRIC}, comma-separated, in (0, 1]")  # fmt: skip
+    p.add_argument("--targets", default=None,
+                   help=f"targets of {METRIC}, comma-separated, in (0, 1]; default: "
+                   f"{','.join(map(str, TARGETS))} when tuning, the first alone for the main "
+                   "job")  # fmt: skip
     p.add_argument("--metric", default=METRIC, help="the validation metric of the targets")
     p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="seeds, comma-separated")
     p.add_argument("--train-examples", type=positive_int, default=None,
@@ -128,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cap", type=positive_int, default=200, help="the smallest step cap")
     p.add_argument("--noise-scale-every", type=int, default=10,
                    help="measure B_simple every K steps in the seed runs (0: off)")  # fmt: skip
-    p.add_argument("--feature-cache", default=None,
+    p.add_argument("--feature-cache", type=directory, default=None,
                    help="locked tower and features cache; default: <out>/features")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
                    help="a progress bar per run")  # fmt: skip
@@ -180,7 +184,11 @@ def learning_rates(batch_size: int, factors: Sequence[float]) -> list[float]:
 def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     preset = PRESETS["full" if args.full else "main"]
-    args.targets = _floats("--targets", args.targets, upper=1.0)
+    tuning = args.tune or args.full
+    default_targets = TARGETS if tuning else TARGETS[:1]
+    args.targets = _floats(
+        "--targets", args.targets or ",".join(map(str, default_targets)), upper=1.0
+    )
     factors = _floats("--lr-factors", args.lr_factors)
     sizes = sorted(args.batch_sizes or preset["batch_sizes"])
     n_train = args.train_examples or preset["train_examples"]
@@ -197,8 +205,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
         )
     if args.noise_scale_every < 0:
         raise ConfigError("--noise-scale-every must be 0 (off) or positive")
-    out = run_dir.create(STEM, args.out)
-    base = base_config(args, n_train, out)  # checks the metric, the split, the cache path
+    try:  # the metric, the split, the cache path: checked before the run directory exists
+        base_config(args, n_train, Path(args.out or "."))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--stop-at", "--metric")) from None
+    given_rates = None if tuning else _committed_rates(args.rates, args.losses, sizes, args.targets)
+    stem = STEM if tuning else f"{STEM}_main"  # the main job never overwrites the tuned study
+    out = run_dir.create(stem, args.out)
+    base = base_config(args, n_train, out)
     print(f"run directory: {out}", file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     record: dict[str, Any] = {
@@ -212,8 +226,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "protocol": base.identity(),
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
     }
-    tuning = args.tune or args.full
-    given_rates = None if tuning else _committed_rates(args.rates, args.losses, sizes, args.targets)
     record["mode"] = "tuned" if tuning else f"rates of {args.rates}"
     rows: list[dict] = []
     counter = iter(range(1, 10**6))
@@ -228,7 +240,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"{stage} {next(counter)}",
         )  # fmt: skip
         rows.append(row)
-        write_json(out / f"{STEM}.json", {**record, "rows": rows})
+        write_json(out / f"{stem}.json", {**record, "rows": rows})
         return row
 
     with compile_cache(out / "compile_cache"):
@@ -279,15 +291,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
         total_time_s=round(time.perf_counter() - t_start, 1),
     )
     record["machine"]["load_average_at_end"] = os.getloadavg()
-    write_json(out / f"{STEM}.json", record)
+    write_json(out / f"{stem}.json", record)
     text = report(record, summary, fit_rows, noise, args)
-    (out / f"{STEM}.md").write_text(text)
-    plot_steps(summary, fit_rows, args.losses, args.targets, out / f"{STEM}.png",
+    (out / f"{stem}.md").write_text(text)
+    plot_steps(summary, fit_rows, args.losses, args.targets, out / f"{stem}.png",
                f"shapes, locked image tower, steps to {args.metric}")  # fmt: skip
     if args.update_results:
-        run_dir.publish(out, [f"{STEM}.{ext}" for ext in ("json", "md", "png")])
+        run_dir.publish(out, [f"{stem}.{ext}" for ext in ("json", "md", "png")])
     print(text)
-    print(f"plot: {out / f'{STEM}.png'}")
+    print(f"plot: {out / f'{stem}.png'}")
     print(f"run directory: {out}")
     return record
 
@@ -309,14 +321,17 @@ def _committed_rates(
     for loss in losses:
         for b in sizes:
             points = [p for p in summary if (p["loss"], p["batch_size"]) == (loss, b)]
-            chosen = [p for p in sorted(points, key=lambda p: -p["target"]) if p["learning_rate"]]
+            chosen = [
+                p
+                for p in sorted(points, key=lambda p: -p["target"])
+                if p["learning_rate"] and p["target"] in targets
+            ]
             caps = [r["cap"] for r in rows if (r["loss"], r["batch_size"]) == (loss, b)]
             if not chosen or not caps:
                 raise ConfigError(
                     f"--rates {path_} has no chosen rate for {loss} at B = {b}: run with --tune"
                 )
             out[(loss, b)] = (chosen[0]["learning_rate"], max(caps))
-    del targets
     return out
 
 

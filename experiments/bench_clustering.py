@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 
 from experiments.common import run_dir
-from experiments.common.cli import command_parser, positive_int, run_main
+from experiments.common.cli import command_parser, nonnegative_int, positive_int, run_main
 
 STEM = "bench_clustering"
 
@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         default=4096,
         help="points assigned at once (a 4·c·k-byte similarity block)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the points and of k-means")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the points and of k-means"
+    )
     p.add_argument(
         "--memory-only",
         action="store_true",
@@ -72,8 +74,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"--cluster-size {args.cluster_size} exceeds --points {args.points}: "
             f"use at most {args.points}"
         )
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
 
     import jax
     import jax.numpy as jnp

@@ -33,7 +33,7 @@ from contrastive.configs import LossConfig, TrainConfig
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import benchmarking as bm
 from experiments.common import run_dir
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import OneLineParser, positive_int, run_main
 
 STEM = "bench_gradcache"
 
@@ -44,18 +44,26 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    p.add_argument("--batch", type=int, default=4096, help="global batch B")
-    p.add_argument("--chunk", type=int, default=1024, help="gradient-cache chunk size")
-    p.add_argument("--encoder", choices=["mlp", "resnet", "vit"], default="mlp")
-    p.add_argument("--input-dim", type=int, default=64, help="MLP input features")
-    p.add_argument("--width", type=int, default=1024, help="encoder width")
-    p.add_argument("--depth", type=int, default=3, help="encoder depth")
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--loss", choices=LOSS_NAMES, default="infonce")
-    p.add_argument("--reps", type=int, default=11, help="timed calls of each step")
-    p.add_argument("--devices", type=int, default=1, help="devices in the mesh")
+    p.add_argument("--batch", type=positive_int, default=4096, help="global batch B")
+    p.add_argument("--chunk", type=positive_int, default=1024,
+                   help="gradient-cache chunk size (global rows)")  # fmt: skip
+    p.add_argument("--encoder", choices=["mlp", "resnet", "vit"], default="mlp",
+                   help="the image tower (both towers share it)")  # fmt: skip
+    p.add_argument("--input-dim", type=positive_int, default=64, help="MLP input features")
+    p.add_argument("--width", type=positive_int, default=1024, help="encoder width")
+    p.add_argument("--depth", type=positive_int, default=3, help="encoder depth")
+    p.add_argument("--embed-dim", type=positive_int, default=64, help="embedding dimension")
+    p.add_argument("--loss", choices=LOSS_NAMES, default="infonce", help="the contrastive loss")
+    p.add_argument("--reps", type=positive_int, default=11, help="timed calls of each step")
+    p.add_argument("--devices", type=positive_int, default=1, help="devices in the mesh")
     run_dir.add_output_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch % args.devices or args.chunk % args.devices or args.chunk > args.batch:
+        p.error(
+            f"--batch {args.batch} and --chunk {args.chunk} must be multiples of --devices "
+            f"{args.devices}, with the chunk at most the batch"
+        )
+    return args
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -37,7 +37,7 @@ from experiments.common.benchmarking import (
     median_seconds,
     save_outputs,
 )
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import command_parser, positive_int, run_main
 
 CASES = [
     ("infonce", {}),
@@ -75,20 +75,46 @@ def meets_targets(row: dict) -> bool:
     return row["tiled_over_dense"] <= bound and row["fraction_of_matmul"] >= 0.75
 
 
-def run(argv: Sequence[str] | None = None) -> list[dict]:
-    p = OneLineParser(prog="python -m experiments.bench_losses", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--matmul-size", type=int, default=4096, help="the reference matmul's n")
-    p.add_argument("--cases", default="all", help="comma-separated loss names, or all")
+def _parser():
+    p = command_parser("python -m experiments.bench_losses", __doc__)
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[2048, 4096, 8192, 16384],
+                   help="batch sizes B (pairs), one row each")  # fmt: skip
+    p.add_argument("--dim", type=positive_int, default=256, help="embedding dimension D")
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help="tile edge of the tiled losses (default: each loss's own)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed rounds; the medians are reported")  # fmt: skip
+    p.add_argument("--matmul-size", type=positive_int, default=4096,
+                   help="n of the reference n³ float32 matmul")  # fmt: skip
+    names = ", ".join(dict.fromkeys(name for name, _ in CASES))
+    p.add_argument("--cases", default="all",
+                   help=f"comma-separated loss names ({names}), or all")  # fmt: skip
     run_dir.add_output_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def select_cases(text: str) -> list[tuple[str, dict]]:
+    """The rows of :data:`CASES` that ``--cases`` names (``all``: every one); ValueError
+    (one line, listing the known names) for an unknown or empty selection."""
+    known = list(dict.fromkeys(name for name, _ in CASES))
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(CASES)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"--cases {text!r}: unknown case(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(known)}, or all"
+        )
+    return [c for c in CASES if c[0] in names]
+
+
+def run(argv: Sequence[str] | None = None) -> list[dict]:
+    args = _parser().parse_args(argv)
+    cases = select_cases(args.cases)  # before the run directory: a bad name leaves nothing
     out = run_dir.create(STEM, args.out)
 
     matmul, reference_flops = reference_matmul(args.matmul_size)
-    cases = [c for c in CASES if args.cases == "all" or c[0] in args.cases.split(",")]
     rows = []
     for batch in args.batch:
         kx, ky = jax.random.split(jax.random.key(batch))

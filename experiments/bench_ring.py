@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import benchmarking as bm
 from experiments.common import run_dir
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import command_parser, positive_int, run_main
 
 STEM = "bench_ring"
 METHODS = ("ring", "gathered")
@@ -49,20 +49,28 @@ def _num(v: float) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict]:
-    p = OneLineParser(prog="python -m experiments.bench_ring", description=__doc__.split("\n")[0])
-    p.add_argument("--time-batch", type=int, nargs="*", default=[2048, 4096])
-    p.add_argument(
-        "--memory-batch", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1048576]
-    )
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--loss", default="infonce", choices=LOSS_NAMES)
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p = command_parser("python -m experiments.bench_ring", __doc__)
+    p.add_argument("--time-batch", type=positive_int, nargs="*", default=[2048, 4096],
+                   help="global batch sizes that are timed (and measured)")  # fmt: skip
+    p.add_argument("--memory-batch", type=positive_int, nargs="*",
+                   default=[4096, 16384, 65536, 262144, 1048576],
+                   help="global batch sizes whose memory is measured (compile only)")  # fmt: skip
+    p.add_argument("--dim", type=positive_int, default=768, help="embedding dimension D")
+    p.add_argument("--loss", default="infonce", choices=LOSS_NAMES, help="the loss compared")
+    p.add_argument("--devices", type=positive_int, default=8,
+                   help="devices of the ring (simulated CPU devices)")  # fmt: skip
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help="tile edge (default: the loss's own)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed runs per method; the median is reported")  # fmt: skip
     run_dir.add_output_flags(p)
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    batches = sorted(set(args.time_batch) | set(args.memory_batch))
+    if not any(b % args.devices == 0 for b in batches):
+        raise ValueError(
+            f"no batch size of --time-batch {args.time_batch} and --memory-batch "
+            f"{args.memory_batch} is a multiple of --devices {args.devices}: give at least one"
+        )
     bm.simulate_cpu_devices(args.devices)  # before the first jax operation
     from contrastive.mesh import make_mesh
 
@@ -75,7 +83,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"{platform}, jax {jax.__version__}, {n}-device mesh, D = {args.dim}", flush=True)
     fns = [bm.loss_grad_fn(name, args.loss, mesh, args.block_size) for name in METHODS]
     rows = []
-    for batch in sorted(set(args.time_batch) | set(args.memory_batch)):
+    for batch in batches:
         if batch % n:
             print(f"skip B={batch}: not a multiple of {n} devices", flush=True)
             continue

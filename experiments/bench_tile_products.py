@@ -26,7 +26,7 @@ from jax import lax
 
 from experiments.common import run_dir
 from experiments.common.benchmarking import median_seconds, save_outputs
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import command_parser, positive_int, run_main
 
 F32 = jnp.float32
 STEM = "bench_tile_products"
@@ -60,13 +60,12 @@ def backward_tiles(form: str, tile: int, dim: int, count: int):
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    p = OneLineParser(
-        prog="python -m experiments.bench_tile_products", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--tile", type=int, default=1024)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--count", type=int, default=16, help="tiles per timed call")
-    p.add_argument("--repeats", type=int, default=7)
+    p = command_parser("python -m experiments.bench_tile_products", __doc__)
+    p.add_argument("--tile", type=positive_int, default=1024, help="tile edge t")
+    p.add_argument("--dim", type=positive_int, default=256, help="embedding dimension D")
+    p.add_argument("--count", type=positive_int, default=16, help="tiles per timed call")
+    p.add_argument("--repeats", type=positive_int, default=7,
+                   help="timed calls of each form; the median is reported")  # fmt: skip
     run_dir.add_output_flags(p)
     args = p.parse_args(argv)
     out = run_dir.create(STEM, args.out)

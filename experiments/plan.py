@@ -60,7 +60,7 @@ from pathlib import Path
 
 from contrastive.models.clip import CLIP_CONFIGS
 from experiments.common import run_dir
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import OneLineParser, existing_file, positive_int, run_main
 
 MODELS = tuple(CLIP_CONFIGS)
 # Rows per device in one gradient-cache chunk: activations of a chunk are a few GiB at
@@ -78,7 +78,10 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"--memory {text!r}: give a size such as 80GiB, 80GB or 1024")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 1:
+        raise ValueError(f"--memory {text!r}: give a positive size such as 80GiB")
+    return size
 
 
 @dataclasses.dataclass
@@ -271,6 +274,21 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def read_records(path: str) -> list[dict]:
+    """The records of an earlier run's ``plan.json``; ValueError (one line) if it is not one."""
+    try:
+        records = json.loads(Path(path).read_text())["records"]
+        keys = {"model", "devices", "step"}
+        if not isinstance(records, list) or not all(keys <= set(r) for r in records):
+            raise ValueError("records without model, devices and step")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"--from-records {path}: not the plan.json of an earlier run ({why})"
+        ) from None
+    return records
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m experiments.plan",
@@ -278,12 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--models", default=None, help="comma-separated models (the table mode)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models (the table mode), of the above")  # fmt: skip
     p.add_argument("--devices", default="8", help="simulated devices, e.g. 8 or 8,32,256")
     p.add_argument("--memory", default="80GiB", help="per-device memory limit, e.g. 80GiB")
     p.add_argument(
         "--chunk-rows",
-        type=int,
+        type=positive_int,
         default=None,
         help="gradient-cache chunk rows per device (default: per model, "
         + ", ".join(f"{k} {v}" for k, v in CHUNK_ROWS.items())
@@ -294,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="jax.checkpoint every layer")
     p.add_argument(
         "--from-records",
+        type=existing_file,
         nargs="+",
         default=None,
         metavar="PLAN_JSON",
@@ -353,25 +373,30 @@ def markdown(records: list[dict], limit: int) -> str:
 def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     models = [args.model] if args.model else []
-    models += [m for m in (args.models or "").split(",") if m]
-    models = models or ["vit-l-14"]
-    for m in models:
-        if m not in MODELS:
-            raise ValueError(f"--model {m!r}: choose one of {', '.join(MODELS)}")
+    listed = [m for m in (args.models or "").split(",") if m]
+    for flag, names in (("--model", models), ("--models", listed)):
+        for m in names:
+            if m not in MODELS:
+                raise ValueError(f"{flag} {m!r}: choose one of {', '.join(MODELS)}")
+    if args.models is not None and not listed:
+        raise ValueError(f"--models {args.models!r}: give comma-separated models such as vit-b-32")
+    models = [*models, *listed] or ["vit-l-14"]
     devices = _int_list(args.devices, "--devices")
     limit = parse_bytes(args.memory)
-    if args.chunk_rows is not None and args.chunk_rows < 1:
-        raise ValueError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
     if args.plain and args.cached_only:
         raise ValueError("--plain and --cached-only exclude each other; pass one")
     steps = ["plain"] if args.plain else ["cached"] if args.cached_only else ["cached", "plain"]
 
-    out = run_dir.create(STEM, args.out)
     if args.from_records:
-        records = [r for f in args.from_records for r in json.loads(Path(f).read_text())["records"]]
+        records = [r for f in args.from_records for r in read_records(f)]
         keep = lambda r: r["model"] in models and r["devices"] in devices and r["step"] in steps
         records = [r for r in records if keep(r)]
+        if not records:
+            raise ValueError("no records for these --models and --devices in --from-records")
+        out = run_dir.create(STEM, args.out)
         return _report(records, limit, out, args.update_results, models, devices, steps)
+
+    out = run_dir.create(STEM, args.out)
 
     from experiments.common import benchmarking as bm
 

@@ -39,7 +39,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common.cli import command_parser, positive_int, run_main
+from experiments.common.cli import (
+    command_parser,
+    nonnegative_int,
+    output_dir,
+    positive_int,
+    run_main,
+)
 from experiments.common.run_dir import create
 
 REPO = Path(__file__).resolve().parents[1]
@@ -550,16 +556,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = command_parser("python -m experiments.soak", __doc__)
     p.add_argument("--steps", type=positive_int, default=60, help="training steps of the run")
     p.add_argument(
-        "--interruptions", type=int, default=20, help="how many times to interrupt the run"
+        "--interruptions",
+        type=int,
+        default=20,
+        help="how many times to interrupt the run (0 or more)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the interruption schedule")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the interruption schedule"
+    )
     p.add_argument(
         "--checkpoint-every", type=positive_int, default=1, help="steps between checkpoints"
     )
     p.add_argument(
         "--devices", type=positive_int, default=8, help="simulated CPU devices of the runs"
     )
-    p.add_argument("--out", default=None, help="run directory (default: a new runs/soak-<time>/)")
+    p.add_argument(
+        "--out",
+        type=output_dir,
+        default=None,
+        help="run directory (default: a new runs/soak-<time>/)",
+    )
     args = p.parse_args(argv)
 
     def body() -> int:

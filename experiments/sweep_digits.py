@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from contrastive.configs import Config, ConfigError
 from contrastive.data import get_spec, load_source
 from contrastive.loss_registry import LOSSES
-from experiments.common.cli import command_parser, path
+from experiments.common.cli import command_parser, directory
 from experiments.common.grid import (
     GridRun,
     SweepSpec,
@@ -62,7 +62,7 @@ METRICS = ("linear_probe", "knn")
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("python -m experiments.sweep_digits", __doc__)
     p.add_argument("--epochs", type=float, default=10.0, help="passes over the training split")
-    p.add_argument("--data-dir", type=path, default=None,
+    p.add_argument("--data-dir", type=directory, default=None,
                    help="TFDS data dir; none: ~/tensorflow_datasets")  # fmt: skip
     add_grid_flags(p, batch_sizes=BATCH_SIZES, seeds=SEEDS, model=MODEL, width=WIDTH,
                    base_lr=BASE_LR)  # fmt: skip
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build(args: argparse.Namespace) -> tuple[SweepSpec, list[GridRun]]:
     """The sweep's spec and its runs; :class:`ConfigError` (one line) for a bad setting."""
-    if not args.epochs > 0:
-        raise ConfigError(f"--epochs must be positive, got {args.epochs}")
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise ConfigError(f"--epochs must be positive and finite, got {args.epochs}")
     try:
         n_train = len(load_source("digits", get_spec("digits").train_split, args.data_dir))
     except ValueError as e:

@@ -48,7 +48,13 @@ from jax.sharding import PartitionSpec as P
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import benchmarking as bm
 from experiments.common import memory_report, run_dir
-from experiments.common.cli import OneLineParser, run_main
+from experiments.common.cli import (
+    command_parser,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_main,
+)
 
 LOSS_METHODS = bm.LOSS_METHODS
 TRAIN_METHODS = ("train_cached", "train_plain")
@@ -193,34 +199,50 @@ def largest_batch(sweep: Sweep, m: Method, budget: float, swept, quantum: int, t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m experiments.sweep_memory", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=DEFAULT_BATCH, help="global B")
-    p.add_argument("--dim", type=int, default=512, help="embedding width D")
+    p = command_parser("python -m experiments.sweep_memory", __doc__)
+    p.add_argument("--batch", type=positive_int, nargs="+", default=DEFAULT_BATCH, help="global B")
+    p.add_argument("--dim", type=positive_int, default=512, help="embedding width D")
     p.add_argument("--losses", default="infonce", help="comma-separated: " + ",".join(LOSS_NAMES))
     p.add_argument(
         "--methods",
         default=",".join(LOSS_METHODS + TRAIN_METHODS),
         help="comma-separated subset of " + ",".join(LOSS_METHODS + TRAIN_METHODS),
     )
-    p.add_argument("--devices", type=int, default=8, help="devices of the ring / all-gather")
-    p.add_argument("--block-size", type=int, default=None, help="tile edge (default: loss's)")
-    p.add_argument("--budget-gib", type=float, default=80.0, help="per-device memory budget")
-    p.add_argument("--time-max-batch", type=int, default=16384, help="time dense/tiled/ring")
-    p.add_argument("--gathered-time-max-batch", type=int, default=4096, help="time all-gather")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dense-max-batch", type=int, default=1 << 24, help="compile dense up to")
+    p.add_argument(
+        "--devices", type=positive_int, default=8, help="devices of the ring / all-gather"
+    )
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="tile edge (default: loss's)"
+    )
+    p.add_argument(
+        "--budget-gib", type=positive_float, default=80.0, help="per-device memory budget"
+    )
+    p.add_argument("--time-max-batch", type=nonnegative_int, default=16384,
+                   help="time dense/tiled/ring up to this batch (0: time nothing)")  # fmt: skip
+    p.add_argument("--gathered-time-max-batch", type=nonnegative_int, default=4096,
+                   help="time the all-gather up to this batch (0: never)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed runs per method; the median is reported")  # fmt: skip
+    p.add_argument("--dense-max-batch", type=positive_int, default=1 << 24,
+                   help="compile dense up to this batch; extrapolate as B² above")  # fmt: skip
     p.add_argument(
         "--fit",
         default="dense,tiled,ring,gathered,train_cached",
         help="methods whose largest batch under the budget is searched, or none",
     )
-    p.add_argument("--fit-quantum", type=int, default=1024, help="batch granularity of --fit")
-    p.add_argument("--fit-tol", type=float, default=0.01, help="relative bisection tolerance")
-    p.add_argument("--train-max-batch", type=int, default=1 << 20, help="train step up to")
-    p.add_argument("--train-chunk", type=int, default=1024, help="gradient-cache chunk rows")
-    p.add_argument("--train-width", type=int, default=1024, help="MLP tower width")
-    p.add_argument("--train-input-dim", type=int, default=64, help="MLP input features")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--fit-quantum", type=positive_int, default=1024, help="batch granularity of --fit"
+    )
+    p.add_argument(
+        "--fit-tol", type=positive_float, default=0.01, help="relative bisection tolerance"
+    )
+    p.add_argument("--train-max-batch", type=positive_int, default=1 << 20, help="train step up to")
+    p.add_argument(
+        "--train-chunk", type=positive_int, default=1024, help="gradient-cache chunk rows"
+    )
+    p.add_argument("--train-width", type=positive_int, default=1024, help="MLP tower width")
+    p.add_argument("--train-input-dim", type=positive_int, default=64, help="MLP input features")
+    p.add_argument("--no-plot", action="store_true", help="write no memory_sweep.png")
     run_dir.add_output_flags(p)
     return p
 
@@ -289,14 +311,21 @@ def run(argv: Sequence[str] | None = None) -> list[dict]:
     args.losses = [s for s in args.losses.split(",") if s]
     methods = [s for s in args.methods.split(",") if s]
     fit_methods = [] if args.fit == "none" else [s for s in args.fit.split(",") if s]
-    for name, known in (("loss", LOSS_NAMES), ("method", LOSS_METHODS + TRAIN_METHODS)):
-        for v in args.losses if name == "loss" else methods + fit_methods:
-            if v not in known:
-                raise SystemExit(f"error: unknown {name} {v!r}; choose from {','.join(known)}")
+    known_methods = LOSS_METHODS + TRAIN_METHODS
+    for flag, values, known in (
+        ("--losses", args.losses, LOSS_NAMES),
+        ("--methods", methods, known_methods),
+        ("--fit", fit_methods, known_methods),
+    ):
+        unknown = [v for v in values if v not in known]
+        if unknown or (not values and flag != "--fit"):
+            raise ValueError(
+                f"{flag} {','.join(values)!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                f"choose from {','.join(known)}" + (", or none" if flag == "--fit" else "")
+            )
     if "train_cached" in methods and args.train_chunk % args.devices:
-        raise SystemExit(
-            f"error: --train-chunk {args.train_chunk} must be a multiple of --devices "
-            f"{args.devices}"
+        raise ValueError(
+            f"--train-chunk {args.train_chunk} must be a multiple of --devices {args.devices}"
         )
     bm.simulate_cpu_devices(args.devices)  # before the first jax operation
     from contrastive.mesh import make_mesh

@@ -52,6 +52,9 @@ def prepare(
             "pass axis_name=None for a batch held whole."
         ) from e
     check_pair(x, y, loss, min_batch=1, intra_view=intra_view)
+    # NumPy inputs and nested lists become arrays here: the sweeps index them with traced
+    # tile numbers.
+    x, y = jnp.asarray(x), jnp.asarray(y)
     for name, (value, positive) in (scalars or {}).items():
         check_scalar(loss, name, value, positive=positive)
     b, m = jnp.shape(x)[0], jnp.shape(y)[0]
@@ -63,8 +66,6 @@ def prepare(
             f"{loss}: needs a global batch of at least {min_batch} pairs, got "
             f"{global_rows}{where}: y has shape {jnp.shape(y)}."
         )
-    # NumPy inputs become arrays here: the sweeps index them with traced tile numbers.
-    x, y = jnp.asarray(x), jnp.asarray(y)
     valid = None if valid is None else jnp.asarray(valid)
     ids = None if ids is None else jnp.asarray(ids)
     row_tiling = choose_tiling(b, block_size)

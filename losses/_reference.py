@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from losses._validate import check_masks, check_pair, check_scalar
+from losses._validate import as_array, check_masks, check_pair, check_scalar
 
 Scalar = float | jax.Array
 
@@ -41,11 +41,14 @@ def _logits(a: jax.Array, b: jax.Array, temperature: Scalar) -> jax.Array:
 
 
 def _check(loss, x, y, valid, ids, *, min_batch=1, intra_view=False, **scalars):
+    """The checked ``(x, y)``, as arrays (nested lists accepted, :func:`as_array`)."""
     check_pair(x, y, loss, min_batch=min_batch, dtypes=None, intra_view=intra_view)
+    x, y = as_array(loss, "x", x), as_array(loss, "y", y)
     check_masks(loss, valid, ids, y.shape[0])
     for name, value in scalars.items():
         if value is not None:
             check_scalar(loss, name, value, positive=name != "bias")
+    return x, y
 
 
 def _pair_masks(x, y, valid, ids):
@@ -125,7 +128,7 @@ def infonce(
     ids: jax.Array | None = None,
 ) -> jax.Array:
     """Dense InfoNCE / CLIP loss (NT-Xent with ``intra_view=True``)."""
-    _check("infonce", x, y, valid, ids, intra_view=intra_view, temperature=temperature)
+    x, y = _check("infonce", x, y, valid, ids, intra_view=intra_view, temperature=temperature)
     weights = jnp.ones((x.shape[0],), _acc(x))
     lr, lc = _softmax_losses(
         x,
@@ -153,7 +156,7 @@ def decoupled(
     ids: jax.Array | None = None,
 ) -> jax.Array:
     """Dense decoupled contrastive loss (DCL; DCLW when ``sigma`` is given)."""
-    _check(
+    x, y = _check(
         "decoupled",
         x,
         y,
@@ -192,7 +195,7 @@ def sigmoid(
 ) -> jax.Array:
     """Dense SigLIP sigmoid loss: ``-(1/V) sum_ij log sigmoid(z_ij (s_ij + b))`` over the
     pairs that count (``z = +1`` on the positives, ``-1`` on the negatives)."""
-    _check("sigmoid", x, y, valid, ids, temperature=temperature, bias=bias)
+    x, y = _check("sigmoid", x, y, valid, ids, temperature=temperature, bias=bias)
     pair, negative = _pair_masks(x, y, valid, ids)
     s = _logits(x, y, temperature) + jnp.asarray(bias, _acc(x))
     positive = (jnp.arange(x.shape[0])[:, None] == jnp.arange(y.shape[0])[None, :]) & pair[:, None]

@@ -87,6 +87,25 @@ def checked_scalar(loss: str, name: str, value, *, positive: bool) -> jax.Array:
     return v
 
 
+def as_array(loss: str, name: str, a):
+    """``a`` as an array: arrays (JAX, NumPy, tracers) as they are, array-likes such as
+    nested lists through ``jnp.asarray`` (Python floats become float32, as in any JAX
+    function); TypeError naming the loss if ``a`` is no array at all.
+
+    >>> as_array("infonce", "x", [[1.0, 0.0]]).dtype
+    dtype('float32')
+    """
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return a
+    try:
+        return jnp.asarray(a)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{loss}: {name} must be an array of shape (batch, dim) (a JAX or NumPy array, or "
+            f"nested lists of numbers), got {type(a).__name__}."
+        ) from None
+
+
 def check_pair(
     x,
     y,
@@ -99,7 +118,9 @@ def check_pair(
     """Validate ``x`` ``(B, D)`` and ``y`` ``(M, D)``, ``M ≥ B`` (``M = B`` for intra_view).
 
     ``dtypes``: the embedding dtypes allowed (None: any floating dtype, for the oracle).
+    Array-likes (nested lists) are checked as :func:`as_array` converts them.
     """
+    x, y = as_array(loss, "x", x), as_array(loss, "y", y)
     for name, a in (("x", x), ("y", y)):
         if jnp.ndim(a) != 2:
             raise ValueError(

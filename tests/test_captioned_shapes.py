@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import contrastive.data.captioned_shapes as cs
+import contrastive.data.shape_rendering as rendering
 from contrastive.data import train_dataset
 from contrastive.data.captioned_shapes import (
     ATTRIBUTES,
@@ -106,7 +107,7 @@ def test_all_captions_lists_every_combination_once():
 
 def test_images_show_the_position_and_colour_of_the_caption():
     src = CaptionedShapes("train")
-    centres = np.array(cs._CELL_CENTRE)
+    centres = np.array(rendering._CELL_CENTRE)
     checked = 0
     for i in range(400):
         ex = src[i]
@@ -120,7 +121,7 @@ def test_images_show_the_position_and_colour_of_the_caption():
         assert np.argmin(np.abs(centres - (ys.mean() + 0.5))) == row, i
         assert np.argmin(np.abs(centres - (xs.mean() + 0.5))) == col, i
         np.testing.assert_allclose(
-            image[obj].mean(0), cs._COLOUR_RGB[int(ex["colour"])], atol=0.1, err_msg=str(i)
+            image[obj].mean(0), rendering._COLOUR_RGB[int(ex["colour"])], atol=0.1, err_msg=str(i)
         )
         checked += 1
     assert checked > 100

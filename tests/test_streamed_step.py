@@ -16,11 +16,12 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contrastive import configs, models
 from contrastive import mesh as mesh_lib
-from contrastive import models
 from contrastive import streamed_step as ss
 from contrastive import train_step as ts
-from contrastive.optim import OptimConfig, make_optimizer
+from contrastive.configs import OptimConfig
+from contrastive.optim import make_optimizer
 from tests.loss_cases import assert_close
 
 D_IN = 12
@@ -52,7 +53,7 @@ def _batch(b: int, m: int, *, seed: int = 1, ids: bool = False, valid: bool = Fa
 
 def _setup(n, loss, *, chunk, shard=False, two_towers=False, dropout=0.3):
     mesh = mesh_lib.make_mesh(num_devices=n)
-    cfg = ts.TrainConfig(loss=loss, optim=OPTIM, chunk_size=chunk, shard_optimizer=shard)
+    cfg = configs.TrainConfig(loss=loss, optim=OPTIM, chunk_size=chunk, shard_optimizer=shard)
     tx = make_optimizer(cfg.optim)
     graphdef, state = ts.create_train_state(_model(two_towers=two_towers, dropout=dropout), tx)
     return mesh, cfg, tx, graphdef, ts.place_state(state, mesh, shard_optimizer=shard)
@@ -76,7 +77,7 @@ def _reference(state, batch, key, *, graphdef, cfg, tx, mesh):
 
 class World(NamedTuple):
     mesh: Any
-    cfg: ts.TrainConfig
+    cfg: configs.TrainConfig
     tx: Any
     graphdef: Any
     state: ts.TrainState
@@ -95,7 +96,7 @@ def world2() -> World:
     last chunk; the in-memory step's results on it. Shared: the compiled programs are
     cached per (model, config, mesh), so the tests below compile them once."""
     mesh, cfg, tx, graphdef, state = _setup(
-        2, ts.LossConfig("sigmoid"), chunk=WORLD2["chunk"], shard=True, two_towers=True
+        2, configs.LossConfig("sigmoid"), chunk=WORLD2["chunk"], shard=True, two_towers=True
     )
     batch = _batch(WORLD2["b"], WORLD2["m"])
     key = jax.random.key(3)
@@ -123,7 +124,7 @@ CASES = {
     # one device, SimCLR's NT-Xent (one tower on two views, intra-view negatives), 48 % 20:
     # a ragged last chunk; no key (dropout off)
     "1dev-ntxent-shared-tower-ragged-nokey": dict(
-        n=1, loss=ts.LossConfig("infonce", intra_view=True), b=48, m=48, chunk=20, key=None
+        n=1, loss=configs.LossConfig("infonce", intra_view=True), b=48, m=48, chunk=20, key=None
     ),
     # two devices, SigLIP's bias, two towers, 24 % 10 ragged, sharded AdamW state
     "2dev-sigmoid-bias-sharded-opt": "world2",
@@ -131,7 +132,7 @@ CASES = {
     # duplicate ids and a padding mask, 6 % 4 ragged, sharded optimiser state
     "8dev-dclw-negatives-ids-valid-sharded-opt": dict(
         n=8,
-        loss=ts.LossConfig("decoupled", sigma=0.5),
+        loss=configs.LossConfig("decoupled", sigma=0.5),
         b=48,
         m=80,
         chunk=32,
@@ -288,9 +289,9 @@ def test_bad_chunks_and_sources_are_one_line_value_errors(world2):
     w = world2
     mesh, graphdef = w.mesh, w.graphdef
     with pytest.raises(ValueError, match=r"needs TrainConfig\(chunk_size=\.\.\.\)"):
-        ss.make_streamed_step(graphdef, ts.TrainConfig(), mesh)
+        ss.make_streamed_step(graphdef, configs.TrainConfig(), mesh)
     with pytest.raises(ValueError, match="does not split over the 2 devices"):
-        ss.make_streamed_step(graphdef, ts.TrainConfig(chunk_size=7), mesh)
+        ss.make_streamed_step(graphdef, configs.TrainConfig(chunk_size=7), mesh)
     with pytest.raises(ValueError, match="larger than the batch of 4 rows"):
         ss.batch_source(_batch(4, 4), mesh, chunk_size=8)
     with pytest.raises(ValueError, match="do not split over 2 devices"):
@@ -454,7 +455,7 @@ def test_per_chunk_programs_do_not_grow_with_the_batch():
     the update holds the one reduction of the step."""
     n, d_in, chunk = 2, 512, 16
     mesh = mesh_lib.make_mesh(num_devices=n)
-    cfg = ts.TrainConfig(optim=OPTIM, chunk_size=chunk, shard_optimizer=True)
+    cfg = configs.TrainConfig(optim=OPTIM, chunk_size=chunk, shard_optimizer=True)
     tx = make_optimizer(cfg.optim)
     graphdef, state = ts.create_train_state(_model(two_towers=True, dropout=0.1, d_in=d_in), tx)
     state = jax.eval_shape(lambda s: s, state)  # specs only

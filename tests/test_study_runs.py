@@ -165,7 +165,7 @@ def test_learning_rate_choice_takes_the_fewest_steps_per_target():
         (["--targets", "0.2,1.5"], "--targets '0.2,1.5': every value must be in (0, 1]"),
         (["--lr-factors", "1,-2"], "--lr-factors '1,-2': every value must be positive"),
         (["--lr-factors", "1"], "--lr-factors: tuning needs at least two"),
-        (["--metric", "val_top9"], "--stop-at: unknown metric 'val_top9'"),
+        (["--metric", "val_top9"], "--metric: unknown metric 'val_top9'"),
         (["--batch-sizes", "64,999999"], "--batch-sizes up to 999999 exceed"),
         (["--losses", "hinge"], "unknown loss 'hinge'"),
     ],
@@ -194,3 +194,49 @@ def test_negative_queue_run_resumes_exactly(tmp_path, cache):
         loop.train(
             parse_config(["--workdir", str(tmp_path / "c"), *base, "--negative-queue", "40"])
         )
+
+
+@pytest.mark.slow
+def test_tiny_study_tunes_then_the_main_job_reruns_its_rates(tmp_path, cache, capsys):
+    """The whole study at a toy size: tuning picks a rate per (loss, B, target) from the
+    steps to target on validation, the seeds run at it, the fit and the plot are written;
+    then the main job runs every seed at the rates that study chose."""
+    common = ["--losses", "infonce", "--batch-sizes", "64,128", "--seeds", "0,1",
+              "--train-examples", "2048", "--validation-examples", "256",
+              "--first-cap", "60", "--min-cap", "20", "--feature-cache", cache,
+              "--noise-scale-every", "5"]  # fmt: skip
+    tuned = tmp_path / "tuned"
+    argv = [*common, "--tune", "--lr-factors", "1,2", "--targets", "0.02,0.04", "--out", str(tuned)]
+    assert batch_size_study.main(argv) == 0
+    study = json.loads((tuned / "batch_size_study.json").read_text())
+    assert (tuned / "batch_size_study.png").stat().st_size > 0
+    tune = [r for r in study["rows"] if r["stage"] == "tune"]
+    assert sorted((r["batch_size"], r["learning_rate"]) for r in tune) == sorted(
+        (b, f * 4e-3 * math.sqrt(b / 256)) for b in (64, 128) for f in (1, 2)
+    )
+    for p in study["summary"]:  # the chosen rate is the tuning run with the fewest steps
+        runs = [r for r in tune if r["batch_size"] == p["batch_size"]]
+        steps = {r["learning_rate"]: r["steps_to"][str(p["target"])] for r in runs}
+        reached = {lr: s for lr, s in steps.items() if s is not None}
+        if reached:
+            assert p["learning_rate"] == min(reached, key=lambda lr: (reached[lr], lr))
+            assert p["seeds"] == [0, 1] and p["steps"][0] == reached[p["learning_rate"]]
+        else:
+            assert p["learning_rate"] is None
+    # every curve is the run's own evaluations, and steps to target is their first crossing
+    for r in study["rows"]:
+        steps, values = zip(*r["curve"], strict=True)
+        for t, s in r["steps_to"].items():
+            assert s == first_crossing(steps, values, float(t))
+    assert any(r["noise_b_simple"] for r in study["rows"] if r["stage"] == "seeds")
+
+    main_out = tmp_path / "main"
+    argv = [*common, "--rates", str(tuned / "batch_size_study.json"), "--targets", "0.02",
+            "--out", str(main_out)]  # fmt: skip
+    assert batch_size_study.main(argv) == 0
+    again = json.loads((main_out / "batch_size_study_main.json").read_text())
+    assert {r["stage"] for r in again["rows"]} == {"seeds"}
+    assert sorted((r["batch_size"], r["seed"]) for r in again["rows"]) == [
+        (64, 0), (64, 1), (128, 0), (128, 1)
+    ]  # fmt: skip
+    assert "run directory: " + str(main_out) in capsys.readouterr().out

@@ -16,6 +16,7 @@ classification.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,6 +148,11 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         return captioned_shapes.CaptionedShapes(split)
     if name == "digits":
         return prepare_digits(data_dir).as_data_source(split=split)
+    # TFDS logs a warning (through absl) for every folder it looks into before it gives up;
+    # the one-line error below says all of it, so the warnings are held back meanwhile.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several types for "not there"; one message for all
@@ -155,8 +161,10 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
             f"dataset {name!r} ({spec.tfds_name}, split {split!r}) is not prepared in {where}: "
             f"prepare it with `tfds build {spec.tfds_name.split(':')[0]} --file_format="
             f"array_record --data_dir DIR` and pass --data-dir DIR, or use --dataset digits "
-            f"(offline) [{type(e).__name__}]"
+            f"(offline)"
         ) from e
+    finally:
+        absl.setLevel(level)
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:

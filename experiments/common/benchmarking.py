@@ -30,6 +30,7 @@ import functools
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 import losses
 from contrastive.loss_registry import LOSS_NAMES, LOSSES
 from experiments.common import run_dir
+from experiments.common.cli import shared_module
 
 GiB, MiB = 2**30, 2**20
 # Each loss at its own default temperature (and bias), passed explicitly to both the tiled
@@ -250,3 +252,7 @@ def loss_grad_fn(method: str, loss: str, mesh: Any, block_size: int | None = Non
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(LOSS_METHODS)}")
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -26,9 +26,13 @@ __all__ = [
     "command_parser",
     "int_list",
     "name_list",
+    "nonnegative_int",
     "positive_int",
     "positive_float",
     "path",
+    "directory",
+    "output_dir",
+    "existing_file",
     "run_main",
     "shared_module",
 ]
@@ -74,6 +78,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (argparse ``type``): seeds, counts where 0 means "none"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (argparse ``type``)."""
     try:
@@ -90,6 +105,48 @@ def path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def _nearest_existing(p: str) -> str:
+    """``p`` itself if it exists, else its nearest existing ancestor (``.`` at worst)."""
+    p = os.path.abspath(p)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def directory(text: str) -> str:
+    """A directory that is there or can be made (argparse ``type``), ``~`` expanded: not a
+    file, and not below one. Checked without creating anything."""
+    p = path(text)
+    if not p:
+        raise argparse.ArgumentTypeError("give a directory")
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise argparse.ArgumentTypeError(f"{p} is a file; pass a directory")
+    ancestor = _nearest_existing(p)
+    if not os.path.isdir(ancestor):
+        raise argparse.ArgumentTypeError(f"{p} is below the file {ancestor}: pass a directory")
+    return p
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into (argparse ``type``, for ``--out``): :func:`directory`, and
+    its nearest existing part writable by this process. Nothing is created here: a command
+    creates its run directory only once every other flag has been checked."""
+    p = directory(text)
+    ancestor = _nearest_existing(p)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{p} cannot be written here ({ancestor} is read-only)")
+    return p
+
+
+def existing_file(text: str) -> str:
+    """A regular file to read (argparse ``type``), ``~`` expanded."""
+    p = path(text)
+    if not os.path.isfile(p):
+        why = "is a directory" if os.path.isdir(p) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{p} {why}: pass a file")
+    return p
+
+
 def run_main(body: Callable[[], Any]) -> int:
     """Run a command's body under the one exit-status rule: a :class:`ConfigError` or
     ``ValueError`` raised by it is printed as one ``error:`` line (status 2); an ``int`` it
@@ -103,10 +160,20 @@ def run_main(body: Callable[[], Any]) -> int:
 
 
 def shared_module(name: str, argv: Sequence[str] | None = None) -> int:
-    """What a shared module does when run as a command: say so, in one line, and exit 2."""
+    """What a shared module does when run as a command: say so, in one line, and exit 2.
+
+    ``name`` is the module's ``__name__``; run with ``python -m`` that is ``"__main__"``, and
+    the module's own name is read from its spec."""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = getattr(spec, "name", None) or name
     print(
         f"error: {name} is a shared module of experiments/, not a command; run one of the "
         "commands listed in README.md (python -m experiments.NAME --help)",
         file=sys.stderr,
     )
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -32,7 +32,13 @@ from contrastive.loop import RunError, train
 from contrastive.loss_registry import LOSS_NAMES
 from contrastive.models import IMAGE_ENCODERS
 from experiments.common import run_dir
-from experiments.common.cli import int_list, name_list, positive_float, positive_int
+from experiments.common.cli import (
+    int_list,
+    name_list,
+    positive_float,
+    positive_int,
+    shared_module,
+)
 from experiments.common.reports import (
     command_line,
     markdown_table,
@@ -434,3 +440,7 @@ def main_of(
         print(f"error: {e}", file=sys.stderr)
         return 2
     return execute(spec, runs, args.losses, args, parser.prog, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -13,9 +13,11 @@ import argparse
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 from experiments.common.benchmarking import GiB, fmt_batch, fmt_bytes
+from experiments.common.cli import shared_module
 
 STEM = "memory_sweep"
 
@@ -153,3 +155,7 @@ def write_report(
         plot(rows, args, out / f"{STEM}.png")
         names.append(f"{STEM}.png")
     return md, names
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive.loss_registry import LOSSES
+from experiments.common.cli import shared_module
 
 
 def loss_label(name: str) -> str:
@@ -173,3 +174,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def command_line(prog: str, argv: Sequence[str] | None) -> str:
     """The command that ran, for the JSON record."""
     return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -12,10 +12,14 @@ import argparse
 import datetime
 import os
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from experiments.common.cli import output_dir, shared_module
+
+# experiments/results/, beside the commands (this module lives in experiments/common/).
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 RUNS_ROOT = "runs"
 
 
@@ -23,6 +27,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """``--out DIR`` and ``--update-results``, the same for every script."""
     parser.add_argument(
         "--out",
+        type=output_dir,
         default=None,
         help="directory for this run's outputs (default: a new runs/<script>-<time>/)",
     )
@@ -36,10 +41,16 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 def create(name: str, out: str | os.PathLike | None = None) -> Path:
     """The run directory: ``out`` (created if needed), or a new ``runs/<name>-<time>[-k]``."""
     if out is not None:
-        path = Path(out)
+        path = Path(os.path.expanduser(out))
         if path.exists() and not path.is_dir():
             raise ValueError(f"--out {path} is a file; pass a directory")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = _why(e)
+            raise ValueError(
+                f"--out {path} cannot be created ({why}): pass a writable directory"
+            ) from None
         return path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(RUNS_ROOT)
@@ -50,7 +61,15 @@ def create(name: str, out: str | os.PathLike | None = None) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise ValueError(
+                f"cannot create a run directory under {root.resolve()} ({_why(e)}): pass --out DIR"
+            ) from None
     raise RuntimeError(f"could not create a fresh run directory under {root}")
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
 
 
 def publish(run_dir: str | os.PathLike, names: Iterable[str], results_dir: Path = RESULTS_DIR):
@@ -58,3 +77,7 @@ def publish(run_dir: str | os.PathLike, names: Iterable[str], results_dir: Path 
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copy2(Path(run_dir) / name, results_dir / name)
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -26,10 +26,13 @@ small ones.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from experiments.common.cli import shared_module
 
 __all__ = ["first_crossing", "fit_critical_batch", "model_steps"]
 
@@ -82,3 +85,7 @@ def model_steps(fit: dict[str, Any], batch_size: float) -> float:
     if fit.get("s_min") is None:
         return math.nan
     return fit["s_min"] + fit["e_min"] / batch_size
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -20,6 +20,7 @@ from typing import Any
 
 from contrastive.configs import Config
 from contrastive.loop import RunError, train
+from experiments.common.cli import shared_module
 from experiments.common.reports import loss_label, statistics
 from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
 
@@ -237,3 +238,7 @@ def plot_steps(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))
