@@ -64,6 +64,7 @@ def build_model(cfg: Config, spec: DatasetSpec, *, feature_width: int | None = N
         init_temperature=cfg.init_temperature,
         init_bias=cfg.init_bias,
         learn_temperature=m.learn_temperature,
+        max_inverse_temperature=m.max_inverse_temperature,
         rngs=rngs,
     )
 

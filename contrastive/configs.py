@@ -304,6 +304,12 @@ class ModelConfig:
         None, "initial temperature; none: the loss's default", positive=True
     )
     learn_temperature: bool = setting(True, "learn the temperature (CLIP/SigLIP)")
+    max_inverse_temperature: float | None = setting(
+        None,
+        "a ceiling on the learned 1/temperature (CLIP uses 100): set it when the temperature "
+        "keeps falling and the loss turns unstable or non-finite; none: no ceiling",
+        positive=True,
+    )
     bias: float | None = setting(
         None, "initial bias of the sigmoid loss; none: the loss's default (SigLIP: -10)"
     )

@@ -36,6 +36,7 @@ from contrastive.hosts import Watchdog, start
 from contrastive.mesh import shard_batch
 from contrastive.metric_writers import TensorBoardWriter
 from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
+from contrastive.orbax_logs import one_line
 from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
 
 __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
@@ -220,7 +221,15 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     bar = tqdm(total=cfg.steps, initial=start, disable=not (r.progress and lead), desc="train")
     try:
         for step in range(start + 1, end + 1):  # `step` counts completed steps
-            host = next(batches)
+            try:
+                host = next(batches)
+            except Exception as e:  # a data file that cannot be read: one line, nothing lost
+                last = ckpt.latest_step()
+                raise RunError(
+                    f"step {step}: reading the training data failed ({one_line(e)}); "
+                    f"{'checkpoint ' + str(last) if last else 'no checkpoint'} is intact: "
+                    "repair or rebuild the data set, then run the same command"
+                ) from None
             batch = shard_batch(s.make_batch(host, step), s.mesh)
             measure = noise is not None and step % r.noise_scale_every == 0
             sq_small = noise.probe(state.params, batch) if measure else None  # before donation

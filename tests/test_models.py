@@ -206,3 +206,29 @@ def test_clip_names_and_inputs_are_checked():
     images, tokens = models.clip_input_spec("vit-b-16", 4)
     assert images.shape == (4, 224, 224, 3) and images.dtype == jnp.uint8
     assert tokens.shape == (4, 77) and tokens.dtype == jnp.int32
+
+
+def test_inverse_temperature_ceiling_clamps_and_stops_the_gradient():
+    """CLIP's clamp of 1/tau at 100: off by default; on, tau never falls below 1/ceiling, and
+    past the ceiling the temperature parameter gets no gradient (it cannot run away)."""
+    rngs = nnx.Rngs(0)
+    tower = models.MLPEncoder(4, 8, 1, rngs=rngs)
+    free = models.DualEncoder(tower, init_temperature=0.005, rngs=rngs)
+    capped = models.DualEncoder(
+        tower, init_temperature=0.005, max_inverse_temperature=100.0, rngs=rngs
+    )
+    np.testing.assert_allclose(free.temperature(), 0.005, rtol=1e-6)
+    np.testing.assert_allclose(capped.temperature(), 0.01, rtol=1e-6)
+
+    def grad_of(model):
+        graphdef, params = nnx.split(model)
+        return jax.grad(lambda p: nnx.merge(graphdef, p).temperature())(params)
+
+    assert float(grad_of(capped)["log_inv_temperature"][...]) == 0.0
+    assert float(grad_of(free)["log_inv_temperature"][...]) != 0.0
+    below = models.DualEncoder(tower, init_temperature=0.05, max_inverse_temperature=100.0,
+                               rngs=rngs)  # fmt: skip
+    np.testing.assert_allclose(below.temperature(), 0.05, rtol=1e-6)  # under it: unchanged
+    assert float(grad_of(below)["log_inv_temperature"][...]) != 0.0
+    with pytest.raises(ValueError, match="max_inverse_temperature must be > 0"):
+        models.DualEncoder(tower, max_inverse_temperature=0.0, rngs=rngs)

@@ -412,3 +412,17 @@ def test_hard_negative_batches_follow_the_ring_layout():
     assert plain.y.shape == (16, cs.TEXT_LEN) and plain.ids is None
     with pytest.raises(ConfigError, match="--hard-negatives needs a data set with caption ids"):
         parse_config(["--workdir", "x", "--hard-negatives", "2"])
+
+
+def test_truncated_data_file_is_one_line_naming_it(tmp_path, capsys):
+    """A data file cut short (a full disk while it was copied) ends the command before training
+    with one line that names the file, not a traceback mid-run."""
+    data = tmp_path / "tfds"
+    prepare_digits(data)
+    (train_file,) = data.glob("sklearn_digits/*/sklearn_digits-train.array_record*")
+    raw = train_file.read_bytes()
+    train_file.write_bytes(raw[: len(raw) // 2])
+    argv = ["--workdir", str(tmp_path / "w"), "--data-dir", str(data), *FAST]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"data file {train_file} cannot be read" in err, err

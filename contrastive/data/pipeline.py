@@ -16,6 +16,7 @@ classification.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 from collections.abc import Sequence
@@ -147,14 +148,14 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     if name == "shapes":
         return captioned_shapes.CaptionedShapes(split)
     if name == "digits":
-        return prepare_digits(data_dir).as_data_source(split=split)
+        return _readable(prepare_digits(data_dir).as_data_source(split=split), split)
     # TFDS logs a warning (through absl) for every folder it looks into before it gives up;
     # the one-line error below says all of it, so the warnings are held back meanwhile.
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several types for "not there"; one message for all
         where = data_dir or "the default TFDS data dir"
         raise ValueError(
@@ -165,6 +166,28 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         ) from e
     finally:
         absl.setLevel(level)
+    return _readable(source, split)
+
+
+def _readable(source: Any, split: str) -> Any:
+    """``source``, once its first and last records read back: a truncated or corrupted data
+    file is one line naming it here, before training starts, not a traceback mid-run."""
+    try:
+        if len(source):
+            source[0], source[len(source) - 1]
+    except Exception as e:
+        info = getattr(source, "dataset_info", None)
+        files = (
+            sorted(glob.glob(os.path.join(info.data_dir, f"{info.name}-{split}.*")))
+            if info is not None
+            else []
+        )
+        reason = " ".join(str(e).split())[:160]
+        raise ValueError(
+            f"the {split} data file {', '.join(files) or '(unknown)'} cannot be read ({reason}): "
+            "it is truncated or corrupted; rebuild the data set (for digits: delete its folder)"
+        ) from None
+    return source
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:

@@ -76,6 +76,9 @@ class DualEncoder(nnx.Module):
         (CLIP: 0.07, SigLIP: 0.1).
       init_bias: initial bias of the sigmoid loss (SigLIP: -10); None means no bias.
       learn_temperature: False keeps tau fixed (it is still a parameter, its gradient is 0).
+      max_inverse_temperature: a ceiling on 1/tau (CLIP clamps it at 100: a learned
+        temperature that runs towards 0 makes the logits, and the training, unstable); None:
+        no ceiling.
       head_bias: False gives a linear head without bias (CLIP's projections).
       head_x: False gives no projection on the x side (LiT's locked tower, whose features
         are the embedding); needs ``embed_dim == tower_x.features``.
@@ -93,6 +96,7 @@ class DualEncoder(nnx.Module):
         init_temperature: float = CLIP_INIT_TEMPERATURE,
         init_bias: float | None = None,
         learn_temperature: bool = True,
+        max_inverse_temperature: float | None = None,
         head_bias: bool = True,
         head_x: bool = True,
         dtype: Dtype = None,
@@ -122,6 +126,11 @@ class DualEncoder(nnx.Module):
         )
         self.bias = None if init_bias is None else nnx.Param(jnp.asarray(init_bias, jnp.float32))
         self.learn_temperature = learn_temperature
+        if max_inverse_temperature is not None and not max_inverse_temperature > 0:
+            raise ValueError(
+                f"max_inverse_temperature must be > 0 or None, got {max_inverse_temperature}."
+            )
+        self.max_inverse_temperature = max_inverse_temperature
 
     @property
     def shared(self) -> bool:
@@ -144,11 +153,14 @@ class DualEncoder(nnx.Module):
         return self.embed_x(inputs_x, _fold(key, 0)), self.embed_y(inputs_y, _fold(key, 1))
 
     def temperature(self) -> jax.Array:
-        """tau = exp(-log_inv_temperature), float32 scalar."""
-        t = self.log_inv_temperature[...]
+        """tau = exp(-log_inv_temperature), float32 scalar; with ``max_inverse_temperature``
+        never below ``1 / max_inverse_temperature`` (no gradient past the ceiling)."""
+        t = self.log_inv_temperature[...].astype(jnp.float32)
         if not self.learn_temperature:
             t = jax.lax.stop_gradient(t)
-        return jnp.exp(-t.astype(jnp.float32))
+        if self.max_inverse_temperature is not None:
+            t = jnp.minimum(t, math.log(self.max_inverse_temperature))
+        return jnp.exp(-t)
 
     def bias_value(self) -> jax.Array | None:
         return None if self.bias is None else self.bias[...].astype(jnp.float32)
