@@ -10,6 +10,7 @@ key and the jitted step), raising every configuration error as a one-line
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ from contrastive.mesh import make_mesh, place_params
 from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
 from contrastive.negative_queue import check_queue_length, init_queue
 from contrastive.optim import make_optimizer
+from contrastive.step_inputs import BatchInputs, StepInputs
 from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
 
 __all__ = ["Setup", "setup", "build_model", "text_shape", "batch_builder", "evaluate_untrained"]
@@ -130,13 +132,12 @@ class Setup:
 
     mesh: jax.sharding.Mesh
     spec: DatasetSpec
-    train_ds: Any
+    make_inputs: Callable[[], StepInputs]  # a fresh source of every step's input
     eval_data: dict
-    make_batch: Any  # (host batch, step) -> Batch for the step
     graphdef: nnx.GraphDef
     state: Any  # TrainState, placed on the mesh
     key: jax.Array
-    step_fn: Any
+    step_fn: Any  # (state, input from make_inputs, key) -> (state, metrics)
     dataset: str
 
     def evaluate(self, params: Any, only: str | None = None) -> dict[str, float]:
@@ -170,8 +171,11 @@ def setup(cfg: Config) -> Setup:
         data = run_data(cfg, spec, tokenizer)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    train_ds, eval_data = data.train, data.eval
+    eval_data = data.eval
     make_batch = batch_builder(cfg, spec, mesh)
+
+    def make_inputs() -> StepInputs:
+        return BatchInputs(data.train, make_batch, mesh)
 
     # --- model -----------------------------------------------------------------------------
     try:
@@ -196,9 +200,7 @@ def setup(cfg: Config) -> Setup:
 
     # --- step ------------------------------------------------------------------------------
     step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
-    return Setup(
-        mesh, spec, train_ds, eval_data, make_batch, graphdef, state, key, step_fn, d.dataset
-    )
+    return Setup(mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset)
 
 
 def evaluate_untrained(cfg: Config) -> dict[str, float]:

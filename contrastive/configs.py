@@ -184,9 +184,26 @@ class TrainConfig:
         "encoder; no gradient flows into them); 0: off",
         at_least=0,
     )
+    stream: bool = setting(
+        False,
+        "streamed gradient cache: read each chunk of raw inputs from the data set twice "
+        "(embed, then re-encode under vjp) instead of holding the step's whole batch; use it "
+        "when the raw batch does not fit in host or device memory (needs --chunk-size; the "
+        "in-memory step is faster when it fits)",
+    )
 
     def __post_init__(self):
         check_fields(self)
+        if self.stream and self.chunk_size is None:
+            raise ValueError(
+                f"{field_name(self, 'stream')} reads the batch chunk by chunk: set "
+                f"{field_name(self, 'chunk_size')} too"
+            )
+        if self.stream and self.negative_queue:
+            raise ValueError(
+                f"{field_name(self, 'stream')} does not combine with "
+                f"{field_name(self, 'negative_queue')} yet: drop one"
+            )
         if self.negative_queue and self.loss.intra_view:
             raise ValueError(
                 f"{field_name(self, 'negative_queue')} gives extra negatives of the second "
@@ -246,6 +263,21 @@ class DataConfig:
         False,
         "give the loss each caption's id: a batch-mate or extra negative with an image's own "
         "caption is not its negative (shapes)",
+    )
+    hard_batches: bool = setting(
+        False,
+        "hard batches (NGAME): every --refresh-every steps cluster the training set by the "
+        "current model's embeddings and draw each batch as whole clusters of similar examples, "
+        "so in-batch negatives are near each other; before the first refresh, random batches",
+    )
+    cluster_size: int = setting(
+        16, "hard batches: examples per cluster (a divisor of the batch size)", at_least=1
+    )
+    refresh_every: int = setting(
+        100, "hard batches: steps between re-clusterings of the training set", at_least=1
+    )
+    cluster_tower: str = setting(
+        "image", "hard batches: the tower whose embeddings are clustered", choices=("image", "text")
     )
 
     def __post_init__(self):
@@ -516,6 +548,20 @@ class Config:
                     f"{field_name(r, 'stop_at')}: unknown metric {target[0]!r} for "
                     f"{d.dataset}: use one of {', '.join(known)}"
                 )
+        if d.hard_batches:
+            c = d.cluster_size
+            if c > r.batch_size or r.batch_size % c:
+                raise ValueError(
+                    f"{field_name(d, 'cluster_size')} {c} must divide "
+                    f"{field_name(r, 'batch_size')} {r.batch_size} (each batch is whole "
+                    "clusters): use a divisor of the batch size"
+                )
+        if t.stream and (d.hard_negatives or d.hard_batches):
+            flag = "hard_negatives" if d.hard_negatives else "hard_batches"
+            raise ValueError(
+                f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: "
+                "drop one"
+            )
         if self.model.bias is not None and not t.loss.spec.has_bias:
             raise ValueError(
                 f"{field_name(self.model, 'bias')} is for a loss with a bias (sigmoid), not "

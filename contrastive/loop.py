@@ -31,9 +31,7 @@ from tqdm import tqdm
 from contrastive.assemble import Setup, setup
 from contrastive.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
-from contrastive.data import BatchIterator
 from contrastive.hosts import Watchdog, start
-from contrastive.mesh import shard_batch
 from contrastive.metric_writers import TensorBoardWriter
 from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
 from contrastive.orbax_logs import one_line
@@ -174,9 +172,9 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     target = parse_stop_at(r.stop_at)
     evaluate_at = geometric_steps(r.eval_growth, cfg.steps)
     noise = _NoiseMeter(cfg, s, meta.get("noise")) if r.noise_scale_every else None
-    batches = BatchIterator(s.train_ds)
+    inputs = s.make_inputs()
     if meta:
-        batches.set_state(meta["data"])
+        inputs.set_state(meta["data"])
     log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
     logged = max((rec["step"] for rec in log.records()), default=0)
     if logged < start:  # a kill tore the log after the checkpoint was written
@@ -200,7 +198,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
 
     # --- loop ------------------------------------------------------------------------------
     def save(step: int, force: bool = False, reached: bool = False) -> None:
-        meta = {"step": step, "data": batches.get_state(), "config": cfg.identity()}
+        meta = {"step": step, "data": inputs.get_state(), "config": cfg.identity()}
         if reached:
             meta["reached_target"] = True
         if noise is not None:
@@ -222,7 +220,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     try:
         for step in range(start + 1, end + 1):  # `step` counts completed steps
             try:
-                host = next(batches)
+                batch, input_metrics = inputs.for_step(step, state.params)
             except Exception as e:  # a data file that cannot be read: one line, nothing lost
                 last = ckpt.latest_step()
                 raise RunError(
@@ -230,11 +228,11 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                     f"{'checkpoint ' + str(last) if last else 'no checkpoint'} is intact: "
                     "repair or rebuild the data set, then run the same command"
                 ) from None
-            batch = shard_batch(s.make_batch(host, step), s.mesh)
             measure = noise is not None and step % r.noise_scale_every == 0
             sq_small = noise.probe(state.params, batch) if measure else None  # before donation
             state, m = s.step_fn(state, batch, key)
             values = {k: float(v) for k, v in m.items()}  # waits for the step
+            values.update(input_metrics)
             beat()
             bad = [k for k in ("loss", "grad_norm") if not _finite(values[k])]
             if bad or values["finite"] != 1.0:
@@ -289,7 +287,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                 break  # as if killed here: no checkpoint beyond the periodic ones
     finally:
         bar.close()
-        batches.close()
+        inputs.close()
         ckpt.close()
         log.close()
         if tb is not None:
