@@ -175,6 +175,15 @@ def setup(cfg: Config) -> Setup:
     make_batch = batch_builder(cfg, spec, mesh)
 
     def make_inputs() -> StepInputs:
+        # Called by the loop once the model exists (graphdef below), once per run.
+        if cfg.train.stream:  # chunks read twice, never the whole batch
+            from contrastive.streamed_inputs import streamed_inputs
+
+            return streamed_inputs(cfg, data, mesh)
+        if cfg.data.hard_batches:  # whole clusters of similar examples
+            from contrastive.hard_batch_inputs import hard_batch_inputs
+
+            return hard_batch_inputs(cfg, data, make_batch, mesh, graphdef)
         return BatchInputs(data.train, make_batch, mesh)
 
     # --- model -----------------------------------------------------------------------------

@@ -38,12 +38,15 @@ LOCKED_PRETRAINED = "pretrained"
 @dataclasses.dataclass
 class RunData:
     """``train``: this host's batches by step; ``eval``: arrays per evaluated split;
-    ``num_train``: the training examples; ``feature_width``: F of a locked image tower's
-    features (None: images)."""
+    ``num_train``: the training examples; ``train_source``: those examples, random access
+    (``train_source[i]``: example ``i``, un-shuffled, un-augmented; a :class:`TableSource` of
+    locked features, tokens and ids in the locked-tower mode); ``feature_width``: F of a
+    locked image tower's features (None: images)."""
 
     train: Any
     eval: dict[str, dict[str, np.ndarray]]
     num_train: int
+    train_source: Any
     feature_width: int | None = None
 
 
@@ -94,7 +97,7 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
             d.dataset, spec.train_split, max_examples=d.eval_examples,
             source=Subrange(source, n_train, n_train + v), **eval_kw,
         )  # fmt: skip
-    return RunData(train, evals, n_train)
+    return RunData(train, evals, n_train, train_source)
 
 
 def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> RunData:
@@ -130,12 +133,8 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
         )
         test_feats = test_all[:n_test]
     tokens, ids = locked_tower.shapes_captions(spec.train_split, n_train + v)
-    train = train_dataset(
-        d.dataset,
-        global_batch_size=r.batch_size,
-        seed=r.seed,
-        source=TableSource(image=feats[:n_train], text=tokens[:n_train], caption_id=ids[:n_train]),
-    )
+    table = TableSource(image=feats[:n_train], text=tokens[:n_train], caption_id=ids[:n_train])
+    train = train_dataset(d.dataset, global_batch_size=r.batch_size, seed=r.seed, source=table)
     evals = {"test": {**test, "image": test_feats}}
     if v:
         k = min(v, d.eval_examples)
@@ -146,4 +145,4 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
             "caption_id": ids[rows],
             "novel": np.zeros(k, bool),
         }
-    return RunData(train, evals, n_train, feature_width=int(feats.shape[1]))
+    return RunData(train, evals, n_train, table, feature_width=int(feats.shape[1]))
