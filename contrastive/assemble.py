@@ -94,8 +94,8 @@ def batch_builder(cfg: Config, spec: DatasetSpec, mesh: jax.sharding.Mesh):
     Image data: the two views. Image-text: images and captions; with ``--hard-negatives
     K`` also K captions one attribute away from each image's own (``shapes``), laid out as
     the ring loss reads them (each device: its captions, then their hard negatives); with
-    ``--skip-duplicate-negatives`` the caption ids, so that equal captions are not
-    negatives.
+    ``--skip-duplicate-negatives`` or ``--hard-batches`` the caption ids, so that equal
+    captions are not negatives (hard batches gather near-identical captions).
     """
     d = cfg.data
     if spec.kind == "image":
@@ -120,7 +120,7 @@ def batch_builder(cfg: Config, spec: DatasetSpec, mesh: jax.sharding.Mesh):
             # Each device: its captions, then their hard negatives (the ring losses' layout).
             text = np.asarray(losses.interleave(text, tokens.reshape(b * k, -1), local_devices))
             ids = np.asarray(losses.interleave(ids, extra_ids.reshape(b * k), local_devices))
-        keep_ids = d.skip_duplicate_negatives
+        keep_ids = d.skip_duplicate_negatives or d.hard_batches
         return Batch(host["image"], text, ids=ids if keep_ids else None)
 
     return build
@@ -158,6 +158,11 @@ def setup(cfg: Config) -> Setup:
     if n_dev > len(devices):
         raise ConfigError(f"--num-devices {n_dev} but only {len(devices)} devices are present")
     cfg.check_devices(n_dev)
+    if cfg.train.stream and cfg.run.noise_scale_every:
+        raise ConfigError(
+            "--stream does not combine with --noise-scale-every: the noise probe needs the "
+            "step's whole batch in memory; drop one"
+        )
 
     # --- mesh ----------------------------------------------------------------------------
     mesh = make_mesh(num_devices=n_dev)
@@ -173,17 +178,27 @@ def setup(cfg: Config) -> Setup:
         raise ConfigError(str(e)) from e
     eval_data = data.eval
     make_batch = batch_builder(cfg, spec, mesh)
+    if d.hard_batches:  # one line before anything is built
+        from contrastive.hard_batch_inputs import check_hard_batches
+
+        check_hard_batches(
+            num_examples=data.num_train,
+            batch_size=cfg.run.batch_size,
+            cluster_size=d.cluster_size,
+            cluster_tower=d.cluster_tower,
+            kind=spec.kind,
+        )
 
     def make_inputs() -> StepInputs:
         # Called by the loop once the model exists (graphdef below), once per run.
         if cfg.train.stream:  # chunks read twice, never the whole batch
             from contrastive.streamed_inputs import streamed_inputs
 
-            return streamed_inputs(cfg, data, mesh)
+            return streamed_inputs(cfg, data, make_batch, mesh)
         if cfg.data.hard_batches:  # whole clusters of similar examples
             from contrastive.hard_batch_inputs import hard_batch_inputs
 
-            return hard_batch_inputs(cfg, data, make_batch, mesh, graphdef)
+            return hard_batch_inputs(cfg, data, make_batch, mesh, graphdef, tokenizer=tokenizer)
         return BatchInputs(data.train, make_batch, mesh)
 
     # --- model -----------------------------------------------------------------------------
@@ -208,7 +223,12 @@ def setup(cfg: Config) -> Setup:
     key = place_params(key, mesh)
 
     # --- step ------------------------------------------------------------------------------
-    step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
+    if cfg.train.stream:  # reads its input (a chunk source) twice, chunk by chunk
+        from contrastive.streamed_inputs import streamed_step_fn
+
+        step_fn = streamed_step_fn(graphdef, cfg.train, mesh, tx=tx)
+    else:
+        step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
     return Setup(mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset)
 
 

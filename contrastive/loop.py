@@ -36,6 +36,7 @@ from contrastive.metric_writers import TensorBoardWriter
 from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
 from contrastive.orbax_logs import one_line
 from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+from contrastive.streamed_sources import ChunkReadError
 
 __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
 
@@ -230,7 +231,15 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                 ) from None
             measure = noise is not None and step % r.noise_scale_every == 0
             sq_small = noise.probe(state.params, batch) if measure else None  # before donation
-            state, m = s.step_fn(state, batch, key)
+            try:
+                state, m = s.step_fn(state, batch, key)
+            except ChunkReadError as e:  # --stream: a chunk unreadable or changed; no update
+                last = ckpt.latest_step()
+                raise RunError(
+                    f"{' '.join(str(e).split())}; "
+                    f"{'checkpoint ' + str(last) if last else 'no checkpoint'} is intact: "
+                    "repair or rebuild the data set, then run the same command"
+                ) from None
             values = {k: float(v) for k, v in m.items()}  # waits for the step
             values.update(input_metrics)
             beat()

@@ -307,6 +307,8 @@ def streamed_footprint(
     accumulator_bytes: int | None = None,
     loss_temp_bytes: int | None = None,
     intra_view: bool = False,
+    embedding_grads_in_place: bool = False,
+    update_temp_bytes: int = 0,
 ) -> dict[str, int]:
     """Per-device bytes of the streamed step, by phase, and their peak (a pure function).
 
@@ -322,6 +324,12 @@ def streamed_footprint(
         parameters; twice it for bfloat16 ones).
       loss_temp_bytes: the loss program's measured temporaries; None estimates the ring's
         travelling blocks (below).
+      embedding_grads_in_place: the compiled loss program writes ``dL/dx``, ``dL/dy`` into
+        the donated embeddings' buffers (its alias bytes cover them): the loss phase then
+        holds one set of ``(b + m) D`` buffers, the gradients being summed in the loss's
+        temporaries (``loss_temp_bytes``) until they are written back.
+      update_temp_bytes: the update program's temporaries (the all-reduced gradient, the
+        optimiser's update), measured; 0 leaves the update phase at ``state + accumulator``.
 
     With ``b = B/n``, ``m = M/n`` rows per device and ``e = embed_itemsize``:
 
@@ -332,9 +340,12 @@ def streamed_footprint(
     - ``state = params + opt_state``, ``accumulator``.
 
     Phases: ``pass1 = state + embeddings + chunk_input + chunk_peak``; ``loss = state +
-    embeddings + embedding_grads + accumulator + ring``; ``pass2 = state + embedding_grads
-    + accumulator + chunk_input + chunk_peak``; ``peak`` is their maximum. At D = 768,
-    float32, the B-dependent bytes are ``8 D 4 = 24,576`` per pair on one device.
+    embeddings + embedding_grads + accumulator + ring`` (without ``embedding_grads`` when
+    they are written in place); ``pass2 = state + embedding_grads + accumulator +
+    chunk_input + chunk_peak``; ``update = state + accumulator + update_temp``; ``peak`` is
+    their maximum. At D = 768, float32, the B-dependent bytes are ``8 D 4 = 24,576`` per
+    pair on one device (the estimate; ``experiments/plan.py --stream`` measures 21,528 for
+    ViT-L/14 on XLA:CPU, the gradients written in place).
 
     >>> f = streamed_footprint(batch_size=1024, devices=1, embed_dim=768, params_bytes=0,
     ...                        opt_state_bytes=0, chunk_peak_bytes=0)
@@ -368,9 +379,12 @@ def streamed_footprint(
         "ring": ring,
         "chunk_input": chunk_input_bytes,
         "chunk_peak": chunk_peak_bytes,
+        "update_temp": update_temp_bytes,
     }
+    grads_apart = 0 if embedding_grads_in_place else embeddings  # not the donated buffers
     out["pass1"] = state + embeddings + chunk_input_bytes + chunk_peak_bytes
-    out["loss"] = state + 2 * embeddings + acc + ring
+    out["loss"] = state + embeddings + grads_apart + acc + ring
     out["pass2"] = state + embeddings + acc + chunk_input_bytes + chunk_peak_bytes
-    out["peak"] = max(out["pass1"], out["loss"], out["pass2"])
+    out["update"] = state + acc + update_temp_bytes
+    out["peak"] = max(out["pass1"], out["loss"], out["pass2"], out["update"])
     return out

@@ -234,9 +234,11 @@ def example_rows(
 
     Host ``p`` of ``P`` owns the examples ``(s P + p) b .. (s P + p + 1) b - 1`` of step
     ``s`` (``b = host_batch_size``): the order of
-    :func:`contrastive.data.pipeline.train_dataset` before its ``batch``. ``dataset[i]`` is
-    example ``i`` (a grain ``MapDataset``, shuffled and augmented per index, is re-readable);
-    ``collate(examples)`` stacks a list of them into ``(x, y[, ids[, valid]])``.
+    :func:`contrastive.data.pipeline.train_dataset`, whose per-example view
+    (:func:`contrastive.data.pipeline.train_examples`) gives ``dataset`` and ``collate``.
+    ``dataset[i]`` is example ``i`` (a grain ``MapDataset``, shuffled and augmented per
+    index, is re-readable); ``collate(examples)`` stacks a list of them into ``(x, y[, ids[,
+    valid]])`` (or into what the caller's ``rows`` turns into that).
     """
     p = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count

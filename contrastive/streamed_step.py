@@ -209,6 +209,7 @@ def make_streamed_step(
                 what = "could not be read" + (" in the second pass" if pass_no == 2 else "")
                 hint = ": the data source is not re-readable" if pass_no == 2 else ""
                 cause = " ".join(str(e).split())  # one line, whatever the source raised
+                cause = cause if len(cause) <= 200 else cause[:197] + "..."
                 raise ChunkReadError(
                     f"{where}: the chunk {what} ({type(e).__name__}: {cause}){hint}; no "
                     "update was applied"

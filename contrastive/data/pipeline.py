@@ -5,7 +5,9 @@
 sequence: ``train_dataset(...)[step]`` is this host's batch for ``step``. Batches are a pure
 function of ``(seed, step, process_index)``, so the data-iterator position saved in a
 checkpoint is just the next step, and a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+uninterrupted run would have seen. ``train_examples(...)`` is the same order one example at
+a time (what the streamed gradient cache reads, chunk by chunk); ``train_dataset`` is that
+view batched.
 
 ``shapes`` (:mod:`contrastive.data.captioned_shapes`) is generated in code: no preparation,
 no files. It brings its own caption tokens (``spec.vocab_size``, ``spec.text_len``) and the
@@ -15,11 +17,14 @@ classification.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import glob
 import logging
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -155,7 +160,10 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+        with _tfds_scratch():
+            source = tfds.data_source(
+                spec.tfds_name, split=split, data_dir=data_dir, download=False
+            )
     except Exception as e:  # TFDS raises several types for "not there"; one message for all
         where = data_dir or "the default TFDS data dir"
         raise ValueError(
@@ -167,6 +175,23 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     finally:
         absl.setLevel(level)
     return _readable(source, split)
+
+
+@contextlib.contextmanager
+def _tfds_scratch() -> Iterator[None]:
+    """Point ``tempfile`` at a folder removed on exit while TFDS opens a data set.
+
+    TFDS makes an empty ``tmp*tfds`` folder in the system temp dir each time it resolves a
+    data set and never removes it; a long sweep would leave hundreds. What it reads lives
+    in ``data_dir``, so nothing it keeps points into the scratch folder.
+    """
+    before = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="contrastive-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = before
 
 
 def _readable(source: Any, split: str) -> Any:
@@ -318,7 +343,18 @@ def class_captions(name: str) -> tuple[np.ndarray, np.ndarray]:
             f"dataset {name!r} has no class captions: zero-shot needs one of "
             f"{', '.join(_CLASS_CAPTIONS)}"
         )
-    return _CLASS_CAPTIONS[name]()
+    return _cached_class_captions(name)
+
+
+@functools.cache
+def _cached_class_captions(name: str) -> tuple[np.ndarray, np.ndarray]:
+    # Tokenizing the 5,184 captions took 40% of an evaluation in the study; every
+    # evaluation of a run (and every run of a sweep) asks for the same arrays, which are
+    # frozen so that no caller can change what the next one gets.
+    arrays = _CLASS_CAPTIONS[name]()
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -329,6 +365,108 @@ def host_batch_size(global_batch_size: int, process_count: int) -> int:
             f"use a multiple of {process_count}"
         )
     return global_batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExamples:
+    """The training examples one at a time, in the global order of the training batches.
+
+    ``examples[i]`` is global example ``i`` of the run: the whole split shuffled (a new order
+    every epoch, epochs one after the other, never mixed) and augmented per global index,
+    infinite. ``collate(examples)`` stacks a list of them into the arrays of a host batch
+    (the dict :func:`train_dataset` describes). Global batch ``s`` is examples ``s B ..
+    (s + 1) B - 1`` (``B = global_batch_size``) and host ``p`` of ``P`` owns its ``b = B / P``
+    consecutive rows ``(s P + p) b .. (s P + p + 1) b - 1``, so that
+
+        batches()[s] == collate([examples[(s P + p) b + j] for j in range(b)])
+
+    bit for bit: the in-memory pipeline is this view batched, and the streamed gradient
+    cache (:mod:`contrastive.streamed_inputs`) reads the rows of one chunk of a step at a
+    time from ``examples``, never the whole host batch.
+
+    >>> t = train_examples("shapes", global_batch_size=8, seed=0)  # doctest: +SKIP
+    >>> one = t.collate([t.examples[i] for i in range(8)])  # doctest: +SKIP
+    >>> np.array_equal(one["text"], t.batches()[0]["text"])  # doctest: +SKIP
+    True
+    """
+
+    examples: grain.MapDataset
+    collate: Callable[[Sequence[Any]], Batch]
+    global_batch_size: int
+    process_index: int
+    process_count: int
+    # Own tokens: the batches read their examples by index in one go (see _own_token_batch);
+    # ``order`` is the shuffled index sequence both views share.
+    order: grain.MapDataset | None = None
+    read_batch: Callable[[np.ndarray], Batch] | None = None
+
+    @property
+    def host_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    def batches(self) -> grain.MapDataset:
+        """Element ``s``: this host's rows of global batch ``s`` (lazy: a host never builds
+        the other hosts' rows)."""
+        b, pi, pc = self.host_batch_size, self.process_index, self.process_count
+        if self.order is not None:  # the same examples, read per batch
+            return self.order.batch(b, drop_remainder=True)[pi::pc].map(self.read_batch)
+        return self.examples.batch(b, drop_remainder=True, batch_fn=self.collate)[pi::pc]
+
+
+def _stack(examples: Sequence[Batch]) -> Batch:
+    """A list of examples (dicts of arrays) -> a dict of stacked arrays."""
+    return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in examples[0]}
+
+
+def train_examples(
+    name: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+    split: str | None = None,
+    image_size: int | None = None,
+    tokenizer: HashTokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: Sequence | None = None,
+) -> TrainExamples:
+    """The training examples of ``name`` one at a time, in the order of the training batches.
+
+    The one definition of the training order (see :class:`TrainExamples`);
+    :func:`train_dataset` is ``train_examples(...).batches()``. Arguments as there.
+    """
+    spec = get_spec(name, image_size)
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    host_batch_size(global_batch_size, pc)
+    src = source if source is not None else load_source(name, split or spec.train_split, data_dir)
+    if len(src) < global_batch_size:
+        raise ValueError(
+            f"dataset {name!r} has {len(src)} training examples, fewer than the batch of "
+            f"{global_batch_size}: lower --batch-size"
+        )
+    sizes = dict(global_batch_size=global_batch_size, process_index=pi, process_count=pc)
+    if spec.kind == "image_text" and spec.vocab_size is not None:  # own tokens
+        # Grain shuffles (and for the batches, batches) indices; the examples are read
+        # from the source by index, which spares grain's per-element bookkeeping on it.
+        order = grain.MapDataset.range(len(src)).shuffle(seed=seed).repeat()
+        if isinstance(src, TableSource):  # rows as they are, e.g. locked features
+            collate = _stack
+        else:
+            collate = functools.partial(_own_token_arrays, spec)
+        examples = order.map(lambda i: src[int(i)])
+        return TrainExamples(examples, collate, **sizes, order=order,
+                             read_batch=_own_token_batch(spec, src))  # fmt: skip
+    # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
+    examples = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
+    if spec.kind == "image":
+        examples = examples.random_map(_two_views(spec), seed=seed + 1)
+    else:
+        examples = examples.random_map(
+            _image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1
+        )
+    return TrainExamples(examples, _stack, **sizes)
 
 
 def train_dataset(
@@ -346,12 +484,12 @@ def train_dataset(
 ) -> grain.MapDataset:
     """Infinite random-access dataset of this host's training batches.
 
-    One global order: the whole split is shuffled (a new order every epoch), augmented per
-    global example index and cut into global batches of ``global_batch_size``; host
-    ``process_index`` builds only its ``b`` consecutive rows of each global batch. So the
-    global batch of a step is the same whatever the number of processes (a run on two hosts
-    computes what one host would), and hosts never read the same example in a step.
-    Element ``s`` is this host's part of the batch of step ``s``:
+    One global order (:func:`train_examples`): the whole split is shuffled (a new order every
+    epoch), augmented per global example index and cut into global batches of
+    ``global_batch_size``; host ``process_index`` builds only its ``b`` consecutive rows of
+    each global batch. So the global batch of a step is the same whatever the number of
+    processes (a run on two hosts computes what one host would), and hosts never read the
+    same example in a step. Element ``s`` is this host's part of the batch of step ``s``:
 
     - ``kind="image"``: ``view1, view2: float32[b, S, S, C]`` (two SimCLR views in [0, 1]),
       ``label: int32[b]``;
@@ -359,34 +497,23 @@ def train_dataset(
     - data sets with their own tokens (``spec.vocab_size`` set, e.g. ``shapes``): ``image``
       (no augmentation: the caption names the object's position, a crop would falsify it),
       ``text: int32[b, spec.text_len]`` and ``caption_id: int32[b]``; ``tokenizer`` is
-      ignored;
+      ignored; a :class:`TableSource` (e.g. locked image features) gives its rows as they
+      are;
 
     with ``b = global_batch_size // process_count`` and ``S`` the spec's image size.
     """
-    spec = get_spec(name, image_size)
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    b = host_batch_size(global_batch_size, pc)
-    src = source if source is not None else load_source(name, split or spec.train_split, data_dir)
-    own_tokens = spec.kind == "image_text" and spec.vocab_size is not None
-    # Own tokens: grain shards, shuffles and batches indices; _own_token_batch reads them.
-    ds = grain.MapDataset.range(len(src)) if own_tokens else grain.MapDataset.source(src)
-    if len(ds) < global_batch_size:
-        raise ValueError(
-            f"dataset {name!r} has {len(ds)} training examples, fewer than the batch of "
-            f"{global_batch_size}: lower --batch-size"
-        )
-    # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
-    ds = ds.shuffle(seed=seed).repeat()
-    # Batches of b consecutive examples; host pi takes batch s * pc + pi at step s: its rows
-    # of global batch s. (Lazy: a host never builds the other hosts' rows.)
-    if own_tokens:
-        return ds.batch(b, drop_remainder=True)[pi::pc].map(_own_token_batch(spec, src))
-    if spec.kind == "image":
-        ds = ds.random_map(_two_views(spec), seed=seed + 1)
-    else:
-        ds = ds.random_map(_image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1)
-    return ds.batch(b, drop_remainder=True)[pi::pc]
+    return train_examples(
+        name,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        data_dir=data_dir,
+        split=split,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        process_index=process_index,
+        process_count=process_count,
+        source=source,
+    ).batches()
 
 
 class BatchIterator:

@@ -24,9 +24,10 @@ from contrastive.data.pipeline import (
     DatasetSpec,
     Subrange,
     TableSource,
+    TrainExamples,
     eval_arrays,
     load_source,
-    train_dataset,
+    train_examples,
 )
 from contrastive.data.text import HashTokenizer
 
@@ -37,17 +38,23 @@ LOCKED_PRETRAINED = "pretrained"
 
 @dataclasses.dataclass
 class RunData:
-    """``train``: this host's batches by step; ``eval``: arrays per evaluated split;
+    """``examples``: the training examples in training order, one at a time (what the
+    streamed gradient cache reads); ``train``: this host's batches by step, the same
+    examples batched (``examples.batches()``); ``eval``: arrays per evaluated split;
     ``num_train``: the training examples; ``train_source``: those examples, random access
     (``train_source[i]``: example ``i``, un-shuffled, un-augmented; a :class:`TableSource` of
     locked features, tokens and ids in the locked-tower mode); ``feature_width``: F of a
     locked image tower's features (None: images)."""
 
-    train: Any
+    examples: TrainExamples
     eval: dict[str, dict[str, np.ndarray]]
     num_train: int
     train_source: Any
     feature_width: int | None = None
+
+    @property
+    def train(self) -> Any:
+        return self.examples.batches()
 
 
 def _check_split(n_train: int, v: int, total: int) -> None:
@@ -77,7 +84,7 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
     if cfg.model.locked_image is not None:
         return _locked(cfg, spec, n_train, v, test)
     train_source = source if n_train == len(source) else Subrange(source, 0, n_train)
-    train = train_dataset(
+    examples = train_examples(
         d.dataset,
         global_batch_size=r.batch_size,
         seed=r.seed,
@@ -97,7 +104,7 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
             d.dataset, spec.train_split, max_examples=d.eval_examples,
             source=Subrange(source, n_train, n_train + v), **eval_kw,
         )  # fmt: skip
-    return RunData(train, evals, n_train, train_source)
+    return RunData(examples, evals, n_train, train_source)
 
 
 def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> RunData:
@@ -134,7 +141,7 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
         test_feats = test_all[:n_test]
     tokens, ids = locked_tower.shapes_captions(spec.train_split, n_train + v)
     table = TableSource(image=feats[:n_train], text=tokens[:n_train], caption_id=ids[:n_train])
-    train = train_dataset(d.dataset, global_batch_size=r.batch_size, seed=r.seed, source=table)
+    examples = train_examples(d.dataset, global_batch_size=r.batch_size, seed=r.seed, source=table)
     evals = {"test": {**test, "image": test_feats}}
     if v:
         k = min(v, d.eval_examples)
@@ -145,4 +152,4 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
             "caption_id": ids[rows],
             "novel": np.zeros(k, bool),
         }
-    return RunData(train, evals, n_train, table, feature_width=int(feats.shape[1]))
+    return RunData(examples, evals, n_train, table, feature_width=int(feats.shape[1]))
