@@ -274,7 +274,10 @@ class DataConfig:
         16, "hard batches: examples per cluster (a divisor of the batch size)", at_least=1
     )
     refresh_every: int = setting(
-        100, "hard batches: steps between re-clusterings of the training set", at_least=1
+        100,
+        "hard batches: re-cluster the training set after every K steps, at the next epoch "
+        "start (where a clustering takes effect; K shorter than an epoch: every epoch)",
+        at_least=1,
     )
     cluster_tower: str = setting(
         "image", "hard batches: the tower whose embeddings are clustered", choices=("image", "text")

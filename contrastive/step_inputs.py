@@ -11,6 +11,11 @@ comes from is the only thing that differs between the ways of drawing a batch:
 
 The inputs' position is part of the checkpoint (``get_state``/``set_state``: JSON), so a
 resumed run draws exactly the batches an uninterrupted one would.
+
+On a data set with caption ids (``shapes``) every step logs ``hard_negatives``
+(:func:`hard_negatives_metric`): the mean number of batch-mates one attribute away from an
+anchor's caption, over the global batch, for random and hard batches alike, so a study can
+compare how hard the in-batch negatives of the two are.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import numpy as np
 
 from contrastive.data import BatchIterator
+from contrastive.data.hard_batches import hard_negative_count
 from contrastive.mesh import shard_batch
 
-__all__ = ["StepInputs", "BatchInputs"]
+__all__ = ["StepInputs", "BatchInputs", "hard_negatives_metric"]
 
 
 @runtime_checkable
@@ -65,7 +72,8 @@ class BatchInputs:
         if self._batches.position != step - 1:  # e.g. restored: the iterator jumps there
             self._batches.set_state({"position": step - 1})
         host = next(self._batches)
-        return shard_batch(self._make_batch(host, step), self._mesh), {}
+        extra = hard_negatives_metric(host["caption_id"]) if "caption_id" in host else {}
+        return shard_batch(self._make_batch(host, step), self._mesh), extra
 
     def get_state(self) -> dict[str, Any]:
         return self._batches.get_state()
@@ -75,3 +83,27 @@ class BatchInputs:
 
     def close(self) -> None:
         self._batches.close()
+
+
+def hard_negatives_metric(host_caption_ids: np.ndarray) -> dict[str, float]:
+    """``{"hard_negatives": mean_i n1(i)}`` over the step's GLOBAL batch of ``shapes`` captions.
+
+    ``n1(i)`` is the number of anchor ``i``'s batch-mates whose caption is exactly one
+    attribute away from its own (:func:`contrastive.data.hard_batches.hard_negative_count`,
+    ``O(B)`` NumPy): about ``(B - 1) / 189`` for a random batch of the ``train`` split, far
+    more for the hard batches of NGAME (Dahiya et al. 2023). Each process passes its own rows'
+    caption ids (``int[B / P]``); with several processes they are gathered first (``B``
+    int32 per step), so the value is the same on every process and for any process count.
+
+    Example::
+
+        >>> from contrastive.data.captioned_shapes import caption_id
+        >>> hard_negatives_metric(np.array([caption_id(0, 1, 0, 4, 0), caption_id(0, 1, 0, 4, 2)]))
+        {'hard_negatives': 1.0}
+    """
+    ids = np.asarray(host_caption_ids).reshape(-1)
+    if jax.process_count() > 1:  # every process needs the other processes' rows
+        from jax.experimental import multihost_utils
+
+        ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+    return {"hard_negatives": float(hard_negative_count(ids).mean())}

@@ -12,7 +12,10 @@ sampling (Dahiya et al. 2023). Reports:
   compile time is reported apart);
 - the compiled temporary memory (``memory_analysis().temp_size_in_bytes``, compile only) of
   one iteration and of the whole call, next to the ``4·N·k`` bytes an unchunked similarity
-  matrix would take.
+  matrix would take and to the chunked algorithm's bound ``4·(2·c·k + 3·k·D + 2·c·D + 8·N)``
+  bytes (``c`` the chunk: its similarity block and one-hot, the centroids and sums, the
+  chunk, per-point assignment, similarity and sort buffers), so the whole call holds
+  ``O(N·D + k·D + c·k)``: the points, the centroids, one block; never ``N × k``.
 
     python -m experiments.bench_clustering                      # a toy size, seconds on a CPU
     python -m experiments.bench_clustering --points 1048576 --dim 256 --cluster-size 256 \\
@@ -109,14 +112,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "chunk_size": chunk,
         "iterations": args.iterations,
         "dense_similarity_bytes": 4 * n * k,
+        "points_bytes": 4 * n * d,
+        "temp_bound_bytes": 4 * (2 * chunk * k + 3 * k * d + 2 * chunk * d + 8 * n),
         "step_temp_bytes": memory["step"]["temp_bytes"],
         "balanced_temp_bytes": memory["balanced_clusters"]["temp_bytes"],
         "compile_s": memory["balanced_clusters"]["compile_s"],
     }
     print(
         f"compiled temp memory: one iteration {bm.fmt_bytes(row['step_temp_bytes'])}, "
-        f"balanced_clusters {bm.fmt_bytes(row['balanced_temp_bytes'])} "
-        f"(an N×k similarity matrix: {bm.fmt_bytes(row['dense_similarity_bytes'])})",
+        f"balanced_clusters {bm.fmt_bytes(row['balanced_temp_bytes'])} (bound "
+        f"{bm.fmt_bytes(row['temp_bound_bytes'])}; the points {bm.fmt_bytes(row['points_bytes'])}"
+        f"; an N×k similarity matrix: {bm.fmt_bytes(row['dense_similarity_bytes'])})",
         flush=True,
     )
 

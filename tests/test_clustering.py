@@ -263,6 +263,9 @@ def test_benchmark_runs_at_a_toy_size(tmp_path, capsys):
     assert result["clusters"] == 19 and result["group_sizes_ok"]
     assert result["iteration_s"] > 0 and result["total_s"] > 0
     assert result["step_temp_bytes"] > 0 and result["balanced_temp_bytes"] > 0
+    bound = result["temp_bound_bytes"]  # the formula of _bound, at the benchmark's sizes
+    assert bound == 4 * (2 * 64 * 19 + 3 * 19 * 8 + 2 * 64 * 8 + 8 * 300)
+    assert result["step_temp_bytes"] <= bound and result["balanced_temp_bytes"] <= bound
     assert str(tmp_path / "bench_clustering.json") in capsys.readouterr().out
     assert bench_clustering.main(["--points", "10", "--cluster-size", "11"]) == 2
     err = capsys.readouterr().err

@@ -187,8 +187,11 @@ def test_refresh_takes_effect_at_the_next_epoch_and_never_changes_the_past():
 
 
 def test_refresh_schedule():
-    order = HardBatchOrder(100, 16, 4, seed=0, refresh_every=2)
+    # Epochs start in steps 6, 12, 18, 25, 31, 37; refreshes fall due at 12, 24, 36.
+    order = HardBatchOrder(100, 16, 4, seed=0, refresh_every=12)
     assert [s for s in range(40) if order.is_refresh_step(s)] == [12, 25, 37]  # epochs 2, 4, 6
+    short = HardBatchOrder(100, 16, 4, seed=0, refresh_every=2)  # shorter than an epoch
+    assert [s for s in range(40) if short.is_refresh_step(s)] == [6, 12, 18, 25, 31, 37]
     assert order.refresh_step(2) == 12 and order.epoch_of_step(12) == 1  # 192 < 200 <= 208
     every = HardBatchOrder(100, 20, 4, seed=0)  # epochs start exactly at steps 5, 10, ...
     assert [s for s in range(16) if every.is_refresh_step(s)] == [5, 10, 15]
@@ -199,6 +202,22 @@ def test_refresh_schedule():
     fresh.set_clustering(groups, refresh_step=0)
     np.testing.assert_array_equal(order.epoch_order(2), fresh.epoch_order(2))
     assert not np.array_equal(order.epoch_order(1), fresh.epoch_order(1))
+
+
+@settings(max_examples=60)
+@given(
+    n=st.integers(1, 200), b=st.integers(1, 40), every=st.integers(1, 30), span=st.integers(1, 12)
+)
+def test_refresh_steps_are_the_first_epoch_starts_after_each_due_step(n, b, every, span):
+    """Brute force: a refresh falls due after every ``every`` steps; each one is made at the
+    first step at or after it whose batch holds an epoch start (one refresh per such step)."""
+    n = max(n, b)
+    order = HardBatchOrder(n, b, 1, seed=0, refresh_every=every)
+    steps = range(span * -(-n // b) + every)
+    starts = [s for s in steps if any(s * b <= e * n < (s + 1) * b for e in range(1, s + 2))]
+    due = range(every, steps.stop, every)
+    want = sorted({min((s for s in starts if s >= d), default=-1) for d in due} - {-1})
+    assert [s for s in steps if order.is_refresh_step(s)] == want
 
 
 @settings(max_examples=25)

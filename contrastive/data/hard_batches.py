@@ -31,9 +31,14 @@ group appear in a random order (so which members of ``X`` are split off varies).
 Refreshes. ``set_clustering(group_ids, refresh_step=r)`` makes a clustering available from
 step ``r`` on; it is used from the first epoch that starts at a stream position ``>= r·B``,
 so a batch never mixes two clusterings within one epoch and a refresh never changes a batch
-of a step before ``r``. NGAME's schedule, a refresh every ``refresh_every`` epochs, is
-:meth:`HardBatchOrder.is_refresh_step`: the step whose batch contains the first position of
-epoch ``e`` (``e`` a positive multiple of ``refresh_every``), i.e. ``s = e·N // B``.
+of a step before ``r``. The schedule, :meth:`HardBatchOrder.is_refresh_step`, re-clusters
+after every ``refresh_every`` steps (NGAME re-clusters every few epochs) but computes each
+clustering only when it takes effect: at the step whose batch holds the first epoch start
+at or after step ``m·refresh_every`` (``m = 1, 2, ...``), i.e. step ``s = e·N // B`` of epoch
+``e >= 1`` such that a multiple of ``refresh_every`` lies in ``(s_{e-1}, s]`` (``s_0 = 0``).
+Clustering at ``m·refresh_every`` itself would feed the same epochs, with parameters up to
+an epoch older, and would compute clusterings that a later one replaces before any epoch
+uses them; a ``refresh_every`` shorter than an epoch thus means a refresh every epoch.
 
 Randomness. Epoch ``e``'s permutation comes from ``np.random.default_rng([seed, e])`` and
 the clustering in effect: deterministic given ``(seed, e, group ids)``, whatever the
@@ -97,14 +102,14 @@ class HardBatchOrder:
       batch_size: ``B``, the global batch; a multiple of ``cluster_size``.
       cluster_size: ``c``, the examples per cluster, ``1 <= c <= B``.
       seed: the sampler's seed (one permutation stream per seed).
-      refresh_every: epochs between clusterings, for :meth:`is_refresh_step` (NGAME's
-        refresh interval); at least 1.
+      refresh_every: steps between clusterings, for :meth:`is_refresh_step` (each one made
+        at the next epoch start); at least 1.
 
     Example::
 
-        >>> order = HardBatchOrder(1000, 64, 16, seed=0, refresh_every=2)
-        >>> [s for s in range(60) if order.is_refresh_step(s)]   # epoch 2 starts at step 31
-        [31]
+        >>> order = HardBatchOrder(1000, 64, 16, seed=0, refresh_every=30)
+        >>> [s for s in range(70) if order.is_refresh_step(s)]   # due at 30, 60: epochs 2, 4
+        [31, 62]
         >>> order.host_rows(5, process_index=1, process_count=4).shape
         (16,)
     """
@@ -151,6 +156,11 @@ class HardBatchOrder:
         """``G = ceil(N / c)``, the groups a clustering must have."""
         return -(-self.num_examples // self.cluster_size)
 
+    @property
+    def last_refresh_step(self) -> int | None:
+        """The refresh step of the newest clustering set, None before the first."""
+        return self._clusterings[-1][0] if self._clusterings else None
+
     def epoch_of_step(self, step: int) -> int:
         """The epoch of the first row of step ``step``'s batch: ``s·B // N``."""
         return _check_int("step", step, 0) * self.batch_size // self.num_examples
@@ -163,12 +173,15 @@ class HardBatchOrder:
         return _check_int("epoch", epoch, 0) * self.num_examples // self.batch_size
 
     def is_refresh_step(self, step: int) -> bool:
-        """Whether to re-cluster before step ``step``: it holds the start of an epoch ``e >= 1``
-        with ``e % refresh_every == 0`` (NGAME's every-few-epochs schedule)."""
+        """Whether to re-cluster before step ``step`` (``step`` steps done): its batch holds the
+        start of an epoch ``e >= 1``, and a refresh fell due (a multiple of ``refresh_every``)
+        after the step that held the start of epoch ``e - 1`` (module docstring)."""
         step = _check_int("step", step, 0)
-        n, b = self.num_examples, self.batch_size
+        n, b, every = self.num_examples, self.batch_size, self.refresh_every
         epoch = -(-step * b // n)  # the first epoch starting at or after position s·B
-        return epoch >= 1 and epoch % self.refresh_every == 0 and epoch * n < (step + 1) * b
+        if epoch < 1 or epoch * n >= (step + 1) * b:
+            return False  # no epoch starts in this batch
+        return step // every > self.refresh_step(epoch - 1) // every
 
     # ------------------------------------------------------------------ clusterings
 
