@@ -37,7 +37,17 @@ model, devices and step kind (gradient-cached unless ``--plain``)::
     {"model": "vit-l-14", "devices": 8, "memory_limit_bytes": 85899345920,
      "largest_global_batch": ..., "per_device_bytes": ..., "chunk_size": ...}
 
-Writes ``plan.{json,md}`` to the run directory (``experiments/run_dir.py``). XLA:CPU's
+The streamed step (``--stream``, :mod:`experiments.common.streamed_plan`): the raw batch
+never exists whole, each chunk is read from the host twice; per device, the peak over the
+step's phases of its compiled programs plus the buffers resident between them (embeddings,
+their gradients, the ring's buffers, the accumulator, parameters and AdamW state), and the
+host's two chunks of raw inputs; each row names its limiting buffer and bytes per pair::
+
+    python -m experiments.plan --stream --models vit-b-32,vit-b-16,vit-l-14 \
+        --devices 8,32,256
+
+Writes ``plan.{json,md}`` (``plan_streamed.{json,md}`` with ``--stream``) to the run
+directory (``experiments/common/run_dir.py``). XLA:CPU's
 buffer assignment stands in for the accelerator's: fusion and library workspaces differ
 on GPU/TPU, how memory scales with the batch does not.
 
@@ -50,50 +60,35 @@ Scaling for Contrastive Loss" (Inf-CL): ViT-L/14 with 4,096k pairs on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from contrastive.models.clip import CLIP_CONFIGS
 from experiments.common import run_dir
+from experiments.common import streamed_plan as streamed
 from experiments.common.cli import OneLineParser, existing_file, positive_int, run_main
+
+# The search and the byte sizes live in experiments/common/planning.py (the streamed plan
+# shares them); their names stay importable from here.
+from experiments.common.planning import (  # noqa: F401
+    INF_CL,
+    StepPlan,
+    abstract_clip,
+    affine_fit,
+    int_list,
+    largest_batch,
+    parse_bytes,
+)
 
 MODELS = tuple(CLIP_CONFIGS)
 # Rows per device in one gradient-cache chunk: activations of a chunk are a few GiB at
 # most (ViT-L/14 without remat: ~0.3 GiB per row), small beside what 80 GiB holds of
 # batch, while a chunk keeps a GPU's matmuls large (32 x 257 tokens for ViT-L/14).
 CHUNK_ROWS = {"vit-b-32": 128, "vit-b-16": 32, "vit-l-14": 16, "vit-tiny": 32}
-INF_CL = {8: "4,096k", 32: "12,288k"}  # Inf-CL, ViT-L/14, A800 80 GB, CPU offload
-_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 STEM = "plan"
-
-
-def parse_bytes(text: str) -> int:
-    """'80GiB' -> 85899345920, '80GB' -> 80e9, '1024' -> 1024 (binary and decimal units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--memory {text!r}: give a size such as 80GiB, 80GB or 1024")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if size < 1:
-        raise ValueError(f"--memory {text!r}: give a positive size such as 80GiB")
-    return size
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """One train step to size: a model on a mesh, gradient-cached (chunk) or plain."""
-
-    model: str
-    devices: int
-    chunk_size: int | None  # global rows per chunk; None: plain step
-    remat: bool
-    measure: Callable[[int], dict]  # global batch -> compiled_memory(...) of the step
-    quantum: int  # batch granularity: the chunk (cached) or one row per device (plain)
 
 
 def build_step(
@@ -104,124 +99,25 @@ def build_step(
     remat: bool = False,
     shard_optimizer: bool = False,
 ) -> StepPlan:
-    """The compile-only train step of ``model`` on the first ``devices`` CPU devices.
-
-    The parameters are never materialised: the model is built under ``jax.eval_shape``.
-    ``chunk_rows`` is the gradient-cache chunk per device (None: the plain step).
-    """
-    import jax
-    from flax import nnx
-
+    """The compile-only in-memory train step of ``model`` on the first ``devices`` CPU
+    devices (:func:`experiments.common.planning.abstract_clip`: nothing allocated).
+    ``chunk_rows`` is the gradient-cache chunk per device (None: the plain step)."""
     from contrastive import mesh as mesh_lib
     from contrastive import models
     from contrastive import train_step as ts
-    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
-    from contrastive.optim import make_optimizer
     from experiments.common import benchmarking as bm
 
-    mesh = mesh_lib.make_mesh(jax.devices("cpu"), num_devices=devices)
-    chunk = None if chunk_rows is None else chunk_rows * devices
-    cfg = TrainConfig(
-        loss=LossConfig("infonce"),
-        optim=OptimConfig("adamw"),
-        chunk_size=chunk,
-        shard_optimizer=shard_optimizer,
+    s = abstract_clip(
+        model, devices, chunk_rows=chunk_rows, remat=remat, shard_optimizer=shard_optimizer
     )
-    tx = make_optimizer(cfg.optim)
-
-    def build():
-        return models.clip_model(model, remat=remat, rngs=nnx.Rngs(0))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(build))
-    state = jax.eval_shape(lambda: ts.create_train_state(build(), tx)[1])
-    step = ts.make_train_step(graphdef, cfg, mesh, tx=tx)
-    rows = mesh_lib.batch_sharding(mesh)
+    step = ts.make_train_step(s.graphdef, s.config, s.mesh, tx=s.tx)
+    rows = mesh_lib.batch_sharding(s.mesh)
 
     def measure(batch: int) -> dict:
-        return bm.compiled_memory(step, state, models.clip_input_spec(model, batch, rows), None)
+        return bm.compiled_memory(step, s.state, models.clip_input_spec(model, batch, rows), None)
 
+    chunk = s.config.chunk_size
     return StepPlan(model, devices, chunk, remat, measure, chunk or devices)
-
-
-def affine_fit(points: dict[int, dict], devices: int, limit: int) -> tuple[float, float]:
-    """(bytes at no rows, bytes per local row) through the two points nearest ``limit``.
-
-    Per-device memory is affine in the rows a device holds, ``B / devices``, with nearly
-    the same constants on any number of devices (replicated state, per-row buffers): the
-    fit of one device count seeds the search on the next.
-    """
-    near = sorted(points, key=lambda b: abs(points[b]["total_bytes"] - limit))[:2]
-    (b1, t1), (b2, t2) = sorted((b, points[b]["total_bytes"]) for b in near)
-    per_row = (t2 - t1) / ((b2 - b1) / devices)
-    return t1 - per_row * b1 / devices, per_row
-
-
-def largest_batch(
-    plan: StepPlan,
-    limit: int,
-    *,
-    seed: tuple[float, float] | None = None,
-    probe: Sequence[int] = (64, 128),
-    max_compiles: int = 40,
-) -> dict:
-    """The largest multiple of ``plan.quantum`` whose per-device bytes fit ``limit``.
-
-    The first guess is the root of an affine model of the bytes: ``seed`` (from
-    :func:`affine_fit` on another device count), or two compiles at ``probe`` quanta.
-    Then, with ``lo`` the largest compiled batch that fits and ``hi`` the smallest that
-    does not, it cycles through: the secant's root between them (the affine model's while
-    one side is missing), its neighbour one quantum towards the limit (where the answer
-    usually is), and the bracket's midpoint (so the bracket at least halves every three
-    compiles, whatever the shape). Every batch is a multiple of the quantum strictly
-    inside the bracket. It stops when ``hi = lo + quantum``. Returns the answer (None when
-    one quantum does not fit) and every compiled point.
-    """
-    q, n = plan.quantum, plan.devices
-    points: dict[int, dict] = {}
-
-    def total(b: int) -> int:
-        if b not in points:
-            if len(points) >= max_compiles:
-                raise RuntimeError(f"no answer after {max_compiles} compiles: {sorted(points)}")
-            points[b] = plan.measure(b)
-        return points[b]["total_bytes"]
-
-    if seed is None:
-        for k in probe:
-            total(k * q)
-        seed = affine_fit(points, n, limit)
-    base, per_row = seed
-    guess = int(n * (limit - base) / per_row) if per_row > 0 else q
-    last, phase = None, "model"
-    while True:
-        fit = [b for b in points if points[b]["total_bytes"] <= limit]
-        over = [b for b in points if points[b]["total_bytes"] > limit]
-        lo, hi = max(fit, default=None), min(over, default=None)
-        if hi == q:
-            return {"largest_global_batch": None, "points": points}
-        if lo is not None and hi is not None and hi - lo <= q:
-            return {"largest_global_batch": lo, "points": points}
-        if phase == "neighbour":  # a root is usually within a quantum of the guess
-            guess = last + q if points[last]["total_bytes"] <= limit else last - q
-            phase = "bisect"
-        elif lo is not None and hi is not None and phase == "bisect":
-            guess, phase = (lo + hi) // 2, "secant"
-        elif lo is not None and hi is not None:
-            t_lo, t_hi = points[lo]["total_bytes"], points[hi]["total_bytes"]
-            guess = int(lo + (limit - t_lo) * (hi - lo) / (t_hi - t_lo))
-            phase = "neighbour"
-        else:  # one side only: the affine model through the two nearest points
-            if last is not None:
-                base, per_row = affine_fit(points, n, limit)
-                guess = int(n * (limit - base) / per_row) if per_row > 0 else 2 * (lo or q)
-            phase = "neighbour"
-        # A multiple of the quantum strictly inside the bracket: never compiled before.
-        guess = guess // q * q
-        guess = max(guess, q if lo is None else lo + q)
-        if hi is not None:
-            guess = min(guess, hi - q)
-        total(guess)
-        last = guess
 
 
 def plan_one(
@@ -264,16 +160,6 @@ def plan_one(
     }
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated integers such as 8,32") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: give positive integers such as 8,32")
-    return values
-
-
 def read_records(path: str) -> list[dict]:
     """The records of an earlier run's ``plan.json``; ValueError (one line) if it is not one."""
     try:
@@ -311,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="size only the plain (uncached) step")
     p.add_argument("--cached-only", action="store_true", help="skip the plain step")
     p.add_argument("--remat", action="store_true", help="jax.checkpoint every layer")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="size the streamed step (contrastive.streamed_step: raw inputs read from the "
+        f"host chunk by chunk) instead; writes {streamed.STEM}.{{json,md}}",
+    )
     p.add_argument(
         "--from-records",
         type=existing_file,
@@ -381,11 +273,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if args.models is not None and not listed:
         raise ValueError(f"--models {args.models!r}: give comma-separated models such as vit-b-32")
     models = [*models, *listed] or ["vit-l-14"]
-    devices = _int_list(args.devices, "--devices")
+    devices = int_list(args.devices, "--devices")
     limit = parse_bytes(args.memory)
     if args.plain and args.cached_only:
         raise ValueError("--plain and --cached-only exclude each other; pass one")
+    if args.stream and (args.plain or args.cached_only):
+        raise ValueError("--stream sizes the streamed step only: drop --plain and --cached-only")
     steps = ["plain"] if args.plain else ["cached"] if args.cached_only else ["cached", "plain"]
+    steps = [streamed.STEP] if args.stream else steps
+    stem = streamed.STEM if args.stream else STEM
 
     if args.from_records:
         records = [r for f in args.from_records for r in read_records(f)]
@@ -393,10 +289,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         records = [r for r in records if keep(r)]
         if not records:
             raise ValueError("no records for these --models and --devices in --from-records")
-        out = run_dir.create(STEM, args.out)
+        out = run_dir.create(stem, args.out)
         return _report(records, limit, out, args.update_results, models, devices, steps)
 
-    out = run_dir.create(STEM, args.out)
+    out = run_dir.create(stem, args.out)
 
     from experiments.common import benchmarking as bm
 
@@ -406,8 +302,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         for step in steps:
             seed = None  # the affine fit of the previous device count seeds the next
             for n in devices:
-                rows = (args.chunk_rows or CHUNK_ROWS[m]) if step == "cached" else None
-                r = plan_one(
+                rows = (args.chunk_rows or CHUNK_ROWS[m]) if step != "plain" else None
+                size = streamed.plan_streamed if step == streamed.STEP else plan_one
+                r = size(
                     m, n, limit, chunk_rows=rows, remat=args.remat,
                     shard_optimizer=args.shard_optimizer, seed=seed,
                 )  # fmt: skip
@@ -426,8 +323,12 @@ def _report(
     devices: list[int],
     steps: list[str],
 ) -> dict:
-    """Write plan.{json,md}, print the table, and last the JSON line of the first record."""
+    """Write plan[_streamed].{json,md}, print the table, and last the JSON line of the first
+    record."""
     from experiments.common.benchmarking import save_outputs
+
+    stem, table_of = (streamed.STEM, streamed.markdown) if steps == [streamed.STEP] else (
+        STEM, markdown)  # fmt: skip
 
     if not records:
         raise ValueError("no records for these --models and --devices in --from-records")
@@ -438,14 +339,19 @@ def _report(
             steps.index(r["step"]),
         )
     )
-    table = markdown(records, limit)
+    table = table_of(records, limit)
     print(table)
-    texts = {f"{STEM}.json": json.dumps({"records": records}, indent=1), f"{STEM}.md": table}
+    texts = {f"{stem}.json": json.dumps({"records": records}, indent=1), f"{stem}.md": table}
     save_outputs(out, texts, update_results=update_results)
     first = records[0]
     keys = ("model", "devices", "memory_limit_bytes", "largest_global_batch")
     final = {k: first[k] for k in keys}
-    final |= {"per_device_bytes": first["per_device_bytes"], "chunk_size": first["chunk_size"]}
+    final |= {"per_device_bytes": first.get("per_device_bytes"), "chunk_size": first["chunk_size"]}
+    if first["step"] == streamed.STEP:
+        keys = ("peak_phase", "limiting_buffer", "bytes_per_pair", "host_bytes_per_device")
+        final |= {k: first.get(k) for k in keys}
+        print(json.dumps(final), flush=True)
+        return final
     final |= {"plain_largest_global_batch": next(
         (r["largest_global_batch"] for r in records if r["step"] == "plain"
          and (r["model"], r["devices"]) == (first["model"], first["devices"])), None)}  # fmt: skip

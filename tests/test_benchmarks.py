@@ -1,5 +1,9 @@
 """The benchmarks run end to end at toy sizes; the loss benchmark judges rows by the issue."""
 
+import json
+
+import pytest
+
 from experiments import bench_losses
 
 
@@ -65,3 +69,41 @@ def test_formatting_and_memory_analysis():
     m = benchmarking.compiled_memory(f, spec, jax.ShapeDtypeStruct((10,), jnp.float32))
     assert m["argument_bytes"] == 4040 and m["alias_bytes"] == 4000
     assert m["total_bytes"] == m["temp_bytes"] + 4040 + m["output_bytes"] - 4000
+
+
+@pytest.mark.slow  # two steps compiled: ~15 s on a quiet 2-core machine, 40 s on a busy one
+def test_bench_streamed_times_every_case_and_agrees_with_the_in_memory_step(tmp_path):
+    from experiments import bench_streamed
+
+    argv = ["--devices", "2", "--batch", "64", "--chunk", "16", "--width", "16",
+            "--input-dim", "8", "--repeats", "1", "--read-latency-ms", "0,1"]  # fmt: skip
+    out = bench_streamed.run([*argv, "--out", str(tmp_path)])
+    rows = {r["step"]: r for r in out["rows"]}
+    assert list(rows) == ["in-memory"] + [
+        f"streamed, prefetch {p}, {ms} ms/read" for ms in (0, 1) for p in ("on", "off")
+    ]
+    assert rows["in-memory"]["vs_in_memory"] == 1.0
+    for name, r in rows.items():
+        assert r["median_s"] > 0 and r["vs_in_memory"] > 0
+        if name != "in-memory":
+            # Two towers: each of the 4 chunks read once per pass; the same loss and
+            # gradient norm as the in-memory step (float32 rounding).
+            assert r["reads_per_step"] == 8 and r["max_rel_diff_loss_grad_norm"] < 1e-5
+            assert r["latency_per_step_s"] == 8 * r["read_latency_ms"] / 1e3
+    target = out["target"]
+    assert target["case"] == "streamed, prefetch on, 0 ms/read"
+    assert target["met"] == (target["ratio"] <= 1.25)
+    table = (tmp_path / "bench_streamed.md").read_text()
+    assert table.count("\n| streamed, prefetch") == 4 and "Target (issue 19)" in table
+    assert json.loads((tmp_path / "bench_streamed.json").read_text())["rows"] == out["rows"]
+
+
+def test_bench_streamed_latency_flag_is_one_line():
+    import argparse
+
+    from experiments import bench_streamed
+
+    assert bench_streamed.latency_list("0, 2.5") == [0.0, 2.5]
+    for bad in ("zzz", "-1", "", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="0,10"):
+            bench_streamed.latency_list(bad)
