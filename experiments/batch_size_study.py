@@ -42,16 +42,51 @@ every seed at the learning rates the committed tuned study chose for the first t
 (``experiments/results/batch_size_study.json``, or ``--rates FILE`` of any finished study),
 3 losses x 4 batch sizes x 3 seeds, steps to the first target, within 15 minutes on 2 cores.
 
+Two more stages run at the committed chosen rates (``--rates``), never tuning; each writes
+``batch_size_study_<stage>.{json,md,png}``. Their protocol, fixed before their first run:
+
+``--stage fixed-budget``: is a larger batch better at a fixed number of examples (SimCLR,
+Chen et al. 2020, Fig. 9; SigLIP, Zhai et al. 2023, Fig. 2)?
+
+- budget: ``--budget-examples`` 512,000 training examples (7.8 epochs of the 65,536) at
+  B = 64, 256, 1024: 8,000, 2,000 and 500 steps; the largest batch trains at least
+  ``--min-steps`` 500 steps (a smaller budget is refused);
+- rates: per (loss, B) the committed study's choice for its higher target (0.30), the first
+  target's where no rate reached it (the report says which);
+- as above otherwise: 10 warm-up steps then constant, AdamW, the same model and data; no stop
+  at a target; validation at ``ceil(1.05^k)`` (steps to 0.25 and 0.30 from the same runs);
+- measured: the final evaluation, after the last step, on the test split (zero-shot top-1 on
+  all 2,000 and on the never-seen compositions, recall@1 both ways), mean (min–max) over
+  seeds 0, 1, 2; per loss, the batch size with the best mean and whether its range clears
+  the others'.
+
+``--stage arms``: hard batches and a negative queue against random batches (details in
+:mod:`experiments.common.arms`):
+
+- random: the fixed-budget stage's runs at B = 64, 256, 1024 (in the same ``--out`` they are
+  read back): the comparison at the same (B, rate, seed), and the curve of steps to target;
+- queue at B = 64 and 256 (``--arm-batch-sizes``): ``K = 1024 / B - 1`` steps (15, 3), so
+  every anchor meets ``B (1 + K) = 1024`` candidates (``--queue-negatives``), as in a random
+  batch of 1024;
+- hard at B = 64 and 256: clusters of 16 (``--cluster-size``) by the image embeddings,
+  re-clustered once an epoch (``--refresh-epochs`` 1: 1,024 steps at B = 64, 256 at
+  B = 256; a clustering takes effect at an epoch start, so the first epoch is random
+  batches), same-caption batch-mates not negatives (``--skip-duplicate-negatives``); why
+  these, and what the first random epoch means, in :mod:`experiments.common.arms`;
+- each arm: the fixed budget at the random arm's committed rate for (loss, B), seeds 0, 1,
+  2; steps to 0.25 and 0.30 and the final test metrics, mean (min–max); the random batch
+  size with as many steps (log-log interpolation of the random arm's seed means, never
+  extrapolated: "< 64", "> 1024").
+
 Writes ``batch_size_study.{json,md,png}`` (tuned) or ``batch_size_study_main.{json,md,png}``
 (the main job) into a new run directory (every run's work dir,
 with its metrics.jsonl curve, under ``runs/``) and prints the tables, the plot's path and the
-directory. Started again with ``--out`` of a study cut short, it resumes.
+directory. Started again with ``--out`` of a study or stage cut short, it resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -69,19 +104,31 @@ from experiments.common.cli import (
     int_list,
     name_list,
     path,
+    positive_float,
     positive_int,
     run_main,
 )
 from experiments.common.grid import compile_cache
-from experiments.common.reports import loss_label, write_json
+from experiments.common.reports import write_json
+from experiments.common.stages import (
+    ARM_NAMES,
+    DEFAULT_ARM_SIZES,
+    DEFAULT_EXAMPLES,
+    DEFAULT_SIZES,
+    MIN_STEPS,
+    STAGES,
+    run_stage,
+)
 from experiments.common.study import (
     StudyRun,
     choose_rates,
+    chosen_rates,
     fits,
+    noise_scales,
     plot_steps,
     run_to_target,
     steps_summary,
-    steps_table,
+    study_report,
 )
 
 STEM = "batch_size_study"
@@ -136,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="locked tower and features cache; default: <out>/features")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
                    help="a progress bar per run")  # fmt: skip
+    p.add_argument("--compile-cache", type=directory, default=None,
+                   help="JAX's compilation cache; default: <out>/compile_cache")  # fmt: skip
+    g = p.add_argument_group("the fixed-budget and arms stages (at the --rates study's rates)")
+    g.add_argument("--stage", choices=STAGES, default=None,
+                   help="run a stage instead of the study")  # fmt: skip
+    g.add_argument("--budget-examples", type=positive_int, default=DEFAULT_EXAMPLES,
+                   help="training examples every run of a stage sees (steps: this / B); "
+                   f"a stage's batch sizes: {','.join(map(str, DEFAULT_SIZES))}")  # fmt: skip
+    g.add_argument("--min-steps", type=positive_int, default=MIN_STEPS,
+                   help="the largest batch must train at least this many steps")  # fmt: skip
+    g.add_argument("--arms", type=name_list, default=",".join(ARM_NAMES),
+                   help=f"arms of --stage arms: {', '.join(ARM_NAMES)}")  # fmt: skip
+    g.add_argument("--arm-batch-sizes", type=int_list,
+                   default=",".join(map(str, DEFAULT_ARM_SIZES)),
+                   help="batch sizes of the arms")  # fmt: skip
+    g.add_argument("--queue-negatives", type=positive_int, default=1024,
+                   help="queue arm: K = this / B - 1 queued steps, B (1 + K) in all")  # fmt: skip
+    g.add_argument("--cluster-size", type=positive_int, default=16,
+                   help="hard arm: examples per cluster")  # fmt: skip
+    g.add_argument("--refresh-epochs", type=positive_float, default=1.0,
+                   help="hard arm: re-cluster every this many epochs")  # fmt: skip
     run_dir.add_output_flags(p)
     return p
 
@@ -183,6 +251,12 @@ def learning_rates(batch_size: int, factors: Sequence[float]) -> list[float]:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.stage:  # at the committed rates: experiments/common/stages.py
+        if args.tune or args.full:
+            raise ConfigError("--stage runs at the --rates study's rates: drop --tune/--full")
+        args.targets = _floats("--targets", args.targets or ",".join(map(str, TARGETS)), upper=1)
+        n_train = args.train_examples or PRESETS["main"]["train_examples"]
+        return run_stage(args, argv, base_config, n_train, STEM)
     preset = PRESETS["full" if args.full else "main"]
     tuning = args.tune or args.full
     default_targets = TARGETS if tuning else TARGETS[:1]
@@ -209,7 +283,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         base_config(args, n_train, Path(args.out or "."))
     except ConfigError as e:
         raise ConfigError(str(e).replace("--stop-at", "--metric")) from None
-    given_rates = None if tuning else _committed_rates(args.rates, args.losses, sizes, args.targets)
+    given_rates = None
+    if not tuning:
+        chosen = chosen_rates(args.rates, args.losses, sizes, args.targets)
+        given_rates = {k: (v["learning_rate"], v["cap"]) for k, v in chosen.items()}
     stem = STEM if tuning else f"{STEM}_main"  # the main job never overwrites the tuned study
     out = run_dir.create(stem, args.out)
     base = base_config(args, n_train, out)
@@ -243,7 +320,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         write_json(out / f"{stem}.json", {**record, "rows": rows})
         return row
 
-    with compile_cache(out / "compile_cache"):
+    with compile_cache(args.compile_cache or out / "compile_cache"):
         if given_rates is not None:  # the main job: every seed at the chosen rates
             for loss in args.losses:
                 for b in sizes:
@@ -282,7 +359,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                            noise_scale_every=args.noise_scale_every)  # fmt: skip
     summary = steps_summary(rows, rates, args.targets)
     fit_rows = fits(summary, args.losses, args.targets)
-    noise = _noise_scales(rows)
+    noise = noise_scales(rows)
     record.update(
         rows=rows,
         summary=summary,
@@ -292,7 +369,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     record["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(out / f"{stem}.json", record)
-    text = report(record, summary, fit_rows, noise, args)
+    text = study_report(record, summary, fit_rows, noise, args.targets)
     (out / f"{stem}.md").write_text(text)
     plot_steps(summary, fit_rows, args.losses, args.targets, out / f"{stem}.png",
                f"shapes, locked image tower, steps to {args.metric}")  # fmt: skip
@@ -302,93 +379,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     print(f"plot: {out / f'{stem}.png'}")
     print(f"run directory: {out}")
     return record
-
-
-def _committed_rates(
-    path_: str, losses: Sequence[str], sizes: Sequence[int], targets: Sequence[float]
-) -> dict[tuple[str, int], tuple[float, int]]:
-    """``{(loss, B): (rate, cap)}`` from a finished study's JSON: the rate chosen for the
-    highest target that one of its rates reached, and that batch size's step cap."""
-    try:
-        study = json.loads(Path(path_).read_text())
-        summary, rows = study["summary"], study["rows"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"--rates {path_}: not a finished study ({type(e).__name__}); run with --tune to "
-            "choose the rates first"
-        ) from None
-    out = {}
-    for loss in losses:
-        for b in sizes:
-            points = [p for p in summary if (p["loss"], p["batch_size"]) == (loss, b)]
-            chosen = [
-                p
-                for p in sorted(points, key=lambda p: -p["target"])
-                if p["learning_rate"] and p["target"] in targets
-            ]
-            caps = [r["cap"] for r in rows if (r["loss"], r["batch_size"]) == (loss, b)]
-            if not chosen or not caps:
-                raise ConfigError(
-                    f"--rates {path_} has no chosen rate for {loss} at B = {b}: run with --tune"
-                )
-            out[(loss, b)] = (chosen[0]["learning_rate"], max(caps))
-    return out
-
-
-def _noise_scales(rows: Sequence[dict]) -> list[dict]:
-    """B_simple per (loss, batch): early (first measurement), middle and last, seed mean."""
-    out: dict[tuple, list] = {}
-    for r in rows:
-        if r.get("noise_b_simple"):
-            out.setdefault((r["loss"], r["batch_size"]), []).append(r["noise_b_simple"])
-    result = []
-    for (loss, b), series in sorted(out.items()):
-        pick = lambda s, i: s[min(i, len(s) - 1)][1] if s else None
-        first = [pick(s, 0) for s in series]
-        mid = [pick(s, len(s) // 2) for s in series]
-        last = [pick(s, len(s) - 1) for s in series]
-        mean = lambda v: sum(v) / len(v)
-        result.append({"loss": loss, "batch_size": b, "first": mean(first),
-                       "middle": mean(mid), "last": mean(last), "runs": len(series)})  # fmt: skip
-    return result
-
-
-def report(record: dict, summary: list, fit_rows: list, noise: list, args) -> str:
-    """The Markdown report: protocol, steps tables, fits beside the noise scale."""
-    lines = ["## Steps to target against batch size (shapes, locked image tower)", ""]
-    lines.append(f"- metric: `{record['metric']}`; targets {', '.join(map(str, args.targets))}")
-    lines.append(f"- learning-rate grid: {record['lr_factors']} x 4e-3 * sqrt(B / 256); "
-                 "chosen per (loss, B, target) on seed 0's validation curve")  # fmt: skip
-    lines.append(f"- seeds {record['seeds']}; steps as mean (min–max) over seeds")
-    fixed = ", ".join(f"`{k} {v}`" for k, v in record["protocol"].items()
-                      if k not in ("--loss", "--batch-size", "--learning-rate", "--seed",
-                                   "--steps"))  # fmt: skip
-    lines.append(f"- the same in every run: {fixed}")
-    for t in args.targets:
-        lines += ["", f"Steps to {record['metric']} >= {t:g}:", ""]
-        lines.append(steps_table(summary, args.losses, t))
-    lines += ["", "McCandlish fit `S = S_min (1 + B_noise / B)` on the seed means "
-              "(batch sizes where every seed reached the target):", ""]  # fmt: skip
-    lines += ["| loss | target | S_min | E_min | B_crit | rel. rms residual | points |",
-              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for f in fit_rows:
-
-        def num(k, f=f):
-            return "-" if f.get(k) is None else f"{f[k]:.3g}"
-
-        lines.append(
-            f"| {loss_label(f['loss'])} | {f['target']:g} | {num('s_min')} | {num('e_min')} | "
-            f"{num('b_crit')} | {num('relative_rms_residual')} | {len(f['batch_sizes'])} |"
-        )
-    if noise:
-        lines += ["", "Gradient noise scale B_simple measured in the seed runs (mean over "
-                  "seeds; first, middle and last measurement of each run):", ""]  # fmt: skip
-        lines += ["| loss | batch | first | middle | last |", "|---|---:|---:|---:|---:|"]
-        for n in noise:
-            lines.append(f"| {loss_label(n['loss'])} | {n['batch_size']} | {n['first']:.3g} | "
-                         f"{n['middle']:.3g} | {n['last']:.3g} |")  # fmt: skip
-    lines.append(f"\nTotal time {record.get('total_time_s', 0) / 60:.1f} min.")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ is read back, not trained again, so a study cut short resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -18,20 +19,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from contrastive.configs import Config
+from contrastive.configs import Config, ConfigError
+from contrastive.data.pipeline import get_spec, metric_names
 from contrastive.loop import RunError, train
 from experiments.common.cli import shared_module
 from experiments.common.reports import loss_label, statistics
 from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
 
-__all__ = ["StudyRun", "run_to_target", "choose_rates", "steps_table", "plot_steps"]
+__all__ = [
+    "StudyRun",
+    "run_to_target",
+    "choose_rates",
+    "chosen_rates",
+    "steps_summary",
+    "fits",
+    "noise_scales",
+    "steps_table",
+    "plot_steps",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyRun:
     """One run of the study: its coordinates and the config it trains."""
 
-    stage: str  # "tune", "seeds" or "budget"
+    stage: str  # "tune", "seeds", "budget" or an arm's ("queue-k15", "hard-c16-r256")
     loss: str
     batch_size: int
     learning_rate: float
@@ -49,7 +61,8 @@ def run_to_target(
     run: StudyRun, root: Path, metric: str, targets: Sequence[float], index: str
 ) -> dict[str, Any]:
     """Train (or read back) ``run`` in ``root/runs/<name>``; its row: steps to each target
-    (None: not reached within the cap), the final metrics, the validation curve, the noise
+    (None: not reached within the cap), the final metrics (every metric of the last
+    evaluation, test and validation, also under ``final``), the validation curve, the noise
     scale measurements, the wall time."""
     cfg = run.config.with_updates(workdir=str(root / "runs" / run.name))
     t0 = time.perf_counter()
@@ -75,6 +88,9 @@ def run_to_target(
     final = records[-1] if records else {}
     row["final_step"] = final.get("step")
     row.update({k: final[k] for k in ("zero_shot_top1", "zero_shot_top1_novel") if k in final})
+    spec = get_spec(cfg.data.dataset, cfg.data.image_size)
+    names = metric_names(spec, validation=bool(cfg.data.validation_examples))
+    row["final"] = {k: final[k] for k in names if k in final}
     row["noise_b_simple"] = [
         [r["step"], r["noise_b_simple"]] for r in records if "noise_b_simple" in r
     ]
@@ -238,6 +254,106 @@ def plot_steps(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def chosen_rates(
+    path: str | Path,
+    losses: Sequence[str],
+    sizes: Sequence[int],
+    targets: Sequence[float] | None = None,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """``{(loss, B): {"learning_rate", "target", "cap"}}`` from a finished study's JSON: the
+    rate chosen for the highest of ``targets`` (default: the study's own) that one of its
+    rates reached, that target, and the batch size's step cap. ConfigError (one line) if the
+    file is not a finished study or lacks a (loss, B)."""
+    try:
+        study = json.loads(Path(path).read_text())
+        summary, rows = study["summary"], study["rows"]
+        targets = study["targets"] if targets is None else targets
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"--rates {path}: not a finished study ({type(e).__name__}); run with --tune to "
+            "choose the rates first"
+        ) from None
+    out = {}
+    for loss in losses:
+        for b in sizes:
+            points = [p for p in summary if (p["loss"], p["batch_size"]) == (loss, b)]
+            chosen = [
+                p
+                for p in sorted(points, key=lambda p: -p["target"])
+                if p["learning_rate"] and p["target"] in targets
+            ]
+            caps = [r["cap"] for r in rows if (r["loss"], r["batch_size"]) == (loss, b)]
+            if not chosen or not caps:
+                raise ConfigError(
+                    f"--rates {path} has no chosen rate for {loss} at B = {b}: run with --tune"
+                )
+            out[(loss, b)] = {
+                "learning_rate": chosen[0]["learning_rate"],
+                "target": chosen[0]["target"],
+                "cap": max(caps),
+            }
+    return out
+
+
+def noise_scales(rows: Sequence[dict]) -> list[dict]:
+    """B_simple per (loss, batch): early (first measurement), middle and last, seed mean."""
+    out: dict[tuple, list] = {}
+    for r in rows:
+        if r.get("noise_b_simple"):
+            out.setdefault((r["loss"], r["batch_size"]), []).append(r["noise_b_simple"])
+    result = []
+    for (loss, b), series in sorted(out.items()):
+        pick = lambda s, i: s[min(i, len(s) - 1)][1] if s else None
+        first = [pick(s, 0) for s in series]
+        mid = [pick(s, len(s) // 2) for s in series]
+        last = [pick(s, len(s) - 1) for s in series]
+        mean = lambda v: sum(v) / len(v)
+        result.append({"loss": loss, "batch_size": b, "first": mean(first),
+                       "middle": mean(mid), "last": mean(last), "runs": len(series)})  # fmt: skip
+    return result
+
+
+def study_report(
+    record: dict, summary: list, fit_rows: list, noise: list, targets: Sequence[float]
+) -> str:
+    """The tuned study's (or the main job's) Markdown report: protocol, steps tables, fits
+    beside the noise scale."""
+    lines = ["## Steps to target against batch size (shapes, locked image tower)", ""]
+    lines.append(f"- metric: `{record['metric']}`; targets {', '.join(map(str, targets))}")
+    lines.append(f"- learning-rate grid: {record['lr_factors']} x 4e-3 * sqrt(B / 256); "
+                 "chosen per (loss, B, target) on seed 0's validation curve")  # fmt: skip
+    lines.append(f"- seeds {record['seeds']}; steps as mean (min–max) over seeds")
+    fixed = ", ".join(f"`{k} {v}`" for k, v in record["protocol"].items()
+                      if k not in ("--loss", "--batch-size", "--learning-rate", "--seed",
+                                   "--steps"))  # fmt: skip
+    lines.append(f"- the same in every run: {fixed}")
+    for t in targets:
+        lines += ["", f"Steps to {record['metric']} >= {t:g}:", ""]
+        lines.append(steps_table(summary, record["losses"], t))
+    lines += ["", "McCandlish fit `S = S_min (1 + B_noise / B)` on the seed means "
+              "(batch sizes where every seed reached the target):", ""]  # fmt: skip
+    lines += ["| loss | target | S_min | E_min | B_crit | rel. rms residual | points |",
+              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for f in fit_rows:
+
+        def num(k, f=f):
+            return "-" if f.get(k) is None else f"{f[k]:.3g}"
+
+        lines.append(
+            f"| {loss_label(f['loss'])} | {f['target']:g} | {num('s_min')} | {num('e_min')} | "
+            f"{num('b_crit')} | {num('relative_rms_residual')} | {len(f['batch_sizes'])} |"
+        )
+    if noise:
+        lines += ["", "Gradient noise scale B_simple measured in the seed runs (mean over "
+                  "seeds; first, middle and last measurement of each run):", ""]  # fmt: skip
+        lines += ["| loss | batch | first | middle | last |", "|---|---:|---:|---:|---:|"]
+        for n in noise:
+            lines.append(f"| {loss_label(n['loss'])} | {n['batch_size']} | {n['first']:.3g} | "
+                         f"{n['middle']:.3g} | {n['last']:.3g} |")  # fmt: skip
+    lines.append(f"\nTotal time {record.get('total_time_s', 0) / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
