@@ -26,6 +26,11 @@ from tests import processes
 from tests.processes import free_port
 
 PEER_TIMEOUT = 60  # seconds without progress before a process gives up on its peer
+# The run whose peer is killed: its survivor is not always told by a collective that the
+# peer is dead (in about a third of runs it waits outside one); the watchdog ends it after
+# this long. Enough for the start-up and the first steps, on programs the first run has
+# compiled (the session's compilation cache), on a loaded machine.
+KILLED_PEER_TIMEOUT = 30
 
 RUN = [
     "--model", "mlp", "--width", "32", "--embed-dim", "16", "--head-hidden", "none",
@@ -42,10 +47,12 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _start_hosts(workdir: Path, data_dir: str, port: int) -> list[subprocess.Popen]:
+def _start_hosts(
+    workdir: Path, data_dir: str, port: int, peer_timeout: float = PEER_TIMEOUT
+) -> list[subprocess.Popen]:
     command = [sys.executable, "-m", "experiments.train", "--workdir", str(workdir),
                "--data-dir", data_dir, *RUN, "--coordinator-address", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--peer-timeout", str(PEER_TIMEOUT)]  # fmt: skip
+               "--num-processes", "2", "--peer-timeout", str(peer_timeout)]  # fmt: skip
     return processes.start([[*command, "--process-id", str(i)] for i in range(2)], _env(2))
 
 
@@ -65,17 +72,18 @@ def test_two_hosts_train_like_one_and_resume_after_a_dead_peer(tmp_path):
     data_dir = str(tmp_path / "tfds")
     prepare_digits(data_dir)
 
-    # One process, 4 of this process's 8 simulated devices: the reference.
-    reference = loop.train(
-        parse_config(
-            ["--workdir", str(tmp_path / "one"), "--data-dir", data_dir, *RUN, "--num-devices", "4"]
-        )  # fmt: skip
-    )
-    want = {r["step"]: r["loss"] for r in reference}
-
-    # Two processes x 2 devices, the same global batch of 32 (16 rows per host).
+    # Two processes x 2 devices, the same global batch of 32 (16 rows per host); started
+    # first, so that their start-up overlaps the reference run in this process.
     two = tmp_path / "two"
-    results = processes.finish(_start_hosts(two, data_dir, free_port()), timeout=300)
+    hosts = _start_hosts(two, data_dir, free_port())
+
+    # One process, 4 of this process's 8 simulated devices: the reference.
+    one = ["--workdir", str(tmp_path / "one"), "--data-dir", data_dir, *RUN, "--num-devices", "4"]
+    try:
+        reference = loop.train(parse_config(one))
+    finally:
+        results = processes.finish(hosts, timeout=300)
+    want = {r["step"]: r["loss"] for r in reference}
     for i, (code, log) in enumerate(results):
         assert code == 0, f"process {i}:\n{log[-3000:]}"
     _assert_same_losses(_losses(two), want)
@@ -84,22 +92,58 @@ def test_two_hosts_train_like_one_and_resume_after_a_dead_peer(tmp_path):
     np.testing.assert_allclose(final["linear_probe"], reference[-1]["linear_probe"], atol=1e-9)
 
     # Kill one process after the checkpoint of step 4: its peer ends within a bounded time
-    # with a one-line error, and both, started again, finish with the same losses.
+    # with a one-line error, whether a collective finds the peer dead or the watchdog ends
+    # its wait (test_watchdog_ends_a_process_without_progress checks that path on its own),
+    # and both, started again, finish with the same losses.
     killed = tmp_path / "killed"
-    procs = _start_hosts(killed, data_dir, free_port())
+    procs = _start_hosts(killed, data_dir, free_port(), KILLED_PEER_TIMEOUT)
     deadline = time.time() + 240
     while time.time() < deadline and not (killed / "checkpoints" / "4").is_dir():
-        assert all(p.poll() is None for p in procs), "a process ended before the first save"
+        if any(p.poll() is not None for p in procs):
+            logs = [log[-3000:] for _, log in processes.finish(procs, timeout=60)]
+            pytest.fail(f"a process ended before the first save: {logs}")
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
-    (code, log), _ = processes.finish(procs, timeout=PEER_TIMEOUT * 3)
+    (code, log), _ = processes.finish(procs, timeout=KILLED_PEER_TIMEOUT * 3)
     waited = time.time() - t0
     assert code != 0, log[-2000:]
     last = log.strip().splitlines()[-1]
     assert last.startswith("error: ") and "peer" in last, log[-3000:]
-    assert waited < PEER_TIMEOUT * 3
+    assert waited < KILLED_PEER_TIMEOUT * 3
     results = processes.finish(_start_hosts(killed, data_dir, free_port()), timeout=300)
     for i, (code, log) in enumerate(results):
         assert code == 0, f"restarted process {i}:\n{log[-3000:]}"
     _assert_same_losses(_losses(killed), want)
+
+
+def test_watchdog_ends_a_process_without_progress():
+    """A process that beats stays alive past the timeout; once it stops beating (blocked,
+    say, in a barrier with a dead peer), it ends within about the timeout: exit status 3 and
+    one line on stderr."""
+    code = """
+import time
+from contrastive.hosts import Watchdog
+with Watchdog(1.0, "the probe") as dog:
+    for _ in range(30):  # 3 s of beats: three times the timeout
+        dog.beat()
+        time.sleep(0.1)
+    print("alive after beating", flush=True)
+    time.sleep(60)  # no more beats
+print("not stopped")
+"""
+    t0 = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=processes.REPO,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "alive after beating\n", done.stdout + done.stderr[-2000:]
+    assert done.returncode == 3, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: the probe made no progress for "), line
+    assert "(process 0 of 1): a peer process is missing or dead; restart every" in line, line
+    assert time.time() - t0 < 45  # 3 s of beats, about 1 s more; not the 60 s sleep

@@ -295,10 +295,12 @@ def test_stop_signals_bad_input():
         StopSignals(on_second="kill")
 
 
-def test_docstring_examples():
+def test_docstring_examples(tmp_path, monkeypatch):
     import doctest
+    import tempfile
 
     import contrastive.run_guard
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() folders
     result = doctest.testmod(contrastive.run_guard, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,14 +47,38 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
-    """An uninterrupted run: its per-step losses and final record."""
+    """An uninterrupted run: its per-step losses, final record and work dir (tests that need
+    a finished run start from a copy of it)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     records = loop.train(parse_config(["--workdir", str(workdir), "--data-dir", data_dir, *FAST]))
-    return _losses(workdir), records[-1]
+    return _losses(workdir), records[-1], workdir
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory, data_dir):
+    """``{n: work dir}`` of runs stopped by ``--stop-after n``, each trained once for the
+    module; tests resume a copy (a run may move: paths are not part of its identity)."""
+    runs: dict[int, Path] = {}
+
+    def get(stop_after: int) -> Path:
+        if stop_after not in runs:
+            workdir = tmp_path_factory.mktemp(f"stopped{stop_after}")
+            args = ["--workdir", str(workdir), "--data-dir", data_dir, *FAST]
+            loop.train(parse_config([*args, "--stop-after", str(stop_after)]))
+            runs[stop_after] = workdir
+        return runs[stop_after]
+
+    return get
+
+
+def _copy_run(source: Path, workdir: Path, data_dir: str) -> list[str]:
+    """Copy the run in ``source`` into ``workdir``; the arguments that continue it there."""
+    shutil.copytree(source, workdir, dirs_exist_ok=True)
+    return ["--workdir", str(workdir), "--data-dir", data_dir, *FAST]
 
 
 def test_uninterrupted_run_writes_metrics_and_checkpoints(reference, tmp_path):
-    losses, final = reference
+    losses, final, _ = reference
     assert sorted(losses) == list(range(1, 17))
     assert all(isinstance(v, float) for v in losses.values())
     assert all(0.0 < v < 100.0 for v in losses.values())
@@ -61,9 +86,8 @@ def test_uninterrupted_run_writes_metrics_and_checkpoints(reference, tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", [6, 8])  # between checkpoints, and right on one
-def test_resume_gives_identical_losses(reference, data_dir, tmp_path, stop_after):
-    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    loop.train(parse_config([*args, "--stop-after", str(stop_after)]))
+def test_resume_gives_identical_losses(reference, stopped_runs, data_dir, tmp_path, stop_after):
+    args = _copy_run(stopped_runs(stop_after), tmp_path, data_dir)
     assert max(_losses(tmp_path)) == stop_after
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts[-1] == 4 * (stop_after // 4)
@@ -73,16 +97,16 @@ def test_resume_gives_identical_losses(reference, data_dir, tmp_path, stop_after
 
 
 def test_finished_run_does_nothing_more(reference, data_dir, tmp_path):
-    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    loop.train(parse_config(args))
+    args = _copy_run(reference[2], tmp_path, data_dir)
     before = (tmp_path / "metrics.jsonl").read_text()
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
     loop.train(parse_config(args))
     assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
 
 
-def test_other_run_in_workdir_is_refused(reference, data_dir, tmp_path):
-    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    loop.train(parse_config([*args, "--stop-after", "4"]))
+def test_other_run_in_workdir_is_refused(stopped_runs, data_dir, tmp_path):
+    args = _copy_run(stopped_runs(6), tmp_path, data_dir)
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         loop.train(parse_config([*args, "--loss", "decoupled"]))
 
@@ -111,8 +135,6 @@ def test_bad_configuration_is_one_line(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ")
-    import re
-
     assert re.search(message, err), err
     assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -150,26 +172,6 @@ def test_cli_error_in_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_gives_identical_losses(reference, data_dir, tmp_path):
-    """A real kill: SIGKILL the process after its second checkpoint, start it again."""
-    cmd = [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path),
-           "--data-dir", data_dir, *FAST]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.DEVNULL)
-    ckpt_dir = tmp_path / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (ckpt_dir / "8").is_dir():  # renamed into place: the checkpoint is complete
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (ckpt_dir / "8").is_dir(), "the run did not reach its second checkpoint"
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert _losses(tmp_path) == reference[0]
-
-
-@pytest.mark.slow
 def test_image_text_run_on_mocked_coco(tmp_path):
     """--dataset coco_captions: image and text towers, retrieval recall at the end."""
     import tensorflow_datasets as tfds
@@ -195,16 +197,15 @@ def test_image_text_run_on_mocked_coco(tmp_path):
 # --- runs that lose nothing ----------------------------------------------------------------
 
 
-def _stopped_run(tmp_path, data_dir, stop_after=6):
-    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    loop.train(parse_config([*args, "--stop-after", str(stop_after)]))
-    return args
+def _stopped_run(stopped_runs, tmp_path, data_dir, stop_after=6):
+    """A copy in ``tmp_path`` of the run stopped after ``stop_after``; its arguments."""
+    return _copy_run(stopped_runs(stop_after), tmp_path, data_dir)
 
 
-def test_changed_settings_are_refused_before_any_restore(data_dir, tmp_path, capsys):
+def test_changed_settings_are_refused_before_any_restore(stopped_runs, data_dir, tmp_path, capsys):
     """Every setting that changes the computation is part of the run's identity; the error
     names each differing flag with its old and new value, and nothing was restored."""
-    args = _stopped_run(tmp_path, data_dir)
+    args = _stopped_run(stopped_runs, tmp_path, data_dir)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     changes = [
         (["--learning-rate", "0.02"], "--learning-rate 0.002 -> 0.02"),
@@ -255,7 +256,9 @@ def _data_files(checkpoint: Path) -> list[Path]:
     return [p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
-def test_corrupted_latest_checkpoint_falls_back(reference, data_dir, tmp_path, caplog):
+def test_corrupted_latest_checkpoint_falls_back(
+    reference, stopped_runs, data_dir, tmp_path, caplog
+):
     """64 bytes flipped in the middle of the newest checkpoint's data files: the restart
     says so in one line, resumes from the one before, and ends with the same losses.
 
@@ -264,7 +267,7 @@ def test_corrupted_latest_checkpoint_falls_back(reference, data_dir, tmp_path, c
     from run to run; a flip in an unreferenced file is harmless and rightly goes unnoticed.
     ``tests/test_checkpoint.py`` flips a single file that is known to hold an array.
     """
-    args = _stopped_run(tmp_path, data_dir, stop_after=8)
+    args = _stopped_run(stopped_runs, tmp_path, data_dir, stop_after=8)
     for victim in _data_files(tmp_path / "checkpoints" / "8"):
         data = bytearray(victim.read_bytes())
         mid = len(data) // 2
@@ -277,8 +280,8 @@ def test_corrupted_latest_checkpoint_falls_back(reference, data_dir, tmp_path, c
     assert _losses(tmp_path) == reference[0]
 
 
-def test_torn_metrics_line_is_dropped_on_resume(reference, data_dir, tmp_path):
-    args = _stopped_run(tmp_path, data_dir)
+def test_torn_metrics_line_is_dropped_on_resume(reference, stopped_runs, data_dir, tmp_path):
+    args = _stopped_run(stopped_runs, tmp_path, data_dir)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 3.1')  # the disk filled up mid-line
     loop.train(parse_config(args))
@@ -291,8 +294,7 @@ def test_finished_run_with_a_damaged_log_gets_its_final_record_back(
 ):
     """The final record of a finished run lost to a kill is evaluated again from the final
     checkpoint, and one line says which records were lost."""
-    args = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
-    loop.train(parse_config(args))
+    args = _copy_run(reference[2], tmp_path, data_dir)
     path = tmp_path / "metrics.jsonl"
     lines = path.read_text().splitlines()
     kept = lines[:-1] if damage == "torn last line" else []
@@ -351,28 +353,59 @@ def test_warmup_as_long_as_the_run_is_a_valid_schedule():
     assert parse_config(["--workdir", "x", "--steps", "10"]).train.optim.warmup == 10
 
 
+def _wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.05)
+    assert condition(), f"the run ended (exit {proc.poll()}) before {what}"
+
+
 @pytest.mark.slow
-def test_sigterm_saves_and_the_same_command_resumes(reference, data_dir, tmp_path):
-    """SIGTERM between checkpoints: the step finishes, a checkpoint is written, exit 0 with
-    a line saying so; the same command then ends with the uninterrupted losses."""
+def test_sigterm_then_sigkill_then_the_same_command_gives_identical_losses(
+    reference, data_dir, tmp_path
+):
+    """Real signals to the training command, then the same command again, twice: SIGTERM
+    between checkpoints (the step finishes, a checkpoint is written, exit 0 with a line
+    saying so); then SIGKILL of the resumed run right after its next checkpoint. The last
+    start ends with the uninterrupted losses. (Three starts of the command, not four: the
+    resume after the SIGTERM is the run the SIGKILL interrupts.)"""
     cmd = [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path),
            "--data-dir", data_dir, *FAST]  # fmt: skip
+    metrics, ckpt_dir = tmp_path / "metrics.jsonl", tmp_path / "checkpoints"
+
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    try:
+        _wait_for(
+            proc,
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5,
+            "step 5",
+        )
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
     assert proc.returncode == 0, out[-2000:]
     stopped = re.search(r"stopped by SIGTERM after step (\d+)", out)
     assert stopped, out[-2000:]
     step = int(stopped.group(1))
-    assert (tmp_path / "checkpoints" / str(step)).is_dir()
+    assert (ckpt_dir / str(step)).is_dir()
+    assert max(_losses(tmp_path)) == step
+
+    # The same command resumes from `step`; killed once its next regular checkpoint is
+    # complete (renamed into place), before the end of the run.
+    target = 4 * (step // 4) + 4
+    assert target < 16, f"SIGTERM after step {step} leaves no checkpoint to kill after"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(proc, (ckpt_dir / str(target)).is_dir, f"checkpoint {target}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL  # it had not finished: a real kill
+
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _losses(tmp_path) == reference[0]
@@ -414,11 +447,11 @@ def test_hard_negative_batches_follow_the_ring_layout():
         parse_config(["--workdir", "x", "--hard-negatives", "2"])
 
 
-def test_truncated_data_file_is_one_line_naming_it(tmp_path, capsys):
+def test_truncated_data_file_is_one_line_naming_it(data_dir, tmp_path, capsys):
     """A data file cut short (a full disk while it was copied) ends the command before training
     with one line that names the file, not a traceback mid-run."""
     data = tmp_path / "tfds"
-    prepare_digits(data)
+    shutil.copytree(data_dir, data)  # prepared once for the module
     (train_file,) = data.glob("sklearn_digits/*/sklearn_digits-train.array_record*")
     raw = train_file.read_bytes()
     train_file.write_bytes(raw[: len(raw) // 2])
