@@ -147,6 +147,13 @@ class Setup:
         )
 
 
+def run_tokenizer(cfg: Config, spec: DatasetSpec) -> HashTokenizer:
+    """The run's caption tokenizer: the model's vocabulary and text length (defaults when
+    the data set brings its own tokens or has no text)."""
+    vocab, length = text_shape(cfg, spec) if spec.kind == "image_text" else (None, None)
+    return HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
+
+
 def setup(cfg: Config) -> Setup:
     """Build everything up to the jitted step (nothing compiled yet).
 
@@ -170,8 +177,7 @@ def setup(cfg: Config) -> Setup:
     # --- data ------------------------------------------------------------------------------
     d = cfg.data
     spec = get_spec(d.dataset, d.image_size)
-    vocab, length = text_shape(cfg, spec) if spec.kind == "image_text" else (None, None)
-    tokenizer = HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
+    tokenizer = run_tokenizer(cfg, spec)
     try:
         data = run_data(cfg, spec, tokenizer)
     except ValueError as e:

@@ -149,7 +149,9 @@ def hard_batch_inputs(
         raise ConfigError(str(e)) from None
     method = "embed_x" if d.cluster_tower == "image" else "embed_y"
     if tokenizer is None and spec.kind == "image_text" and not _own_tokens(spec):
-        tokenizer = _tokenizer(cfg, spec)
+        from contrastive.assemble import run_tokenizer
+
+        tokenizer = run_tokenizer(cfg, spec)
     source, n = data.train_source, data.num_train
     inputs = _cluster_reader(spec, source, d.cluster_tower, tokenizer)
     return HardBatchInputs(
@@ -383,14 +385,6 @@ def _shapes_tokens(source: Any) -> np.ndarray | None:
     if not isinstance(base, CaptionedShapes):
         return None
     return shapes_captions(base.split, len(source), data_seed=base.seed)[0]
-
-
-def _tokenizer(cfg: Config, spec: Any):
-    from contrastive.assemble import DEFAULT_TEXT_LEN, DEFAULT_VOCAB, text_shape
-    from contrastive.data.text import HashTokenizer
-
-    vocab, length = text_shape(cfg, spec)
-    return HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
 
 
 def _embed(

@@ -7,8 +7,9 @@ logged step: ``step``, ``loss``, ..., and the evaluation results at evaluation s
 
 Started again with the same work dir it resumes from the latest checkpoint, and a run killed
 at any moment then ends with exactly the per-step losses of an uninterrupted run: the batches
-are a pure function of (seed, step), and the checkpoint holds the parameters, optimiser
-state, PRNG key, step and data position.
+are a pure function of (seed, step) and, with ``--hard-batches``, of the clustering the
+checkpoint holds, and the checkpoint holds the parameters, optimiser state, PRNG key, step
+and data position.
 
 >>> from contrastive.configs import Config
 >>> records = train(Config().with_updates(workdir="/tmp/run", steps=2))  # doctest: +SKIP
@@ -199,6 +200,8 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
 
     # --- loop ------------------------------------------------------------------------------
     def save(step: int, force: bool = False, reached: bool = False) -> None:
+        if not force and not ckpt.should_save(step):
+            return  # the inputs' state (a clustering with hard batches) costs to encode
         meta = {"step": step, "data": inputs.get_state(), "config": cfg.identity()}
         if reached:
             meta["reached_target"] = True
@@ -222,6 +225,8 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
         for step in range(start + 1, end + 1):  # `step` counts completed steps
             try:
                 batch, input_metrics = inputs.for_step(step, state.params)
+            except jax.errors.JaxRuntimeError:
+                raise  # a collective or a refresh on the devices: train() says what happened
             except Exception as e:  # a data file that cannot be read: one line, nothing lost
                 last = ckpt.latest_step()
                 raise RunError(

@@ -15,7 +15,8 @@ resumed run draws exactly the batches an uninterrupted one would.
 On a data set with caption ids (``shapes``) every step logs ``hard_negatives``
 (:func:`hard_negatives_metric`): the mean number of batch-mates one attribute away from an
 anchor's caption, over the global batch, for random and hard batches alike, so a study can
-compare how hard the in-batch negatives of the two are.
+compare how hard the in-batch negatives of the two are (not with ``--stream``, whose steps
+never hold their batch).
 """
 
 from __future__ import annotations

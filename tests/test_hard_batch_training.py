@@ -384,6 +384,7 @@ def fake_source(kind: str, n: int = 40) -> list[dict]:
 def test_image_examples_are_read_as_the_random_pipeline_makes_them(dataset):
     """Augmented views from a per-position generator, with the pipeline's keys, shapes and
     dtypes; the cluster tower's inputs un-augmented; the loss's ids are the example indices."""
+    from contrastive.assemble import run_tokenizer
     from contrastive.data.augment import eval_view
     from contrastive.data.pipeline import get_spec, train_dataset
     from contrastive.data.text import HashTokenizer
@@ -391,7 +392,7 @@ def test_image_examples_are_read_as_the_random_pipeline_makes_them(dataset):
 
     cfg = parse_config(["--workdir", "x", "--dataset", dataset, "--image-size", "16"])
     spec, source = get_spec(dataset, 16), fake_source(dataset)
-    tokenizer = hbi._tokenizer(cfg, spec) if dataset == "coco_captions" else None
+    tokenizer = run_tokenizer(cfg, spec) if dataset == "coco_captions" else None
     read = hbi._batch_reader(spec, source, seed=0, tokenizer=tokenizer)
     examples, positions = np.array([3, 17, 3, 8]), np.array([64, 65, 66, 67])
     host = read(examples, positions)

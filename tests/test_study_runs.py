@@ -34,7 +34,7 @@ from experiments.common import arms, budget
 from experiments.common.arms import ArmSettings, arm_updates, matched_batch
 from experiments.common.budget import budget_steps
 from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
-from experiments.common.study import StudyRun, choose_rates
+from experiments.common.study import StudyRun, _negatives_and_refresh, choose_rates
 
 # A locked-tower run on shapes: 2,048 training examples, 256 for validation, batch 64.
 LOCKED = [
@@ -338,6 +338,9 @@ def test_fixed_budget_then_arms_stage_at_a_toy_size(tmp_path, cache, capsys):
             assert m["matched_batch"] == want
     md = (out / "batch_size_study_arms.md").read_text()
     assert "| 64 | queue-k1 |" in md and "`--negative-queue 1`" in md
+    for r in arm_record["rows"]:  # every run logs its batches' hard negatives on shapes
+        assert r["measures"]["hard_negatives"] >= 0 and "refresh_share" not in r["measures"]
+    assert "Hard negatives per anchor" in md and "Re-clustering time" not in md
     assert "run directory: " + str(out) in capsys.readouterr().out
 
 
@@ -360,6 +363,9 @@ def test_fixed_budget_then_arms_stage_at_a_toy_size(tmp_path, cache, capsys):
          "--queue-negatives 640 must be a multiple of every arm batch size"),
         (["--stage", "arms", "--arms", "hard", "--cluster-size", "48"],
          "--cluster-size 48 must divide every arm batch size"),
+        (["--stage", "arms", "--arms", "hard", "--cluster-size", "1"],
+         "--cluster-size 1 makes every example its own cluster"),
+        (["--stage", "fixed-budget", "--batch-sizes", "0,64"], "batch sizes must be positive"),
         (["--stage", "arms", "--arms", "queue", "--arm-batch-sizes", "64,128",
           "--queue-negatives", "131072"], "--queue-negatives 131072 at B = 64: --negative-queue "
          "2047 spans more than an epoch"),
@@ -409,6 +415,17 @@ def test_matched_batch_takes_the_first_bracketing_segment():
     assert matched_batch([64, 256], [100, 100], 100) == 64.0
     with pytest.raises(ValueError, match="two or more positive"):
         matched_batch([64], [100], 50)
+
+
+def test_arm_measures_average_the_last_epoch_and_share_the_refresh_time():
+    """hard_negatives: the mean over the logged steps of the last epoch only (the hard arm's
+    first epoch is random); refresh_share: all refreshes' seconds over the run's wall time."""
+    cfg = Config().with_updates(train_examples=400, batch_size=100)  # 4 steps an epoch
+    records = [{"step": s, "hard_negatives": float(s), "refresh_total_s": 0.5 * (s > 4),
+                "elapsed_s": 2.0 * s} for s in range(1, 9)]  # fmt: skip
+    got = _negatives_and_refresh(records, cfg)
+    assert got == {"hard_negatives": (5 + 6 + 7 + 8) / 4, "refresh_share": 0.5 / 16}
+    assert _negatives_and_refresh([{"step": 1, "loss": 1.0}], cfg) == {}
 
 
 def test_arm_settings_give_the_protocols_queue_and_refresh():

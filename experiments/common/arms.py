@@ -22,11 +22,11 @@ about 0.4 and 6 same-caption pairs: the random arm, the committed protocol, keep
 refresh once an epoch: training takes a new clustering into use only at the start of an
 epoch (:mod:`contrastive.hard_batch_inputs`), so refreshing more often changes nothing, and
 the first epoch is random batches whatever the setting: 1,024 steps at B = 64, 256 at
-B = 256. Steps to a target reached inside the first epoch therefore cannot differ from the
-random arm's by construction: in the committed study B = 256 reaches 0.30 in about 210
-steps, so at B = 256 the arm is judged on its final test metrics after 7.8 epochs (6.8 of
-them hard); at B = 64 the 0.30 target (about 900 to 2,200 steps) falls around the first
-clustering.
+B = 256. Inside the first epoch the arm differs from the random arm only by another random
+order and by its duplicate captions not being negatives: in the committed study B = 256
+reaches 0.30 in about 210 steps, so at B = 256 the arm is judged on its final test metrics
+after 7.8 epochs (6.8 of them hard); at B = 64 the 0.30 target (about 900 to 2,200 steps)
+falls around the first clustering.
 
 Each arm runs the fixed budget of :mod:`experiments.common.budget` at the random arm's rate
 for (loss, B) (the committed study's), and is compared with the random batches of the same
@@ -45,10 +45,10 @@ the arm did: the interpolation of the seed means on the random arm's log-log cur
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from contrastive.configs import ConfigError
@@ -81,6 +81,9 @@ __all__ = [
 ]
 
 ARM_NAMES = ("hard", "queue")
+# Besides accuracy, per run (:func:`experiments.common.study.run_to_target`): batch-mates one
+# attribute away per anchor over the last epoch, and the re-clustering's share of the time.
+ARM_MEASURES = ("hard_negatives", "refresh_share")
 DEFAULT_ARM_SIZES = (64, 256)
 
 
@@ -140,11 +143,13 @@ def check_arms(arms: Sequence[str], sizes: Sequence[int], s: ArmSettings) -> Non
                 f"--cluster-size {s.cluster_size} must divide every arm batch size; {b} is not "
                 "a multiple of it"
             )
-    if "hard" in arms and importlib.util.find_spec("contrastive.hard_batch_inputs") is None:
-        raise ConfigError(
-            "--arms hard: hard batches are not wired into training yet "
-            "(contrastive.hard_batch_inputs is missing): use --arms queue"
-        )
+    if "hard" in arms:  # what training would refuse mid-stage, refused before any run
+        from contrastive.hard_batch_inputs import check_hard_batches
+
+        for b in sizes:
+            check_hard_batches(num_examples=s.train_examples, batch_size=b,
+                               cluster_size=s.cluster_size, cluster_tower="image",
+                               kind="image_text")  # fmt: skip
 
 
 def matched_batch(
@@ -230,9 +235,11 @@ def run_arms(
     settings: ArmSettings,
     min_steps: int,
     record: dict,
+    path: Path,
 ) -> dict:
     """The arms stage: its runs (:func:`arm_runs`) trained in order, the rows in ``record``
-    with their summary and the matched random batch sizes."""
+    with their summary and the matched random batch sizes; ``path`` (JSON) holds the record
+    so far after each run."""
     random_sizes = sorted(set(curve_sizes) | set(arm_sizes))
     steps = budget_steps(stage.examples, random_sizes, min_steps=min_steps)
     runs = arm_runs(stage, arm_sizes, curve_sizes, arms, settings)
@@ -251,8 +258,8 @@ def run_arms(
                   arm_settings=dataclasses.asdict(settings), protocol_lines=protocol,
                   protocol=runs[0].config.identity())  # fmt: skip
     record["rates"] = [{"loss": lo, "batch_size": b, **r} for (lo, b), r in stage.rates.items()]
-    rows = train_runs(stage, runs, stage.out / "batch_size_study_arms.json", record)
-    summary = group_summary(rows, REPORTED, stage.targets)
+    rows = train_runs(stage, runs, path, record)
+    summary = group_summary(rows, (*REPORTED, *ARM_MEASURES), stage.targets)
     record.update(rows=rows, summary=summary, matches=_matches(summary, stage.targets))
     return record
 
@@ -300,6 +307,19 @@ def arms_report(record: dict) -> str:
         for stage, b in arm_rows:
             vals = [span(cell[(stage, lo, b)][m]) if (stage, lo, b) in cell else "-"
                     for lo in losses]  # fmt: skip
+            lines.append(f"| {b} | {label(stage)} | " + " | ".join(vals) + " |")
+    measures = [("hard_negatives", "Hard negatives per anchor (batch-mates one attribute away), "
+                 "mean over the logged steps of the last epoch (mean (min–max)):", 1.0, 2),
+                ("refresh_share", "Re-clustering time as a share of the run's wall time "
+                 "(evaluations included), % (mean (min–max)):", 100.0, 1)]  # fmt: skip
+    for m, title, scale, digits in measures:
+        kept = [(st, b) for st, b in arm_rows
+                if any(cell.get((st, lo, b), {}).get(m) for lo in losses)]  # fmt: skip
+        if not kept:
+            continue
+        lines += ["", title, "", head, rule]
+        for stage, b in kept:
+            vals = [span(cell.get((stage, lo, b), {}).get(m), scale, digits) for lo in losses]
             lines.append(f"| {b} | {label(stage)} | " + " | ".join(vals) + " |")
     lines.append(f"\nTotal time {record.get('total_time_s', 0) / 60:.1f} min.")
     return "\n".join(lines) + "\n"

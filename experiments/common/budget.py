@@ -171,7 +171,7 @@ def group_summary(
     out = []
     for (stage, loss, b), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        final = [r.get("final", {}) for r in rs]
+        final = [{**r.get("final", {}), **r.get("measures", {})} for r in rs]
         entry: dict[str, Any] = {
             "stage": stage, "loss": loss, "batch_size": b,
             "learning_rate": rs[0]["learning_rate"], "steps": rs[0].get("steps"),
@@ -228,9 +228,11 @@ def protocol_lines(stage: Stage, steps: dict[int, int], runs: Sequence[StudyRun]
     return lines
 
 
-def run_fixed_budget(stage: Stage, sizes: Sequence[int], min_steps: int, record: dict) -> dict:
+def run_fixed_budget(
+    stage: Stage, sizes: Sequence[int], min_steps: int, record: dict, path: Path
+) -> dict:
     """The fixed-budget stage: its runs (:func:`budget_runs`) trained in order, the rows in
-    ``record`` with their summary."""
+    ``record`` with their summary; ``path`` (JSON) holds the record so far after each run."""
     steps = budget_steps(stage.examples, sizes, min_steps=min_steps)
     runs = budget_runs(stage, sizes)
     protocol = protocol_lines(stage, steps, runs)
@@ -238,8 +240,7 @@ def run_fixed_budget(stage: Stage, sizes: Sequence[int], min_steps: int, record:
     record.update(budget_examples=stage.examples, steps=steps, protocol=runs[0].config.identity(),
                   protocol_lines=protocol)  # fmt: skip
     record["rates"] = [{"loss": lo, "batch_size": b, **r} for (lo, b), r in stage.rates.items()]
-    stem = "batch_size_study_fixed_budget"
-    rows = train_runs(stage, runs, stage.out / f"{stem}.json", record)
+    rows = train_runs(stage, runs, path, record)
     record.update(rows=rows, summary=group_summary(rows, REPORTED, stage.targets))
     return record
 

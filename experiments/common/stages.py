@@ -77,6 +77,8 @@ def run_stage(
     sizes = sorted(args.batch_sizes or DEFAULT_SIZES)
     arm_sizes = sorted(args.arm_batch_sizes)
     every = sorted(set(sizes) | (set(arm_sizes) if args.stage == "arms" else set()))
+    if min(every) < 1:
+        raise ConfigError(f"batch sizes must be positive, got {min(every)}: drop it")
     if max(every) > n_train:
         raise ConfigError(
             f"batch sizes up to {max(every)} exceed the {n_train} training examples: lower "
@@ -116,9 +118,10 @@ def run_stage(
     t_start = time.perf_counter()
     with compile_cache(args.compile_cache or out / "compile_cache"):
         if args.stage == "fixed-budget":
-            run_fixed_budget(stage, sizes, args.min_steps, record)
+            run_fixed_budget(stage, sizes, args.min_steps, record, out / f"{name}.json")
         else:
-            run_arms(stage, arm_sizes, sizes, args.arms, settings, args.min_steps, record)
+            run_arms(stage, arm_sizes, sizes, args.arms, settings, args.min_steps, record,
+                     out / f"{name}.json")  # fmt: skip
     record["total_time_s"] = round(time.perf_counter() - t_start, 1)
     record["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(out / f"{name}.json", record)

@@ -63,7 +63,8 @@ def run_to_target(
     """Train (or read back) ``run`` in ``root/runs/<name>``; its row: steps to each target
     (None: not reached within the cap), the final metrics (every metric of the last
     evaluation, test and validation, also under ``final``), the validation curve, the noise
-    scale measurements, the wall time."""
+    scale measurements, the batches' hard negatives and re-clustering share (``measures``),
+    the wall time."""
     cfg = run.config.with_updates(workdir=str(root / "runs" / run.name))
     t0 = time.perf_counter()
     print(f"[{index}] {run.name}: cap {cfg.steps} steps", file=sys.stderr, flush=True)
@@ -91,6 +92,7 @@ def run_to_target(
     spec = get_spec(cfg.data.dataset, cfg.data.image_size)
     names = metric_names(spec, validation=bool(cfg.data.validation_examples))
     row["final"] = {k: final[k] for k in names if k in final}
+    row["measures"] = _negatives_and_refresh(records, cfg)
     row["noise_b_simple"] = [
         [r["step"], r["noise_b_simple"]] for r in records if "noise_b_simple" in r
     ]
@@ -99,6 +101,25 @@ def run_to_target(
     print(f"[{index}] {run.name}: steps to target {{{reached}}} ({row['time_s']} s)",
           file=sys.stderr, flush=True)  # fmt: skip
     return row
+
+
+def _negatives_and_refresh(records: Sequence[dict], cfg: Config) -> dict[str, float]:
+    """What the arms of the study compare besides accuracy: ``hard_negatives`` (batch-mates
+    one attribute away per anchor, logged on ``shapes``) averaged over the logged steps of
+    the run's last epoch, where the hard arm's batches are clustered (its first epoch is
+    random); and ``refresh_share``, the hard batches' re-clustering time as a share of the
+    run's wall time (evaluations included) at its last logged step."""
+    out: dict[str, float] = {}
+    logged = [r for r in records if "hard_negatives" in r]
+    if logged:
+        n = cfg.data.train_examples
+        epoch = max(1, n // cfg.run.batch_size) if n else len(records)
+        last = [r["hard_negatives"] for r in logged if r["step"] > logged[-1]["step"] - epoch]
+        out["hard_negatives"] = sum(last) / len(last)
+    timed = [r for r in records if "refresh_total_s" in r and r.get("elapsed_s")]
+    if timed:
+        out["refresh_share"] = timed[-1]["refresh_total_s"] / timed[-1]["elapsed_s"]
+    return out
 
 
 def choose_rates(rows: Sequence[dict], targets: Sequence[float]) -> dict[tuple, float | None]:
