@@ -121,6 +121,7 @@ from experiments.common.stages import (
 )
 from experiments.common.study import (
     StudyRun,
+    StudyStopped,
     choose_rates,
     chosen_rates,
     fits,
@@ -382,7 +383,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(lambda: run(argv))
+    def body() -> Any:
+        try:
+            return run(argv)
+        except StudyStopped as e:  # a signal: the run saved its checkpoint; exit 0, as train
+            print(str(e), file=sys.stderr)
+            return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ fixed-budget and arms stages; and the locked-step benchmark against the library'
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import math
@@ -34,7 +35,13 @@ from experiments.common import arms, budget
 from experiments.common.arms import ArmSettings, arm_updates, matched_batch
 from experiments.common.budget import budget_steps
 from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
-from experiments.common.study import StudyRun, _negatives_and_refresh, choose_rates
+from experiments.common.study import (
+    StudyRun,
+    StudyStopped,
+    _negatives_and_refresh,
+    choose_rates,
+    run_to_target,
+)
 
 # A locked-tower run on shapes: 2,048 training examples, 256 for validation, batch 64.
 LOCKED = [
@@ -73,6 +80,22 @@ def test_locked_run_stops_at_its_target_and_stays_finished(tmp_path, cache):
     again = loop.train(parse_config(argv))
     assert [r["step"] for r in again] == [r["step"] for r in records]
     assert len(_records(tmp_path)) == len(records)
+
+
+def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, cache):
+    """A run that returns before its last step (SIGTERM/SIGINT: checkpoint saved; here
+    --stop-after) is not a finished row: the study stops with one line, and the same run
+    later resumes to its last step."""
+    argv = ["--workdir", "unused", *LOCKED, "--feature-cache", cache, "--steps", "6"]
+    run = StudyRun("budget", "infonce", 64, 4e-3, 0, parse_config([*argv, "--stop-after", "3"]))
+    with pytest.raises(
+        StudyStopped, match=r"stopped before its last step \(6\) .* same --out to resume"
+    ):
+        run_to_target(run, tmp_path, "val_zero_shot_top1", [0.9], "1/1")
+    done = dataclasses.replace(run, config=parse_config(argv))
+    row = run_to_target(done, tmp_path, "val_zero_shot_top1", [0.9], "1/1")
+    assert row["final_step"] == 6 and row["steps_to"] == {"0.9": None}
+    assert [r["step"] for r in _records(tmp_path / "runs" / run.name)][-1] == 6
 
 
 @pytest.mark.slow

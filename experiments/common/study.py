@@ -28,6 +28,7 @@ from experiments.common.scaling import first_crossing, fit_critical_batch, model
 
 __all__ = [
     "StudyRun",
+    "StudyStopped",
     "run_to_target",
     "choose_rates",
     "chosen_rates",
@@ -57,6 +58,11 @@ class StudyRun:
         )
 
 
+class StudyStopped(Exception):
+    """A run of the study was stopped by a signal before its last step (it saved a
+    checkpoint): the study stops too, and the same command resumes it."""
+
+
 def run_to_target(
     run: StudyRun, root: Path, metric: str, targets: Sequence[float], index: str
 ) -> dict[str, Any]:
@@ -82,6 +88,12 @@ def run_to_target(
         row.update(error=str(e), steps_to={str(t): None for t in targets}, curve=[])
         print(f"[{index}] {run.name}: failed: {e}", file=sys.stderr)
         return row
+    last = records[-1] if records else {}
+    if last.get("step", 0) < cfg.steps and "reached_target" not in last:
+        raise StudyStopped(
+            f"[{index}] {run.name} stopped before its last step ({cfg.steps}) by SIGTERM or "
+            "SIGINT, its checkpoint saved: run the same command with the same --out to resume"
+        )
     evals = [r for r in records if metric in r]
     steps, values = [r["step"] for r in evals], [r[metric] for r in evals]
     row["curve"] = [[s, v] for s, v in zip(steps, values, strict=True)]
