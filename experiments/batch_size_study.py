@@ -98,6 +98,7 @@ from typing import Any
 from contrastive.configs import Config, ConfigError
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import run_dir
+from experiments.common.arms import check_arm_names
 from experiments.common.cli import (
     command_parser,
     directory,
@@ -252,6 +253,7 @@ def learning_rates(batch_size: int, factors: Sequence[float]) -> list[float]:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_arm_names(args.arms)
     if args.stage:  # at the committed rates: experiments/common/stages.py
         if args.tune or args.full:
             raise ConfigError("--stage runs at the --rates study's rates: drop --tune/--full")

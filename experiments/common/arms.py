@@ -73,6 +73,7 @@ __all__ = [
     "DEFAULT_ARM_SIZES",
     "ArmSettings",
     "arm_updates",
+    "check_arm_names",
     "check_arms",
     "arm_runs",
     "matched_batch",
@@ -118,12 +119,19 @@ def arm_updates(arm: str, batch_size: int, s: ArmSettings) -> tuple[str, dict[st
     raise ConfigError(f"unknown arm {arm!r} in --arms: use {', '.join(ARM_NAMES)}")
 
 
-def check_arms(arms: Sequence[str], sizes: Sequence[int], s: ArmSettings) -> None:
-    """Every arm can run at every batch size; ConfigError (one line) before any run if not."""
+def check_arm_names(arms: Sequence[str]) -> None:
+    """``--arms`` names known arms (ConfigError, one line): checked whatever the stage, so
+    that a typo never goes unnoticed."""
     if not arms:
         raise ConfigError(f"--arms: give at least one of {', '.join(ARM_NAMES)}")
     for arm in arms:
-        arm_updates(arm, min(sizes), s)  # unknown names
+        if arm not in ARM_NAMES:
+            raise ConfigError(f"unknown arm {arm!r} in --arms: use {', '.join(ARM_NAMES)}")
+
+
+def check_arms(arms: Sequence[str], sizes: Sequence[int], s: ArmSettings) -> None:
+    """Every arm can run at every batch size; ConfigError (one line) before any run if not."""
+    check_arm_names(arms)
     if not (s.refresh_epochs > 0 and math.isfinite(s.refresh_epochs)):
         raise ConfigError(f"--refresh-epochs must be positive, got {s.refresh_epochs}")
     for b in sizes:
