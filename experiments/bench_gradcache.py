@@ -58,11 +58,7 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=positive_int, default=1, help="devices in the mesh")
     run_dir.add_output_flags(p)
     args = p.parse_args(argv)
-    if args.batch % args.devices or args.chunk % args.devices or args.chunk > args.batch:
-        p.error(
-            f"--batch {args.batch} and --chunk {args.chunk} must be multiples of --devices "
-            f"{args.devices}, with the chunk at most the batch"
-        )
+    bm.check_batch_and_chunk(p, args)
     return args
 
 

@@ -31,11 +31,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, default=5, help="alternating rounds")
     run_dir.add_output_flags(p)
     args = p.parse_args(argv)
-    if args.batch % args.devices or args.chunk % args.devices or args.chunk > args.batch:
-        p.error(
-            f"--batch {args.batch} and --chunk {args.chunk} must be multiples of --devices "
-            f"{args.devices}, with the chunk at most the batch"
-        )
+    bm.check_batch_and_chunk(p, args)
     return args
 
 

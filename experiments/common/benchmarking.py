@@ -57,6 +57,16 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
 
+def check_batch_and_chunk(parser: Any, args: Any) -> None:
+    """The step benchmarks' rule: ``--batch`` and ``--chunk`` split evenly over ``--devices``
+    and the chunk is at most the batch; otherwise the parser's one-line error (exit 2)."""
+    if args.batch % args.devices or args.chunk % args.devices or args.chunk > args.batch:
+        parser.error(
+            f"--batch {args.batch} and --chunk {args.chunk} must be multiples of --devices "
+            f"{args.devices}, with the chunk at most the batch"
+        )
+
+
 def simulate_cpu_devices(n: int, *, compile_only: bool = False) -> int:
     """Ask for at least ``n`` CPU devices; returns how many there are (or will be).
 
