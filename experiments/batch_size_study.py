@@ -78,10 +78,13 @@ Chen et al. 2020, Fig. 9; SigLIP, Zhai et al. 2023, Fig. 2)?
   size with as many steps (log-log interpolation of the random arm's seed means, never
   extrapolated: "< 64", "> 1024").
 
-Writes ``batch_size_study.{json,md,png}`` (tuned) or ``batch_size_study_main.{json,md,png}``
-(the main job) into a new run directory (every run's work dir,
-with its metrics.jsonl curve, under ``runs/``) and prints the tables, the plot's path and the
-directory. Started again with ``--out`` of a study or stage cut short, it resumes.
+Writes ``batch_size_study.{json,md,png}`` (``--tune``), ``batch_size_study_full.{json,md,png}``
+(``--full``) or ``batch_size_study_main.{json,md,png}`` (the main job) into a new run
+directory (every run's work dir, with its metrics.jsonl curve, under ``runs/``) and prints the
+tables, the plot's path and the directory. Started again with ``--out`` of a study or stage cut
+short, it resumes; runs of one ``--out`` may be split over processes by ``--losses`` (each
+loss's runs depend only on each other), and a last call with every loss reads them all back
+into one report.
 """
 
 from __future__ import annotations
@@ -290,7 +293,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not tuning:
         chosen = chosen_rates(args.rates, args.losses, sizes, args.targets)
         given_rates = {k: (v["learning_rate"], v["cap"]) for k, v in chosen.items()}
-    stem = STEM if tuning else f"{STEM}_main"  # the main job never overwrites the tuned study
+    # The main job and the full grid never overwrite the reduced tuned study, whose chosen
+    # rates the main job reads.
+    stem = f"{STEM}_full" if args.full else STEM if tuning else f"{STEM}_main"
     out = run_dir.create(stem, args.out)
     base = base_config(args, n_train, out)
     print(f"run directory: {out}", file=sys.stderr, flush=True)

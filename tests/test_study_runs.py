@@ -281,6 +281,34 @@ def test_tiny_study_tunes_then_the_main_job_reruns_its_rates(tmp_path, cache, ca
     assert "run directory: " + str(main_out) in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_full_study_split_by_loss_is_read_back_into_one_report(tmp_path, cache):
+    """``--full`` writes its own files (never the reduced study the main job reads); its losses
+    can run in separate calls on one ``--out``, and a call with every loss trains nothing and
+    reports the same rows, each with the training time of its own log."""
+    common = ["--full", "--batch-sizes", "64", "--seeds", "0,1", "--lr-factors", "1,2",
+              "--train-examples", "2048", "--validation-examples", "256", "--first-cap", "40",
+              "--targets", "0.02,0.04", "--feature-cache", cache, "--noise-scale-every", "0",
+              "--compile-cache", str(tmp_path / "xla")]  # fmt: skip
+    out = tmp_path / "full"
+    alone = {}
+    for loss in ("infonce", "sigmoid"):
+        alone[loss] = batch_size_study.run([*common, "--out", str(out), "--losses", loss])["rows"]
+    logs = {p: p.read_bytes() for p in out.glob("runs/*/metrics.jsonl")}
+    both = batch_size_study.run([*common, "--out", str(out), "--losses", "infonce,sigmoid"])
+    assert {p: p.read_bytes() for p in out.glob("runs/*/metrics.jsonl")} == logs  # no training
+    assert not (out / "batch_size_study.json").exists()
+    written = json.loads((out / "batch_size_study_full.json").read_text())
+    assert {r["loss"] for r in written["rows"]} == {"infonce", "sigmoid"}
+
+    def same(rows: list[dict]) -> list[dict]:  # all but the seconds this call spent on a row
+        key = lambda r: (r["loss"], r["stage"], r["batch_size"], r["learning_rate"], r["seed"])  # noqa: E731
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in sorted(rows, key=key)]
+
+    assert same(both["rows"]) == same(alone["infonce"] + alone["sigmoid"])
+    assert all(r["train_s"] > 0 for r in both["rows"])
+
+
 # ------------------------------------------------ the fixed-budget and arms stages, the bench
 
 # A tiny study's chosen rates: B = 64 reached the higher target, B = 128 only the lower one.

@@ -108,7 +108,9 @@ def run_to_target(
     row["noise_b_simple"] = [
         [r["step"], r["noise_b_simple"]] for r in records if "noise_b_simple" in r
     ]
-    row["time_s"] = round(time.perf_counter() - t0, 1)
+    row["time_s"] = round(time.perf_counter() - t0, 1)  # reading a finished run back: seconds
+    # The run's own training time from its log (the same whether trained now or read back).
+    row["train_s"] = final.get("elapsed_s")
     reached = ", ".join(f"{t}: {s}" for t, s in row["steps_to"].items())
     print(f"[{index}] {run.name}: steps to target {{{reached}}} ({row['time_s']} s)",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -385,7 +387,16 @@ def study_report(
         for n in noise:
             lines.append(f"| {loss_label(n['loss'])} | {n['batch_size']} | {n['first']:.3g} | "
                          f"{n['middle']:.3g} | {n['last']:.3g} |")  # fmt: skip
-    lines.append(f"\nTotal time {record.get('total_time_s', 0) / 60:.1f} min.")
+    trained = [r["train_s"] for r in record.get("rows", ()) if r.get("train_s") is not None]
+    lines.append(
+        f"\nTotal time of this call {record.get('total_time_s', 0) / 60:.1f} min"
+        + (
+            f"; the runs' own training time, summed from their logs, "
+            f"{sum(trained) / 60:.1f} min ({len(trained)} runs)."
+            if trained
+            else "."
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
