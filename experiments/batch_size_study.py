@@ -78,6 +78,13 @@ Chen et al. 2020, Fig. 9; SigLIP, Zhai et al. 2023, Fig. 2)?
   size with as many steps (log-log interpolation of the random arm's seed means, never
   extrapolated: "< 64", "> 1024").
 
+``--stage rate-edges --rates STUDY.json``: for every rate a tuned study chose at the lowest or
+highest end of its grid, the tuning seed one grid step beyond that end, at the study's own
+settings and caps, against the study's steps at the end; added after the full grid ran, to
+measure the caveat its report states (the steps at an end are upper bounds), and changing none
+of its choices (protocol in :mod:`experiments.common.rate_edges`). Writes
+``<study>_rate_edges.{json,md}``.
+
 Writes ``batch_size_study.{json,md,png}`` (``--tune``), ``batch_size_study_full.{json,md,png}``
 (``--full``) or ``batch_size_study_main.{json,md,png}`` (the main job) into a new run
 directory (every run's work dir, with its metrics.jsonl curve, under ``runs/``) and prints the

@@ -31,7 +31,7 @@ from contrastive.mesh import make_mesh, place_params, shard_batch
 from contrastive.optim import make_optimizer
 from contrastive.train_step import create_train_state, make_train_step, place_state
 from experiments import batch_size_study, bench_locked_step, train
-from experiments.common import arms, budget
+from experiments.common import arms, budget, rate_edges
 from experiments.common.arms import ArmSettings, arm_updates, matched_batch
 from experiments.common.budget import budget_steps
 from experiments.common.scaling import first_crossing, fit_critical_batch, model_steps
@@ -239,7 +239,8 @@ def test_negative_queue_run_resumes_exactly(tmp_path, cache):
 def test_tiny_study_tunes_then_the_main_job_reruns_its_rates(tmp_path, cache, capsys):
     """The whole study at a toy size: tuning picks a rate per (loss, B, target) from the
     steps to target on validation, the seeds run at it, the fit and the plot are written;
-    then the main job runs every seed at the rates that study chose."""
+    then the main job runs every seed at the rates that study chose, and the rate-edges stage
+    checks the choices at an end of the grid."""
     common = ["--losses", "infonce", "--batch-sizes", "64,128", "--seeds", "0,1",
               "--train-examples", "2048", "--validation-examples", "256",
               "--first-cap", "60", "--min-cap", "20", "--feature-cache", cache,
@@ -279,6 +280,50 @@ def test_tiny_study_tunes_then_the_main_job_reruns_its_rates(tmp_path, cache, ca
         (64, 0), (64, 1), (128, 0), (128, 1)
     ]  # fmt: skip
     assert "run directory: " + str(main_out) in capsys.readouterr().out
+    _check_rate_edges(study, tuned, common, tmp_path / "edges")
+
+
+def _check_rate_edges(study: dict, tuned: Path, common: list[str], out: Path) -> None:
+    """``--stage rate-edges`` on a tiny study tuned over two rates per batch size, where
+    every choice is at an end of its grid: the stage trains the tuning seed once per rate
+    beyond (half the lower, twice the higher; one run serves both targets), at the study's
+    cap and settings (its training set size read from the study), takes the steps at the end
+    from the study's own tuning run, and calls the rate beyond faster only when it reaches
+    the target in fewer steps."""
+    rates = str(tuned / "batch_size_study.json")
+    i = common.index("--train-examples")  # the stage reads it from the study
+    flags = common[:i] + common[i + 2 :]
+    record = batch_size_study.run(["--stage", "rate-edges", "--rates", rates, *flags,
+                                   "--targets", "0.02,0.04", "--out", str(out)])  # fmt: skip
+    written = json.loads((out / "batch_size_study_rate_edges.json").read_text())
+    assert written["summary"] == record["summary"] and written["rows"] == record["rows"]
+    tune = [r for r in study["rows"] if r["stage"] == "tune"]
+    chosen = [p for p in study["summary"] if p["learning_rate"] is not None]
+    assert chosen and len(record["summary"]) == len(chosen)
+    for c in record["summary"]:
+        grid = sorted(r["learning_rate"] for r in tune if r["batch_size"] == c["batch_size"])
+        assert grid == pytest.approx([4e-3 * math.sqrt(c["batch_size"] / 256) * f for f in (1, 2)])
+        low = math.isclose(c["learning_rate"], grid[0])
+        assert c["side"] == ("low" if low else "high")
+        assert c["beyond"] == pytest.approx(grid[0] / 2 if low else grid[1] * 2)
+        (end,) = [r for r in tune if r["batch_size"] == c["batch_size"]
+                  and math.isclose(r["learning_rate"], c["learning_rate"])]  # fmt: skip
+        assert c["steps"] == end["steps_to"][str(c["target"])] is not None
+        (run,) = [r for r in record["rows"] if r["batch_size"] == c["batch_size"]
+                  and math.isclose(r["learning_rate"], c["beyond"])]  # fmt: skip
+        assert run["seed"] == 0 and run["cap"] == end["cap"] == c["cap"]
+        s = c["beyond_steps"]
+        assert s == run["steps_to"][str(c["target"])]
+        assert c["beyond_faster"] == (s is not None and s < c["steps"])
+        steps, values = zip(*run["curve"], strict=True)
+        assert s == first_crossing(steps, values, c["target"])
+    beyond = {(c["batch_size"], round(c["beyond"], 12)) for c in record["summary"]}
+    assert len(record["rows"]) == len(beyond)
+    assert record["protocol"]["--train-examples"] == 2048
+    md = (out / "batch_size_study_rate_edges.md").read_text()
+    faster = sum(c["beyond_faster"] for c in record["summary"])
+    assert f"Beyond is faster in {faster} of {len(chosen)} cells" in md
+    assert md.count("| InfoNCE | ") == len(chosen)
 
 
 @pytest.mark.slow
@@ -420,6 +465,10 @@ def test_fixed_budget_then_arms_stage_at_a_toy_size(tmp_path, cache, capsys):
         (["--stage", "arms", "--arms", "queue", "--arm-batch-sizes", "64,128",
           "--queue-negatives", "131072"], "--queue-negatives 131072 at B = 64: --negative-queue "
          "2047 spans more than an epoch"),
+        (["--stage", "rate-edges", "--targets", "0.2"],
+         "--targets 0.2: the study {rates} measured only 0.25,0.3"),
+        (["--stage", "rate-edges", "--validation-examples", "1000"],
+         "--rates {rates} was tuned under other settings (--validation-examples 4096 -> 1000)"),
     ],
 )  # fmt: skip
 def test_bad_stage_flags_are_one_line_before_any_run(flags, message, tmp_path, capsys):
@@ -432,6 +481,17 @@ def test_bad_stage_flags_are_one_line_before_any_run(flags, message, tmp_path, c
     err = capsys.readouterr().err.strip()
     message = message.format(rates=rates)
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rate_edges_refuses_a_study_that_did_not_tune(tmp_path, capsys):
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps(TINY_RATES))  # chosen rates, but no tuning runs to compare
+    argv = ["--stage", "rate-edges", "--rates", str(rates), "--out", str(tmp_path / "out")]
+    assert batch_size_study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --rates {rates} has no tuning runs (it ran at given rates): give "
+                   "the JSON of a --tune or --full study")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -488,7 +548,7 @@ def test_arm_settings_give_the_protocols_queue_and_refresh():
     assert updates["cluster_size"] == 16 and updates["skip_duplicate_negatives"]
 
 
-@pytest.mark.parametrize("module", [budget, arms, bench_locked_step])
+@pytest.mark.parametrize("module", [budget, arms, rate_edges, bench_locked_step])
 def test_stage_and_bench_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -1,11 +1,12 @@
-"""The batch-size study's stages at committed rates: ``--stage fixed-budget`` and ``--stage arms``.
+"""The batch-size study's stages: ``--stage fixed-budget``, ``arms`` and ``rate-edges``.
 
 :func:`run_stage` checks everything a stage needs before its run directory exists (batch
 sizes against the budget and the training set, the arms' settings, the rates file and the
 settings it was tuned under, every run's config), then trains the stage's runs
 (:mod:`experiments.common.budget`, :mod:`experiments.common.arms`) under the persistent
 compilation cache, and writes ``<stem>_<stage>.{json,md,png}`` into the run directory. The
-protocol is the study command's module docstring.
+protocol is the study command's module docstring. ``rate-edges`` checks a tuned study's own
+choices instead (:mod:`experiments.common.rate_edges`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from experiments.common.budget import (
 )
 from experiments.common.cli import shared_module
 from experiments.common.grid import compile_cache
+from experiments.common.rate_edges import run_rate_edges
 from experiments.common.reports import write_json
 from experiments.common.stage_plots import plot_arms, plot_budget
 from experiments.common.study import chosen_rates
@@ -57,7 +59,7 @@ __all__ = [
     "run_stage",
 ]
 
-STAGES = ("fixed-budget", "arms")
+STAGES = ("fixed-budget", "arms", "rate-edges")
 
 
 def run_stage(
@@ -71,6 +73,8 @@ def run_stage(
     already a list), ``base_config(args, n_train, out)`` the settings every run shares,
     ``n_train`` the training examples, ``stem`` the output files' prefix. Returns the
     stage's record (what its JSON holds)."""
+    if args.stage == "rate-edges":  # its own settings: experiments/common/rate_edges.py
+        return run_rate_edges(args, argv, base_config)
     for loss in args.losses:
         if loss not in LOSS_NAMES:
             raise ConfigError(f"unknown loss {loss!r} in --losses: use {', '.join(LOSS_NAMES)}")
