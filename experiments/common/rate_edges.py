@@ -48,7 +48,7 @@ from experiments.common.budget import check_rates_protocol
 from experiments.common.cli import shared_module
 from experiments.common.grid import compile_cache
 from experiments.common.reports import loss_label, write_json
-from experiments.common.study import StudyRun, run_to_target
+from experiments.common.study import StudyRun, run_to_target, time_line
 
 __all__ = ["beyond_rate", "edge_cells", "edge_report", "run_rate_edges"]
 
@@ -148,12 +148,14 @@ def edge_report(record: dict) -> str:
             f"{c['learning_rate']:.2g} ({c['side']}) | {c['steps']} | {c['beyond']:.2g} | "
             f"{got} | {verdict} |"
         )
-    faster = [c for c in cells if c["beyond_faster"]]
-    lines += ["", f"Beyond is faster in {len(faster)} of {len(cells)} cells"
-              + (f" (by {min(c['ratio'] for c in faster):.2f}x to "
-                 f"{max(c['ratio'] for c in faster):.2f}x)" if faster else "")
-              + f"; the end holds in {len(cells) - len(faster)}."]  # fmt: skip
-    lines.append(f"\nTotal time {record.get('total_time_s', 0) / 60:.1f} min.")
+    faster = sorted(c["ratio"] for c in cells if c["beyond_faster"])
+    by = ""
+    if faster:
+        by = f" (by {faster[0]:.2f}x)" if len(faster) == 1 else (
+            f" (by {faster[0]:.2f}x to {faster[-1]:.2f}x)")  # fmt: skip
+    lines += ["", f"Beyond is faster in {len(faster)} of {len(cells)} cells{by}; the end "
+              f"holds in {len(cells) - len(faster)}."]  # fmt: skip
+    lines.append("\n" + time_line(record))
     return "\n".join(lines) + "\n"
 
 

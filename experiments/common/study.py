@@ -37,6 +37,7 @@ __all__ = [
     "noise_scales",
     "steps_table",
     "plot_steps",
+    "time_line",
 ]
 
 
@@ -387,17 +388,19 @@ def study_report(
         for n in noise:
             lines.append(f"| {loss_label(n['loss'])} | {n['batch_size']} | {n['first']:.3g} | "
                          f"{n['middle']:.3g} | {n['last']:.3g} |")  # fmt: skip
-    trained = [r["train_s"] for r in record.get("rows", ()) if r.get("train_s") is not None]
-    lines.append(
-        f"\nTotal time of this call {record.get('total_time_s', 0) / 60:.1f} min"
-        + (
-            f"; the runs' own training time, summed from their logs, "
-            f"{sum(trained) / 60:.1f} min ({len(trained)} runs)."
-            if trained
-            else "."
-        )
-    )
+    lines.append("\n" + time_line(record))
     return "\n".join(lines) + "\n"
+
+
+def time_line(record: dict) -> str:
+    """The report's last line: this call's time, and the runs' own training time summed from
+    their logs (a call that reads finished runs back takes seconds; their training did not)."""
+    trained = [r["train_s"] for r in record.get("rows", ()) if r.get("train_s") is not None]
+    line = f"Total time of this call {record.get('total_time_s', 0) / 60:.1f} min"
+    if not trained:
+        return line + "."
+    return (f"{line}; the runs' own training time, summed from their logs, "
+            f"{sum(trained) / 60:.1f} min ({len(trained)} runs).")  # fmt: skip
 
 
 if __name__ == "__main__":
