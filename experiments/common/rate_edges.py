@@ -181,34 +181,23 @@ def run_rate_edges(
         raise ConfigError(str(e).replace("--stop-at", "--metric")) from None
     check_rates_protocol(args.rates, base)
     sizes = set(args.batch_sizes or [p["batch_size"] for p in study["summary"]])
-    cells = [
-        c
-        for c in edge_cells(study)
-        if c["loss"] in args.losses and c["batch_size"] in sizes and c["target"] in args.targets
-    ]
+
+    def asked(p: dict) -> bool:  # a (loss, B, target) the flags ask about
+        return p["loss"] in args.losses and p["batch_size"] in sizes and p["target"] in args.targets
+
+    cells = [c for c in edge_cells(study) if asked(c)]
+    choices = sum(p["learning_rate"] is not None and asked(p) for p in study["summary"])
     seed = next(r["seed"] for r in study["rows"] if r["stage"] == "tune")
     wanted = {(c["loss"], c["batch_size"], c["beyond"]): c["cap"] for c in cells}
 
     def runs_at(out: Path) -> list[StudyRun]:
         b = base_config(args, n_train, out)
         return [
-            StudyRun(
-                "edge",
-                loss,
-                bs,
-                lr,
-                seed,
-                b.with_updates(
-                    loss=loss,
-                    batch_size=bs,
-                    learning_rate=lr,
-                    seed=seed,
-                    steps=cap,
-                    checkpoint_every=cap,
-                ),
-            )  # fmt: skip
+            StudyRun("edge", loss, bs, lr, seed, b.with_updates(
+                loss=loss, batch_size=bs, learning_rate=lr, seed=seed, steps=cap,
+                checkpoint_every=cap))
             for (loss, bs, lr), cap in sorted(wanted.items())
-        ]
+        ]  # fmt: skip
 
     runs_at(Path(args.out or "."))  # every run's config checked before the directory exists
     name = f"{Path(args.rates).stem}_rate_edges"
@@ -218,7 +207,7 @@ def run_rate_edges(
         "command": " ".join(["python -m experiments.batch_size_study", *(argv or sys.argv[1:])]),
         "stage": args.stage, "rates_file": args.rates, "metric": args.metric,
         "targets": args.targets, "seed": seed, "protocol": base.identity(),
-        "choices": sum(p["learning_rate"] is not None for p in study["summary"]),
+        "choices": choices,
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
     }  # fmt: skip
     t_start = time.perf_counter()
