@@ -79,11 +79,10 @@ Chen et al. 2020, Fig. 9; SigLIP, Zhai et al. 2023, Fig. 2)?
   extrapolated: "< 64", "> 1024").
 
 ``--stage rate-edges --rates STUDY.json``: for every rate a tuned study chose at the lowest or
-highest end of its grid, the tuning seed one grid step beyond that end, at the study's own
-settings and caps, against the study's steps at the end; added after the full grid ran, to
-measure the caveat its report states (the steps at an end are upper bounds), and changing none
-of its choices (protocol in :mod:`experiments.common.rate_edges`). Writes
-``<study>_rate_edges.{json,md}``.
+highest end of its grid, the tuning seed one grid step beyond that end and at the end again,
+at the study's own settings and caps; added after the full grid ran, to measure the caveat
+its report states (the steps at an end are upper bounds), and changing none of its choices
+(protocol in :mod:`experiments.common.rate_edges`). Writes ``<study>_rate_edges.{json,md}``.
 
 Writes ``batch_size_study.{json,md,png}`` (``--tune``), ``batch_size_study_full.{json,md,png}``
 (``--full``) or ``batch_size_study_main.{json,md,png}`` (the main job) into a new run

@@ -286,10 +286,10 @@ def test_tiny_study_tunes_then_the_main_job_reruns_its_rates(tmp_path, cache, ca
 def _check_rate_edges(study: dict, tuned: Path, common: list[str], out: Path) -> None:
     """``--stage rate-edges`` on a tiny study tuned over two rates per batch size, where
     every choice is at an end of its grid: the stage trains the tuning seed once per rate
-    beyond (half the lower, twice the higher; one run serves both targets), at the study's
-    cap and settings (its training set size read from the study), takes the steps at the end
-    from the study's own tuning run, and calls the rate beyond faster only when it reaches
-    the target in fewer steps."""
+    beyond (half the lower, twice the higher; one run serves both targets) and once more at
+    the end rate, at the study's cap and settings (its training set size read from the
+    study); on one machine the end's run repeats the study's own; the rate beyond is called
+    faster only when it reaches the target in fewer steps than the end's run."""
     rates = str(tuned / "batch_size_study.json")
     i = common.index("--train-examples")  # the stage reads it from the study
     flags = common[:i] + common[i + 2 :]
@@ -309,16 +309,20 @@ def _check_rate_edges(study: dict, tuned: Path, common: list[str], out: Path) ->
         (end,) = [r for r in tune if r["batch_size"] == c["batch_size"]
                   and math.isclose(r["learning_rate"], c["learning_rate"])]  # fmt: skip
         assert c["steps"] == end["steps_to"][str(c["target"])] is not None
+        (again,) = [r for r in record["rows"] if r["batch_size"] == c["batch_size"]
+                    and math.isclose(r["learning_rate"], c["learning_rate"])]  # fmt: skip
+        assert again["curve"] == end["curve"] and c["end_steps"] == c["steps"]
         (run,) = [r for r in record["rows"] if r["batch_size"] == c["batch_size"]
                   and math.isclose(r["learning_rate"], c["beyond"])]  # fmt: skip
         assert run["seed"] == 0 and run["cap"] == end["cap"] == c["cap"]
         s = c["beyond_steps"]
         assert s == run["steps_to"][str(c["target"])]
-        assert c["beyond_faster"] == (s is not None and s < c["steps"])
+        assert c["beyond_faster"] == (s is not None and s < c["end_steps"])
         steps, values = zip(*run["curve"], strict=True)
         assert s == first_crossing(steps, values, c["target"])
-    beyond = {(c["batch_size"], round(c["beyond"], 12)) for c in record["summary"]}
-    assert len(record["rows"]) == len(beyond)
+    rates = {(c["batch_size"], round(lr, 12))
+             for c in record["summary"] for lr in (c["learning_rate"], c["beyond"])}  # fmt: skip
+    assert len(record["rows"]) == len(rates)
     assert record["protocol"]["--train-examples"] == 2048
     md = (out / "batch_size_study_rate_edges.md").read_text()
     faster = sum(c["beyond_faster"] for c in record["summary"])

@@ -7,9 +7,11 @@ that cell are an upper bound. ``--stage rate-edges --rates STUDY.json`` measures
 for each such choice it trains the tuning seed one grid step beyond that end (the end rate
 divided, or multiplied, by the ratio of the grid's two rates at that end: 2 for the default
 factors), under the study's own settings (checked against its recorded protocol, the training
-set size read from it) and the study's step cap for (loss, B), and compares the steps to the
-target with the study's own tuning run at the end rate (read from its JSON, not retrained:
-the runs are deterministic).
+set size read from it) and the study's step cap for (loss, B), and trains the end rate again
+beside it: the runs are deterministic on one machine and software stack, but a run's curve on
+another one parts from the committed run's within a few evaluations (as two seeds do), so the
+comparison is between two runs of the same environment. The study's own steps at the end are
+reported beside them.
 
 Protocol, fixed before its first run. The stage was added after the full grid had run, to
 measure the caveat its report states ("the steps at an end of the grid are upper bounds"); it
@@ -17,11 +19,13 @@ does not change the study's choices, tables or fits:
 
 - cells: every (loss, B, target) of the study whose chosen rate is the lowest or the highest
   of that batch size's tuning rates (``--losses`` and ``--batch-sizes`` narrow them);
-- runs: one per (loss, B, rate beyond), the study's tuning seed, its cap for (loss, B), a stop
-  at the study's highest target, evaluation on the study's schedule;
+- runs: one per (loss, B, rate beyond) and one per (loss, B, end rate), the study's tuning
+  seed, its cap for (loss, B), a stop at the study's highest target, evaluation on the
+  study's schedule;
 - verdict per cell: **beyond is faster** when the run beyond reaches the target in fewer
-  steps (the study's figure is then loose by at least that ratio), otherwise **the end
-  holds** (the rate beyond is slower, equal, or misses the target within the cap).
+  steps than the end's run of this stage (the study's figure is then loose by about that
+  ratio), otherwise **the end holds** (the rate beyond is slower, equal, or misses the target
+  within the cap).
 
 One seed and one grid step: a rate two steps beyond may be faster still, and a seed's steps
 vary by tens of per cent (the study's min–max), so a small difference is within noise.
@@ -106,18 +110,19 @@ def edge_cells(study: dict) -> list[dict]:
 
 
 def _verdicts(cells: Sequence[dict], rows: Sequence[dict]) -> list[dict]:
-    """Each cell with the steps of its run beyond and the verdict."""
+    """Each cell with the steps of this stage's runs at the end and beyond, and the verdict."""
+
+    def steps(c: dict, lr: float) -> int | None:
+        (row,) = [r for r in rows if (r["loss"], r["batch_size"]) == (c["loss"], c["batch_size"])
+                  and math.isclose(r["learning_rate"], lr)]  # fmt: skip
+        return row["steps_to"].get(str(c["target"]))
+
     out = []
     for c in cells:
-        row = next(
-            r for r in rows
-            if (r["loss"], r["batch_size"]) == (c["loss"], c["batch_size"])
-            and math.isclose(r["learning_rate"], c["beyond"])
-        )  # fmt: skip
-        s = row["steps_to"].get(str(c["target"]))
-        faster = s is not None and s < c["steps"]
-        out.append({**c, "beyond_steps": s, "beyond_faster": faster,
-                    "ratio": c["steps"] / s if faster else None})  # fmt: skip
+        end, s = steps(c, c["learning_rate"]), steps(c, c["beyond"])
+        faster = s is not None and (end is None or s < end)
+        out.append({**c, "end_steps": end, "beyond_steps": s, "beyond_faster": faster,
+                    "ratio": end / s if faster and end else None})  # fmt: skip
     return out
 
 
@@ -130,25 +135,28 @@ def edge_report(record: dict) -> str:
         "",
         f"- cells: the {len(cells)} of the study's {n_choices} chosen rates (loss, B, target) "
         "that are the lowest or the highest rate it tried at that batch size",
-        f"- runs: the tuning seed ({record['seed']}) one grid step beyond the end, the "
-        "study's cap and settings; the steps at the end are the study's own tuning run",
+        f"- runs: the tuning seed ({record['seed']}) at the end and one grid step beyond it, "
+        "the study's cap and settings; \"in the study\": the study's own run at the end",
         f"- `{record['metric']}` on the validation split; steps are the first evaluation at "
         "or above the target",
         "",
-        "| loss | batch | target | rates tried | chosen (end) | steps | beyond | steps | verdict |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "| loss | batch | target | rates tried | chosen (end) | steps in the study | steps now "
+        "| beyond | steps now | verdict |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in cells:
         grid = ", ".join(f"{r:.2g}" for r in c["grid"])
-        got = c["beyond_steps"] if c["beyond_steps"] is not None else f"not in {c['cap']}"
-        verdict = (f"beyond is faster ({c['ratio']:.2f}x)" if c["beyond_faster"]
-                   else "the end holds")  # fmt: skip
+        got = {k: c[k] if c[k] is not None else f"not in {c['cap']}"
+               for k in ("end_steps", "beyond_steps")}  # fmt: skip
+        verdict = "the end holds"
+        if c["beyond_faster"]:
+            verdict = f"beyond is faster ({c['ratio']:.2f}x)" if c["ratio"] else "beyond only"
         lines.append(
             f"| {loss_label(c['loss'])} | {c['batch_size']} | {c['target']:g} | {grid} | "
-            f"{c['learning_rate']:.2g} ({c['side']}) | {c['steps']} | {c['beyond']:.2g} | "
-            f"{got} | {verdict} |"
+            f"{c['learning_rate']:.2g} ({c['side']}) | {c['steps']} | {got['end_steps']} | "
+            f"{c['beyond']:.2g} | {got['beyond_steps']} | {verdict} |"
         )
-    faster = sorted(c["ratio"] for c in cells if c["beyond_faster"])
+    faster = sorted(c["ratio"] or math.inf for c in cells if c["beyond_faster"])
     by = ""
     if faster:
         by = f" (by {faster[0]:.2f}x)" if len(faster) == 1 else (
@@ -188,7 +196,8 @@ def run_rate_edges(
     cells = [c for c in edge_cells(study) if asked(c)]
     choices = sum(p["learning_rate"] is not None and asked(p) for p in study["summary"])
     seed = next(r["seed"] for r in study["rows"] if r["stage"] == "tune")
-    wanted = {(c["loss"], c["batch_size"], c["beyond"]): c["cap"] for c in cells}
+    wanted = {(c["loss"], c["batch_size"], lr): c["cap"]
+              for c in cells for lr in (c["learning_rate"], c["beyond"])}  # fmt: skip
 
     def runs_at(out: Path) -> list[StudyRun]:
         b = base_config(args, n_train, out)
