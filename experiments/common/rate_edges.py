@@ -156,11 +156,12 @@ def edge_report(record: dict) -> str:
             f"{c['learning_rate']:.2g} ({c['side']}) | {c['steps']} | {got['end_steps']} | "
             f"{c['beyond']:.2g} | {got['beyond_steps']} | {verdict} |"
         )
-    faster = sorted(c["ratio"] or math.inf for c in cells if c["beyond_faster"])
+    faster = [c for c in cells if c["beyond_faster"]]
+    ratios = sorted(c["ratio"] for c in faster if c["ratio"])  # "beyond only" has none
     by = ""
-    if faster:
-        by = f" (by {faster[0]:.2f}x)" if len(faster) == 1 else (
-            f" (by {faster[0]:.2f}x to {faster[-1]:.2f}x)")  # fmt: skip
+    if ratios:
+        by = f" (by {ratios[0]:.2f}x)" if len(ratios) == 1 else (
+            f" (by {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")  # fmt: skip
     lines += ["", f"Beyond is faster in {len(faster)} of {len(cells)} cells{by}; the end "
               f"holds in {len(cells) - len(faster)}."]  # fmt: skip
     lines.append("\n" + time_line(record))
