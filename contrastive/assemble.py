@@ -139,6 +139,9 @@ class Setup:
     key: jax.Array
     step_fn: Any  # (state, input from make_inputs, key) -> (state, metrics)
     dataset: str
+    # What the checkpoints must agree on beyond the settings: the device count and the
+    # digests of the inputs the run did not compute (RunData.inputs).
+    inputs: dict = dataclasses.field(default_factory=dict)
 
     def evaluate(self, params: Any, only: str | None = None) -> dict[str, float]:
         """The evaluation metrics of the model with ``params`` (see ``evaluate_model``)."""
@@ -165,10 +168,11 @@ def setup(cfg: Config) -> Setup:
     if n_dev > len(devices):
         raise ConfigError(f"--num-devices {n_dev} but only {len(devices)} devices are present")
     cfg.check_devices(n_dev)
-    if cfg.train.stream and cfg.run.noise_scale_every:
+    if cfg.run.noise_scale_every and (cfg.train.stream or cfg.data.hard_batches):
+        flag = "--stream" if cfg.train.stream else "--hard-batches"
         raise ConfigError(
-            "--stream does not combine with --noise-scale-every: the noise probe needs the "
-            "step's whole batch in memory; drop one"
+            f"{flag} does not combine with --noise-scale-every: the noise meter draws whole "
+            "random batches of the run's size; drop one"
         )
 
     # --- mesh ----------------------------------------------------------------------------
@@ -194,6 +198,16 @@ def setup(cfg: Config) -> Setup:
             cluster_tower=d.cluster_tower,
             kind=spec.kind,
         )
+        from contrastive.data.hard_batches import first_hard_step
+
+        first = first_hard_step(data.num_train, cfg.run.batch_size, d.refresh_every)
+        if first > cfg.steps:  # else every batch is random, and a "hard" run is not one
+            raise ConfigError(
+                f"--hard-batches: the first hard batch is step {first} (the first clustering, "
+                f"due after --refresh-every {d.refresh_every} steps, takes effect at the next "
+                f"epoch start) but --steps is {cfg.steps}: every batch would be random; raise "
+                "--steps or lower --refresh-every"
+            )
 
     def make_inputs() -> StepInputs:
         # Called by the loop once the model exists (graphdef below), once per run.
@@ -235,7 +249,10 @@ def setup(cfg: Config) -> Setup:
         step_fn = streamed_step_fn(graphdef, cfg.train, mesh, tx=tx)
     else:
         step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
-    return Setup(mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset)
+    inputs = {"devices": int(mesh.devices.size), **data.inputs}
+    return Setup(
+        mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset, inputs
+    )
 
 
 def evaluate_untrained(cfg: Config) -> dict[str, float]:

@@ -55,6 +55,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -550,18 +551,32 @@ class Checkpointer:
             return False
         return self.save(step, state, meta)
 
+    def _read_item(self, step: int, item: str, args: Any) -> Any:
+        """Item ``item`` of checkpoint ``step``, read by its orbax handler alone.
+
+        Not through ``CheckpointManager.restore``, which ends in a barrier (a collective): a
+        process whose read raised (a damaged file that only its shards live in) would skip that
+        barrier while its peers wait in it, and its next collective (:func:`_all_processes`)
+        would meet their barrier; gloo aborts on the mismatch ("Received data size doesn't
+        match expected size"). A handler holds no barrier, so every process reaches the
+        agreement that follows each read, whatever its own read did.
+        """
+        if isinstance(args, ocp.args.StandardRestore):
+            handler = ocp.StandardCheckpointHandler()
+        else:
+            handler = ocp.JsonCheckpointHandler()
+        try:
+            return handler.restore(Path(self.directory, str(step), item), args=args)
+        finally:
+            handler.close()
+
     def _read_meta(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         if step not in self._manager.all_steps():
             raise CheckpointCorruptError(f"checkpoint {step} does not exist in {self.directory}")
         try:
             with quiet():
-                out = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()
-                    ),
-                )
-            meta, integrity = out.meta, out.integrity
+                meta = self._read_item(step, "meta", ocp.args.JsonRestore())
+                integrity = self._read_item(step, "integrity", ocp.args.JsonRestore())
         except Exception as e:
             raise CheckpointCorruptError(f"meta unreadable: {one_line(e)}") from e
         if not isinstance(meta, dict) or not isinstance(integrity, dict):
@@ -585,11 +600,9 @@ class Checkpointer:
         reason = ""
         try:
             with quiet():
-                out = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template))),
+                stored = self._read_item(
+                    step, "state", ocp.args.StandardRestore(_abstract(template))
                 )
-            stored = out.state
             if stored is None:
                 reason = "state item missing"
         except Exception as e:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from contrastive.data.pipeline import DATASETS, metric_names
+from contrastive.data.pipeline import DATASETS, get_spec, metric_names
 from contrastive.loss_registry import LOSS_NAMES, loss_spec
 from contrastive.models import IMAGE_ENCODERS
 from contrastive.settings import (
@@ -231,7 +231,9 @@ class DataConfig:
     """Which data set, where it lives, how much of it evaluation reads."""
 
     dataset: str = setting(
-        "digits", "data set (digits: offline, from scikit-learn)", choices=tuple(DATASETS)
+        "digits",
+        f"data set, one of {', '.join(DATASETS)} (digits: offline, from scikit-learn), or a "
+        "directory of own image-text pairs prepared by python -m experiments.prepare_pairs",
     )
     data_dir: str | None = setting(
         None, "TFDS data dir; none: ~/tensorflow_datasets", changes_run=False, path=True
@@ -285,8 +287,12 @@ class DataConfig:
 
     def __post_init__(self):
         check_fields(self)
+        try:  # a known name or a prepared directory, else one line naming the flag
+            get_spec(self.dataset)
+        except ValueError as e:
+            raise ValueError(f"{field_name(self, 'dataset')}: {e}") from None
         wants_ids = self.hard_negatives or self.skip_duplicate_negatives
-        if wants_ids and not DATASETS[self.dataset].class_captions:
+        if wants_ids and not get_spec(self.dataset).class_captions:
             flag = "hard_negatives" if self.hard_negatives else "skip_duplicate_negatives"
             raise ValueError(
                 f"{field_name(self, flag)} needs a data set with caption ids: use --dataset shapes"
@@ -392,13 +398,24 @@ class RunConfig:
     stop_at: str | None = setting(
         None,
         "stop (with a checkpoint) at the first evaluation where METRIC reaches VALUE, given as "
-        "METRIC=VALUE, e.g. val_zero_shot_top1=0.3; none: run every step",
+        "METRIC=VALUE, e.g. val_zero_shot_top1=0.3 (reached at or above it; a cross-entropy, "
+        "val_zero_shot_xent=4.5, at or below it); none: run every step",
     )
     noise_scale_every: int = setting(
         0,
-        "measure the gradient noise scale B_simple every K steps (McCandlish et al. 2018; "
-        "written to the metrics as noise_*); 0: off",
+        "measure the gradient noise scale every K steps with the fixed-batch estimator "
+        "(McCandlish et al. 2018, App. A): the gradients (before clipping) of --noise-batches "
+        "m batches of the run's batch size B at the step's parameters give their variance V, "
+        "|G|^2 = |mean|^2 - V/m and B_simple = B V / |G|^2 (metrics noise_variance, noise_g2, "
+        "noise_trace = B V, noise_b_simple); costs m extra gradient computations per "
+        "measurement; 0: off",
         at_least=0,
+        changes_run=False,
+    )
+    noise_batches: int = setting(
+        32,
+        "batches m per noise-scale measurement (at least 2; 32 or more: V within about 25 %%)",
+        at_least=2,
         changes_run=False,
     )
     feature_cache: str | None = setting(
@@ -423,6 +440,11 @@ class RunConfig:
             raise ValueError(
                 f"{field_name(self, 'eval_growth')} must be above 1 (1.05: 5 % apart) or 0 "
                 f"(off), got {self.eval_growth}"
+            )
+        if 1 < self.eval_growth < 1.0001:  # loop.MIN_EVAL_GROWTH; 1 + 2e-16 never schedules
+            raise ValueError(
+                f"{field_name(self, 'eval_growth')} must be above 1 by at least 0.0001 (nearer "
+                f"to 1 is every step up to 10,000: use --eval-every 1), got {self.eval_growth!r}"
             )
         try:
             parse_stop_at(self.stop_at)
@@ -525,12 +547,12 @@ class Config:
                 f"{field_name(r, 'stop_after')} must be between 1 and "
                 f"{field_name(t.optim, 'total_steps')}={self.steps}"
             )
-        if DATASETS[self.data.dataset].kind == "image_text" and t.loss.intra_view:
+        if get_spec(self.data.dataset).kind == "image_text" and t.loss.intra_view:
             raise ValueError(
                 f"{field_name(t.loss, 'intra_view')} needs two views of one image, not "
                 "image-text pairs"
             )
-        spec = DATASETS[self.data.dataset]
+        spec = get_spec(self.data.dataset)
         d, m = self.data, self.model
         if d.validation_examples and not spec.class_captions:
             raise ValueError(
@@ -564,6 +586,19 @@ class Config:
             raise ValueError(
                 f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: "
                 "drop one"
+            )
+        tau, ceiling = self.init_temperature, m.max_inverse_temperature
+        if ceiling is not None and 1 / tau > ceiling * (1 + 1e-9):
+            # The clip would hold the temperature at 1/ceiling from the first step on.
+            given = (
+                f"{field_name(m, 'temperature')} {tau:g}"
+                if m.temperature is not None
+                else f"the {t.loss.name} loss's default temperature {tau:g}"
+            )
+            raise ValueError(
+                f"{given} is below 1/{field_name(m, 'max_inverse_temperature')} = "
+                f"{1 / ceiling:g}, so the run would train at {1 / ceiling:g}: raise "
+                f"--max-inverse-temperature to at least {1 / tau:g}, or raise --temperature"
             )
         if self.model.bias is not None and not t.loss.spec.has_bias:
             raise ValueError(

@@ -14,7 +14,9 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,14 @@ import jax
 import ml_dtypes
 import numpy as np
 
-__all__ = ["params_digest", "cached_features", "load_feature_file"]
+__all__ = [
+    "params_digest",
+    "file_digest",
+    "cached_features",
+    "load_feature_file",
+    "check_cache_dir",
+    "CacheWriteError",
+]
 
 # Part of every cache key: bump it when what a cached file holds changes meaning.
 _CACHE_VERSION = 1
@@ -44,6 +53,44 @@ def params_digest(params: Any) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (a run's identity holds the digests of
+    the inputs it did not compute itself, e.g. a user's feature files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _warn(line: str) -> None:
+    """One line on stderr: a damaged cache entry is said out loud, then recomputed."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+class CacheWriteError(ValueError):
+    """A cache entry could not be written (a read-only or full cache directory); one line."""
+
+
+def check_cache_dir(cache_dir: str | os.PathLike, *, flag: str = "--feature-cache") -> None:
+    """Refuse, before any long work, a cache directory this process cannot write.
+
+    Tried, not inferred from permission bits (``os.access`` says yes to root on a read-only
+    file system): the directory is created if missing and a temporary file is made in it.
+    Raises :class:`CacheWriteError` (a ``ValueError``) in one line naming ``flag``.
+    """
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise CacheWriteError(
+            f"{flag} {path} cannot be written ({why}): pass a writable directory"
+        ) from None
 
 
 def _json_digest(obj: Any, what: str) -> str:
@@ -80,10 +127,44 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _write_entry(data_path: Path, data: bytes, meta: dict[str, Any]) -> None:
     """The data file first, then its JSON: a reader trusts the data only once the JSON with
-    the matching key exists, so a crash between the two writes leaves a miss, not a lie."""
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(data_path, data)
-    _atomic_write(data_path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    the matching key exists, so a crash between the two writes leaves a miss, not a lie.
+
+    The JSON holds ``sha256``, the digest of the data file's bytes, which a reader checks
+    (:func:`_read_checked`). An ``OSError`` (read-only or full directory) becomes a one-line
+    :class:`CacheWriteError` naming the directory.
+    """
+    meta = {**meta, "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(data_path, data)
+        _atomic_write(data_path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise CacheWriteError(
+            f"cache entry {data_path} cannot be written ({why}): make {data_path.parent} "
+            "writable or pass another --feature-cache"
+        ) from None
+
+
+def _read_checked(data_path: Path, meta: dict[str, Any], redo: str = "recomputed") -> bytes | None:
+    """The entry's bytes when their sha256 equals the one its JSON holds; else None, after a
+    warning line naming the file (it is recomputed and rewritten). An entry written before
+    the digest was stored is a silent miss."""
+    want = meta.get("sha256")
+    if not isinstance(want, str):
+        return None
+    try:
+        data = data_path.read_bytes()
+    except OSError as e:
+        _warn(f"cache entry {data_path} cannot be read ({e.strerror}); it is {redo}")
+        return None
+    if hashlib.sha256(data).hexdigest() != want:
+        _warn(
+            f"cache entry {data_path} does not match its checksum (changed or damaged on disk); "
+            f"it is {redo} and rewritten"
+        )
+        return None
+    return data
 
 
 def _read_meta(data_path: Path, key: str) -> dict[str, Any] | None:
@@ -125,11 +206,14 @@ def cached_features(
     The key is the sha256 of (``tower_config`` as canonical JSON, :func:`params_digest` of
     ``params``, ``split``, ``num_examples``, ``data_seed``, the cache format): a different
     config, a single changed parameter bit, another split, count or data seed is a miss. A
-    miss calls ``compute_fn()`` (no arguments; it must return ``[num_examples, F]`` floats,
-    stored as float32) and writes ``features-<split>-<N>-<key>.npy`` and a ``.json`` beside
-    it, each atomically (temporary file + ``os.replace``): a killed writer leaves at most a
-    hidden ``.tmp`` file, never a half-written entry. A hit loads the ``.npy``; an entry
-    that does not load or has the wrong shape is recomputed.
+    miss calls ``compute_fn()`` (no arguments; it must return ``[num_examples, F]`` finite
+    floats, stored as float32) and writes ``features-<split>-<N>-<key>.npy`` and a ``.json``
+    beside it holding the sha256 of the ``.npy``'s bytes, each atomically (temporary file +
+    ``os.replace``): a killed writer leaves at most a hidden ``.tmp`` file, never a
+    half-written entry. A hit checks the bytes against that sha256 before it loads them; an
+    entry whose bytes changed (a flipped bit, even one that leaves every value finite), that
+    does not load, has the wrong shape or holds NaN/inf is reported in one warning line
+    naming the file and recomputed.
 
     Returns float32 ``[num_examples, F]``.
     """
@@ -147,10 +231,11 @@ def cached_features(
     key = _json_digest(description, "tower_config")
     path = Path(cache_dir) / f"features-{_safe(split)}-{num_examples}-{key[:24]}.npy"
     meta = _read_meta(path, key)
-    if meta is not None:
+    data = _read_checked(path, meta) if meta is not None else None
+    if data is not None:
         try:
-            features = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+            features = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
             features = None
         if (
             features is not None
@@ -158,7 +243,11 @@ def cached_features(
             and features.shape == tuple(meta["shape"])
             and features.shape[0] == num_examples
         ):
-            return features
+            if np.all(np.isfinite(features)):
+                return features
+            # Checked before they were written: non-finite values now mean a damaged entry,
+            # never a diverged run.
+            _warn(f"cache entry {path} holds non-finite features; it is recomputed")
     features = _check_features(compute_fn(), num_examples, "compute_fn")
     _write_entry(path, _npy_bytes(features), {"key": key, "shape": features.shape, **description})
     return features
@@ -204,10 +293,22 @@ def load_feature_file(
         )
     if path.suffix != ".npy":
         raise ValueError(f"{name} is not a .npy file: save the [N, D] array with np.save")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty (0 bytes): save the [N, D] array there with np.save")
+    if zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{name} is an .npz archive (np.savez), not an .npy array: save the one [N, D] "
+            "array with np.save"
+        )
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{name} is not a readable .npy array ({e}): save it with np.save") from e
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"{name} is not a readable .npy array ({' '.join(str(e).split())}): save it with "
+            "np.save"
+        ) from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{name} is not an .npy array: save the [N, D] array with np.save")
     if array.ndim != 2:
         raise ValueError(
             f"{name} has shape {array.shape}; features must be 2-D [N, D], one row per example"

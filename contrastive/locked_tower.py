@@ -42,6 +42,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,9 @@ from contrastive.data.captioned_shapes import (
 from contrastive.feature_cache import (
     _CACHE_VERSION,
     _json_digest,
+    _read_checked,
     _read_meta,
+    _warn,
     _write_entry,
     cached_features,
     load_feature_file,
@@ -87,6 +91,7 @@ __all__ = [
     "build_image_tower",
     "pretrain_image_tower",
     "pretrained_image_tower",
+    "tower_cache_path",
     "image_features",
     "params_digest",
     "cached_features",
@@ -106,24 +111,27 @@ def pretrained_image_tower(
 
     Keyed by a sha256 of ``config`` (and the cache format): the first call pre-trains and
     writes ``tower-<key>.npz`` (the tower's state leaves) and ``tower-<key>.json`` (config,
-    info, parameter digest), atomically; later calls with the same config rebuild the tower
-    and load the parameters, checking their digest (a mismatch pre-trains again).
+    info, parameter digest, sha256 of the ``.npz``), atomically; later calls with the same
+    config check the file's sha256, rebuild the tower and load the parameters, checking their
+    digest: a truncated, corrupted or altered file (even one of the same shapes) is reported
+    in one warning line naming it and pre-trained again.
     ``cache_dir=None`` always pre-trains.
     """
     config = PretrainConfig() if config is None else config
     if cache_dir is None:
         return pretrain_image_tower(config)
-    key = _json_digest({"version": _CACHE_VERSION, "pretrain": config.to_dict()}, "config")
-    path = Path(cache_dir) / f"tower-{key[:24]}.npz"
+    key = _tower_key(config)
+    path = tower_cache_path(config, cache_dir)
     meta = _read_meta(path, key)
-    if meta is not None:
+    data = _read_checked(path, meta, "pre-trained again") if meta is not None else None
+    if data is not None:
         tower = build_image_tower(config)
         state = nnx.state(tower)
         leaves, treedef = jax.tree_util.tree_flatten(state)
         try:
-            with np.load(path, allow_pickle=False) as stored:
+            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
                 loaded = [stored[f"leaf_{i:04d}"] for i in range(len(leaves))]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
             loaded = None
         if loaded is not None and all(
             a.shape == b.shape and a.dtype == b.dtype for a, b in zip(loaded, leaves, strict=True)
@@ -132,6 +140,7 @@ def pretrained_image_tower(
             if params_digest(new_state) == meta["info"]["params_sha256"]:
                 nnx.update(tower, new_state)
                 return PretrainedTower(tower, config, {**meta["info"], "from_cache": True})
+        _warn(f"cache entry {path} does not hold the tower it describes; it is pre-trained again")
     pre = pretrain_image_tower(config)
     leaves = jax.tree_util.tree_leaves(nnx.state(pre.tower))
     buffer = io.BytesIO()
@@ -139,6 +148,16 @@ def pretrained_image_tower(
     meta = {"key": key, "config": config.to_dict(), "info": pre.info}
     _write_entry(path, buffer.getvalue(), meta)
     return pre
+
+
+def _tower_key(config: PretrainConfig) -> str:
+    return _json_digest({"version": _CACHE_VERSION, "pretrain": config.to_dict()}, "config")
+
+
+def tower_cache_path(config: PretrainConfig | None, cache_dir: str | os.PathLike) -> Path:
+    """Where :func:`pretrained_image_tower` caches the tower of ``config`` (None: default)."""
+    config = PretrainConfig() if config is None else config
+    return Path(cache_dir) / f"tower-{_tower_key(config)[:24]}.npz"
 
 
 def image_features(
@@ -258,8 +277,25 @@ class LockedFeatures(nnx.Module):
             )
         x = jax.lax.stop_gradient(inputs.astype(jnp.float32))
         if self.normalize:
-            x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+            x = _unit_rows(x)
         return x
+
+
+def _unit_rows(x: jax.Array) -> jax.Array:
+    """``x_i / |x_i|`` per row of ``x`` [B, F], safe for any finite values.
+
+    ``sum x^2`` overflows float32 for entries beyond ~1.8e19 (a row of 1e30s would become 0
+    through ``rsqrt(inf)``) and underflows below ~1e-19. Such rows are divided by their
+    largest ``|x_j|`` first (entries in [-1, 1], squared norm in [1, F]; the direction is
+    unchanged); every other row takes the plain formula, so ordinary features give the same
+    bits as before. An all-zero row stays 0.
+    """
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    plain = x * jax.lax.rsqrt(jnp.maximum(sq, 1e-12))
+    peak = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    scaled = x / jnp.where(peak > 0, peak, 1.0)
+    scaled = scaled * jax.lax.rsqrt(jnp.maximum(jnp.sum(scaled * scaled, -1, keepdims=True), 1e-12))
+    return jnp.where(jnp.isfinite(sq) & (sq >= 1e-12), plain, scaled)
 
 
 class BagOfWordsText(nnx.Module):

@@ -18,6 +18,7 @@ and data position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,9 +33,10 @@ from tqdm import tqdm
 from contrastive.assemble import Setup, setup
 from contrastive.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
+from contrastive.data.pipeline import lower_is_better, target_reached
 from contrastive.hosts import Watchdog, start
 from contrastive.metric_writers import TensorBoardWriter
-from contrastive.noise_scale import NoiseScaleMeter, make_noise_probe
+from contrastive.noise_scale import fixed_batch_noise_scale, make_gradient_fn
 from contrastive.orbax_logs import one_line
 from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
 from contrastive.streamed_sources import ChunkReadError
@@ -43,6 +45,7 @@ __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run",
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir WORKDIR/tensorboard`
+MIN_EVAL_GROWTH = 1.0001  # --eval-growth: nearer to 1 evaluates every step up to 10,000
 
 
 class RunError(RuntimeError):
@@ -93,16 +96,50 @@ def check_paths(cfg: Config) -> None:
         if not os.path.isdir(existing):
             raise ConfigError(f"--feature-cache {cache}: {existing} is a file: pass a directory")
     _check_writable_dir("--workdir", workdir)
+    board = os.path.join(workdir, TENSORBOARD_DIR)
+    if cfg.run.tensorboard and os.path.lexists(board):  # checked here, not after training
+        try:
+            _check_writable_dir("--workdir", board)
+        except ConfigError as e:
+            raise ConfigError(f"{e}, or remove it, or pass --no-tensorboard") from None
 
 
-def check_same_run(meta: dict, cfg: Config) -> None:
+def check_same_run(meta: dict, cfg: Config, inputs: dict | None = None) -> None:
     """Before a checkpoint is restored: it was written by a run with these settings, else a
-    :class:`ConfigError` naming every flag that differs, with its old and new value."""
+    :class:`ConfigError` naming every flag that differs, with its old and new value.
+
+    ``inputs`` (:attr:`Setup.inputs`: the device count and the digests of inputs the run did
+    not compute, e.g. locked features) must equal what the checkpoint recorded: other
+    features, or another device count, are one line saying what the checkpoints were written
+    with and how to go on, never "unusable checkpoints". Checkpoints written before inputs
+    were recorded are not checked on them.
+    """
     changed = differences(meta.get("config") or {}, cfg.identity())
     if changed:
         raise ConfigError(
             f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)}): use a "
             "new --workdir, or the same settings to resume it"
+        )
+    old = meta.get("inputs")
+    if not old or inputs is None:
+        return
+    if old.get("devices") not in (None, inputs.get("devices")):
+        raise ConfigError(
+            f"the checkpoints in {cfg.run.workdir} were written on {old['devices']} devices and "
+            f"this run has {inputs.get('devices')} (they are intact): resume on "
+            f"{old['devices']} devices (--num-devices {old['devices']} where more are present), "
+            "or use a new --workdir"
+        )
+    changed = [
+        f"the {name} (sha256 {str(old[name])[:12]} then, {str(inputs.get(name))[:12]} now)"
+        for name in old
+        if name != "devices" and old[name] != inputs.get(name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{' and '.join(changed)} changed since the checkpoints in {cfg.run.workdir} were "
+            "written (the checkpoints are intact): restore the inputs they were trained on to "
+            "resume, or use a new --workdir"
         )
 
 
@@ -122,10 +159,18 @@ def train(
     SIGINT end the run after the current step with a checkpoint (exit status 0).
     """
     r = cfg.run
-    check_paths(cfg)
-    if cfg.hosts.enabled and watchdog is None:
-        return _train_on_hosts(cfg, on_second_signal)
-    s = setup(cfg)
+    created = bool(r.workdir) and not os.path.lexists(r.workdir)
+    try:
+        check_paths(cfg)
+        if cfg.hosts.enabled and watchdog is None:
+            return _train_on_hosts(cfg, on_second_signal)
+        s = setup(cfg)
+    except BaseException:
+        # Bad input found while setting up (a data set not prepared, unreadable features) or
+        # Ctrl-C during it: a work dir this call created and nothing filled is removed.
+        if created:
+            _remove_empty_dirs(r.workdir)
+        raise
     lead = jax.process_index() == 0
     beat = watchdog.beat if watchdog is not None else (lambda: None)
     os.makedirs(r.workdir, exist_ok=True)
@@ -150,13 +195,21 @@ def train(
         lock.release()
 
 
+def _remove_empty_dirs(top: str) -> None:
+    """Remove ``top`` and the directories below it, bottom-up, as far as they are empty
+    (``os.rmdir`` refuses a directory that holds anything: no file is ever removed)."""
+    for root, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
 def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[dict]:
     r = cfg.run
     # --- checkpoint ------------------------------------------------------------------------
     ckpt = Checkpointer(r.workdir, every=r.checkpoint_every, keep=r.keep_checkpoints)
     try:
         restored, meta, restored_step = ckpt.restore_latest(
-            {"train": s.state, "key": s.key}, check_meta=lambda m: check_same_run(m, cfg)
+            {"train": s.state, "key": s.key}, check_meta=lambda m: check_same_run(m, cfg, s.inputs)
         )
     except NoUsableCheckpointError as e:
         ckpt.close()
@@ -173,12 +226,20 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     end = start if meta.get("reached_target") else cfg.steps
     target = parse_stop_at(r.stop_at)
     evaluate_at = geometric_steps(r.eval_growth, cfg.steps)
-    noise = _NoiseMeter(cfg, s, meta.get("noise")) if r.noise_scale_every else None
+    noise = _NoiseMeter(cfg, s) if r.noise_scale_every else None
     inputs = s.make_inputs()
     if meta:
         inputs.set_state(meta["data"])
     log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
     logged = max((rec["step"] for rec in log.records()), default=0)
+    if restored_step is not None and start >= end and logged >= start and lead:
+        # (A log that lost records says so below, and that the final record is recomputed.)
+        why = "reached its --stop-at target" if meta.get("reached_target") else "ran every step"
+        tqdm.write(
+            f"{r.workdir} holds a finished run (it {why}; checkpoint {start}): nothing was "
+            "trained; its final record follows (use a new --workdir for a new run)",
+            file=sys.stderr,
+        )
     if logged < start:  # a kill tore the log after the checkpoint was written
         lost = f"step {start}" if logged + 1 == start else f"steps {logged + 1}-{start}"
         if lead:
@@ -203,10 +264,9 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
         if not force and not ckpt.should_save(step):
             return  # the inputs' state (a clustering with hard batches) costs to encode
         meta = {"step": step, "data": inputs.get_state(), "config": cfg.identity()}
+        meta["inputs"] = s.inputs
         if reached:
             meta["reached_target"] = True
-        if noise is not None:
-            meta["noise"] = noise.state()
         tree = {"train": state, "key": key}
         with stop.saving():  # a second signal in here abandons this write
             try:
@@ -235,7 +295,6 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                     "repair or rebuild the data set, then run the same command"
                 ) from None
             measure = noise is not None and step % r.noise_scale_every == 0
-            sq_small = noise.probe(state.params, batch) if measure else None  # before donation
             try:
                 state, m = s.step_fn(state, batch, key)
             except ChunkReadError as e:  # --stream: a chunk unreadable or changed; no update
@@ -266,7 +325,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                 rec = {"step": step, **values}
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
                 if measure:
-                    rec.update(noise.update(float(sq_small), values["grad_norm"] ** 2))
+                    rec.update(noise.measure(step, state, key))  # the state after this step
                 if do_eval:
                     # Between the full evaluations, a run stopping at a target checks the
                     # target's metric alone (the geometric schedule's many small checks).
@@ -274,11 +333,12 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                     quick = None if full or target is None else target[0]
                     rec.update(s.evaluate(state.params, only=quick))
                     beat()
-                    reached = target is not None and rec[target[0]] >= target[1]
+                    reached = target is not None and target_reached(*target_value(rec, target))
                     if reached:
                         if quick:  # the run ends here: its full evaluation
                             rec.update(s.evaluate(state.params))
-                        rec["reached_target"] = f"{target[0]}>={target[1]:g}"
+                        sign = "<=" if lower_is_better(target[0]) else ">="
+                        rec["reached_target"] = f"{target[0]}{sign}{target[1]:g}"
                 log.append(rec)
                 if tb is not None:
                     numbers = {k: v for k, v in rec.items() if isinstance(v, int | float)}
@@ -302,6 +362,8 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     finally:
         bar.close()
         inputs.close()
+        if noise is not None:
+            noise.close()
         ckpt.close()
         log.close()
         if tb is not None:
@@ -319,6 +381,8 @@ def geometric_steps(growth: float, total: int) -> frozenset[int]:
     """
     if not growth:
         return frozenset()
+    if growth < MIN_EVAL_GROWTH:  # 1 + 2e-16 would take ~1e17 multiplications: never ends
+        raise ValueError(f"growth must be 0 or at least {MIN_EVAL_GROWTH}, got {growth!r}")
     steps, g = set(), 1.0
     while g <= total:
         steps.add(math.ceil(g - 1e-9))
@@ -329,37 +393,48 @@ def geometric_steps(growth: float, total: int) -> frozenset[int]:
 class _NoiseMeter:
     """The gradient noise scale of a run (McCandlish et al. 2018, Appendix A), every K steps.
 
-    ``|G_small|^2``: the loss's gradient on each device's rows alone (split in two on one
-    device), from :func:`contrastive.noise_scale.make_noise_probe`, before the step;
-    ``|G_big|^2``: the step's own gradient norm (before clipping) at the same parameters.
-    Running means of the two-size estimates of ``|G|^2`` and ``tr(Σ)`` are kept in the
-    checkpoint, so a resumed run averages on.
+    The fixed-batch estimator (:func:`contrastive.noise_scale.fixed_batch_noise_scale`): at
+    the parameters after a measured step ``s``, the full gradients (before clipping; the
+    step's own gradient cache, ring and loss) of ``m = --noise-batches`` batches of the run's
+    batch size ``B``, those of steps ``s + 1 .. s + m`` (drawn from a second copy of the run's
+    input pipeline, so the training batches are untouched; not yet trained on), give
+    ``V = sum_j |g_j - gbar|^2 / (m - 1)``, ``|G|^2 = |gbar|^2 - V/m`` and
+    ``B_simple = B V / |G|^2``. Each measurement stands alone (a pure function of the step's
+    parameters, seed and step: a resumed run logs the same values, and
+    :func:`contrastive.noise_scale.measure_checkpoint` at checkpoint ``s`` gives them too);
+    average ``noise_trace`` and ``noise_g2`` over measurements before dividing
+    (:func:`contrastive.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
+    batch per measurement.
     """
 
-    def __init__(self, cfg: Config, s: Setup, state: dict | None):
-        n = s.mesh.devices.size
-        splits = 2 if n == 1 else 1
-        self.probe = make_noise_probe(s.graphdef, cfg.train, s.mesh, splits_per_device=splits)
-        self.b_small, self.b_big = cfg.run.batch_size // (n * splits), cfg.run.batch_size
-        self.meter = NoiseScaleMeter.init()
-        if state:  # from the checkpoint: the running sums, then the count
-            *sums, count = state
-            self.meter = NoiseScaleMeter(*(np.float32(v) for v in sums), np.int32(count))
+    def __init__(self, cfg: Config, s: Setup):
+        self.grad = make_gradient_fn(s.graphdef, cfg.train, s.mesh)
+        self.inputs = s.make_inputs()
+        self.m, self.b = cfg.run.noise_batches, cfg.run.batch_size
 
-    def update(self, sq_small: float, sq_big: float) -> dict[str, float]:
-        self.meter = self.meter.update(sq_small, self.b_small, sq_big, self.b_big)
-        g2, trace, b_simple = (float(v) for v in self.meter.result())
+    def measure(self, step: int, state, key) -> dict[str, float]:
+        params, queue = state.params, state.queue
+
+        def batches():
+            for t in range(step + 1, step + 1 + self.m):
+                yield t, self.inputs.for_step(t, params)[0]
+
+        def grad(item):
+            t, batch = item  # the key the step of batch t folds in (its dropout)
+            return self.grad(params, batch, jax.random.fold_in(key, t - 1), queue)
+
+        est = fixed_batch_noise_scale(grad, batches(), batch_size=self.b, num_batches=self.m)
         return {
-            "noise_sq_small": sq_small,
-            "noise_sq_big": sq_big,
-            "noise_b_small": self.b_small,
-            "noise_g2": g2,
-            "noise_trace": trace,
-            "noise_b_simple": b_simple,
+            "noise_batches": self.m,
+            "noise_variance": est.variance,
+            "noise_variance_se": est.variance_se,
+            "noise_g2": est.g2,
+            "noise_trace": est.trace,
+            "noise_b_simple": est.b_simple,
         }
 
-    def state(self) -> list[float]:
-        return [float(v) for v in self.meter]
+    def close(self) -> None:
+        self.inputs.close()
 
 
 def _train_on_hosts(cfg: Config, on_second_signal: str) -> list[dict]:
@@ -373,12 +448,17 @@ def _train_on_hosts(cfg: Config, on_second_signal: str) -> list[dict]:
         watchdog.stop()
 
 
+def target_value(rec: dict, target: tuple[str, float]) -> tuple[str, float, float]:
+    """``(metric, value, target)`` of a ``--stop-at`` target in an evaluation record."""
+    return target[0], rec[target[0]], target[1]
+
+
 def summary_line(records: list[dict], workdir: str) -> str:
     """The last line a run prints: where it is, how far it got, its final metrics."""
     if not records:
         return f"nothing to do: {workdir} holds a finished run"
     final = records[-1]
     keep = ("loss", "temperature", "linear_probe", "knn", "zero_shot_top1", "val_zero_shot_top1",
-            "i2t_r@1", "t2i_r@1", "noise_b_simple")  # fmt: skip
+            "val_zero_shot_xent", "i2t_r@1", "t2i_r@1", "noise_b_simple")  # fmt: skip
     parts = [f"{k} {final[k]:.4g}" for k in keep if k in final]
     return f"step {final['step']}: " + ", ".join(parts) + f" (metrics: {workdir}/{METRICS_FILE})"

@@ -361,12 +361,13 @@ class TensorBoardWriter:
         self._check_step(step, list(values))
         if not self.enabled or not values:
             return
-        from tensorboardX import summary
-        from tensorboardX.proto import event_pb2
+        from tensorboardX.proto import event_pb2, summary_pb2
 
         event = event_pb2.Event(wall_time=time.time(), step=step)
         for tag, x in values.items():
-            event.summary.value.extend(summary.scalar(tag, x).value)
+            # The tag as given: tensorboardX's summary.scalar would rename ``i2t_r@1`` to
+            # ``i2t_r_1`` (TF op-name rules), and the board must use metrics.jsonl's names.
+            event.summary.value.append(summary_pb2.Summary.Value(tag=tag, simple_value=x))
         self._write(event)
         for tag in values:
             self._last[tag] = step

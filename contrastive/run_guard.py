@@ -82,8 +82,10 @@ class WorkdirLock:
     The lock is ``fcntl.flock`` on ``workdir/run.lock.<process_index>``, a file holding
     ``"<pid> <host>"`` of the holder. The kernel drops an ``flock`` when its holder dies
     (also on SIGKILL), so a lock left by a killed run is simply taken over; ``taken_over_from``
-    then says whose it was. A clean release empties the file and leaves it in place (removing
-    it would let two processes lock two different files of the same name).
+    then says whose it was. A clean release removes the file while still holding the lock; a
+    process that opened the old file before the removal and locks it afterwards sees that
+    the path no longer names the file it locked and tries again on the new one, so two
+    processes never hold two different files of the same name.
 
     Multi-process runs (one process per host, one shared work dir, the same command): each
     process locks its own file, so process ``i`` of a second run is refused by process ``i``
@@ -120,19 +122,29 @@ class WorkdirLock:
         index = _process_index() if self.process_index is None else self.process_index
         os.makedirs(self.workdir, exist_ok=True)
         self.path = os.path.join(self.workdir, f"run.lock.{index}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OSError(e.errno, f"cannot lock {self.path}: {e.strerror}") from None
+                who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another run"
+                raise WorkdirLockedError(
+                    f"work dir {self.workdir} is in use by {who} (lock {self.path}): wait for "
+                    "that run to end or use another work dir"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # The holder released (and removed) the file between our open and our lock.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OSError(e.errno, f"cannot lock {self.path}: {e.strerror}") from None
-            who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another run"
-            raise WorkdirLockedError(
-                f"work dir {self.workdir} is in use by {who} (lock {self.path}): wait for that "
-                "run to end or use another work dir"
-            ) from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").split()
         if len(previous) >= 2:  # a holder that died without releasing
             self.taken_over_from = f"pid {previous[0]} on host {previous[1]}"
@@ -143,12 +155,15 @@ class WorkdirLock:
         return self
 
     def release(self) -> None:
-        """Empty the lock file and release the lock (idempotent)."""
+        """Remove the lock file, then release the lock (idempotent): a clean exit leaves no
+        ``run.lock.*`` behind."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -18,6 +18,7 @@ and, inside ``jax.shard_map`` with ``axis_name``, around a ring of devices.
 from losses import _reference as reference
 from losses._sharded import gathered, interleave, sharded
 from losses.decoupled import decoupled
+from losses.global_contrastive import global_infonce
 from losses.infonce import infonce
 from losses.sigmoid import sigmoid
 
@@ -25,6 +26,7 @@ __all__ = [
     "infonce",
     "sigmoid",
     "decoupled",
+    "global_infonce",
     "sharded",
     "interleave",
     "gathered",

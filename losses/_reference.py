@@ -202,3 +202,70 @@ def sigmoid(
     z = jnp.where(positive, 1.0, -1.0).astype(_acc(x))
     terms = jnp.where(positive | negative, jax.nn.log_sigmoid(z * s), 0.0)
     return -jnp.sum(terms) / jnp.maximum(jnp.sum(pair), 1)
+
+
+def global_infonce(
+    x: jax.Array,
+    y: jax.Array,
+    log_u_x: jax.Array,
+    log_u_y: jax.Array | None = None,
+    *,
+    gamma: Scalar,
+    temperature: Scalar = 0.1,
+    temperature_y: jax.Array | None = None,
+    rho: Scalar = 0.0,
+    epsilon: float = 0.0,
+    symmetric: bool = True,
+    intra_view: bool = False,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
+    """Dense SogCLR / iSogCLR step, written from the papers' equations in linear space.
+
+    Yuan et al. 2022 (arXiv 2202.12387), Qiu et al. 2023 (arXiv 2305.11965): with
+    ``h_ij = x_i · y_j`` and anchor ``i``'s ``N_i`` in-batch negatives,
+    ``g_i = (1/N_i) Σ_j exp((h_ij − h_ii) / τ_i)``, ``u_i' = (1 − γ) u_i + γ g_i`` and the
+    surrogate ``τ_i sg(log(ε + u_i')) + ρ τ_i + sg(τ_i / (ε + u_i')) g_i − sg(...)``,
+    whose value is ``τ_i (log(ε + u_i') + ρ)`` and whose gradients are the papers'
+    estimators: ``τ_i/(ε + u_i') ∇_w g_i`` and ``log(ε + u_i') + ρ + τ_i/(ε + u_i') ∂g_i/∂τ_i``.
+    ``u = exp(log_u)``: no care for overflow (float64 in the tests). Returns
+    ``(mean over valid anchors, averaged over directions if symmetric, (log u_x', log u_y'))``.
+    """
+    x, y = _check("global_infonce", x, y, valid, None, intra_view=intra_view)
+    b = x.shape[0]
+    acc = _acc(x)
+    x, y = x.astype(acc), y.astype(acc)
+    pair, negative = _pair_masks(x, y, valid, None)  # (B,), (B, M)
+    tau_x = jnp.broadcast_to(jnp.asarray(temperature, acc), (b,))
+    tau_y = tau_x if temperature_y is None else jnp.asarray(temperature_y, acc)
+    h = x @ y.T  # (B, D) · (D, M) -> (B, M)
+    pos = jnp.diagonal(h[:, :b])
+    sg = jax.lax.stop_gradient
+
+    def direction(sims, masks, tau, log_u):
+        # sims: the anchors' (B, ·) similarity blocks, masks: their negatives.
+        keep = jnp.concatenate(masks, axis=1)
+        diff = jnp.concatenate(sims, axis=1) - pos[:, None]
+        e = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0) / tau[:, None]), 0.0)
+        n = jnp.sum(keep, axis=1)
+        active = pair & (n > 0)
+        g = jnp.sum(e, axis=1) / jnp.maximum(n, 1)
+        u = jnp.exp(log_u.astype(acc))
+        u_new = jnp.where(active, (1.0 - gamma) * u + gamma * sg(g), u)
+        eu = jnp.where(active, epsilon + u_new, 1.0)
+        c = sg(tau / eu)
+        terms = tau * (sg(jnp.log(eu)) + rho) + c * g - sg(c * g)
+        return jnp.where(active, terms, 0.0), jnp.log(u_new)
+
+    rows, row_keep = [h], [negative]
+    cols, col_keep = [h[:, :b].T], [negative[:, :b].T]  # y anchors j < B against x
+    if intra_view:
+        rows.append(x @ x.T)  # (B, D) · (D, B) -> (B, B)
+        row_keep.append(negative)
+        cols.append(y @ y.T)  # (B, D) · (D, B) -> (B, B)
+        col_keep.append(negative.T)
+    count = jnp.maximum(jnp.sum(pair), 1)
+    terms_x, new_x = direction(rows, row_keep, tau_x, log_u_x)
+    if not symmetric:
+        return jnp.sum(terms_x) / count, (new_x, None)
+    terms_y, new_y = direction(cols, col_keep, tau_y, log_u_y)
+    return 0.5 * (jnp.sum(terms_x) + jnp.sum(terms_y)) / count, (new_x, new_y)

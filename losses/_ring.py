@@ -154,6 +154,20 @@ def _anchor_grads(res, g, length: int) -> AnchorGrads:
     return AnchorGrads(weight=_pad(a * g, length), lse=lse, positive=_pad(c * g, length))
 
 
+def _anchor_scales(scale, rt: Tiling, ct: Tiling):
+    """``(scalar scale, row scales (Pr,) or None, column scales (Pc,) or None)``.
+
+    ``scale`` is a scalar, or a pair ``(row (b,), col (b,) or None)`` of per-anchor scales
+    (individual temperatures); padding and extra negatives get scale 1 (no anchors)."""
+    if not isinstance(scale, tuple):
+        return scale, None, None
+    row, col = scale
+    one = jnp.ones((), F32)
+    row = _pad(row, rt.padded, 1.0)
+    col = None if col is None else _pad(col, ct.padded, 1.0)
+    return one, row, col
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -166,6 +180,8 @@ def _forward(x, y, scale, bias, weights, valid, ids, rule: TileRule, axis_name, 
     x_masks = _side_masks(valid, ids, b, rt)
     y_masks = _side_masks(valid, ids, ct.size, ct)
     softmax = rule.kind == "logsumexp"
+    # Per-anchor scales: the rows' stay here, the columns' travel with their block.
+    scale, row_scale, col_scale = _anchor_scales(scale, rt, ct)
     init_r = match_varying(empty_lse(rt.padded) if softmax else jnp.zeros((rt.padded,), F32), x)
     init_c = match_varying(empty_lse(ct.padded), x) if softmax else None
     sweep = functools.partial(sweep_forward, scale=scale, bias=bias, kind=rule.kind)
@@ -173,6 +189,8 @@ def _forward(x, y, scale, bias, weights, valid, ids, rule: TileRule, axis_name, 
     # The visiting block: y and its masks; x and its masks for same-view negatives (then
     # m = b, so the x block's tiling and masks are those of y).
     visiting = (yp, y_masks) + ((xp, x_masks) if rule.intra_view else ())
+    if row_scale is not None:
+        visiting = visiting + (col_scale,)  # (intra_view is excluded)
     travelling = init_c if (softmax and rule.columns) else None
     y_intra = init_c if (rule.intra_view and rule.columns) else None
     local = (init_r, y_intra)
@@ -192,6 +210,8 @@ def _forward(x, y, scale, bias, weights, valid, ids, rule: TileRule, axis_name, 
             own_block=own_block,
             row_masks=x_masks,
             col_masks=y_vis_masks,
+            row_scale=row_scale,
+            col_scale=visiting[2] if row_scale is not None else None,
         )
         if rule.intra_view:
             x_vis, x_vis_masks = visiting[2:]
@@ -210,12 +230,14 @@ def _forward(x, y, scale, bias, weights, valid, ids, rule: TileRule, axis_name, 
     if not softmax:
         return row_acc[:b], None, (None, None)
     pos = _positive_products(x, y, x_masks)
-    rows, row_res = _softmax_loss_from_lse(row_acc[:b], pos, scale, weights, rule)
+    s_r = scale if row_scale is None else row_scale[:b]
+    rows, row_res = _softmax_loss_from_lse(row_acc[:b], pos, s_r, weights, rule)
     if not rule.columns:
         return rows, None, (row_res, None)
     # y anchors are the positives, the first b rows of the local y block.
+    s_c = scale if col_scale is None else col_scale[:b]
     neg_c = col_acc[:b] if y_acc is None else combine_lse(col_acc[:b], y_acc[:b], scale)
-    cols, col_res = _softmax_loss_from_lse(neg_c, pos, scale, weights, rule)
+    cols, col_res = _softmax_loss_from_lse(neg_c, pos, s_c, weights, rule)
     return rows, cols, (row_res, col_res)
 
 
@@ -233,6 +255,8 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
     x_masks = _side_masks(valid, ids, b, rt)
     y_masks = _side_masks(valid, ids, ct.size, ct)
     g_r = g_r.astype(F32)
+    per_anchor = isinstance(scale, tuple)
+    scale, row_scale, col_scale = _anchor_scales(scale, rt, ct)
     sweep = functools.partial(sweep_backward, scale=scale, bias=bias, kind=rule.kind)
 
     d_x0 = match_varying(jnp.zeros((rt.padded, x.shape[1]), F32), x)
@@ -245,6 +269,14 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
         col_grads = _anchor_grads(col_res, g_c.astype(F32), ct.padded) if rule.columns else None
     else:
         row_grads, col_grads = AnchorGrads(weight=_pad(g_r, rt.padded)), None
+    if per_anchor:
+        # Each side's scales ride with its anchor statistics (the columns' travel); the
+        # per-column d/dscale travels with the block's dy accumulator.
+        row_grads = row_grads._replace(scale=row_scale)
+        d_hyper = d_hyper._replace(scale=jnp.zeros_like(row_scale))
+        if col_grads is not None:
+            col_grads = col_grads._replace(scale=col_scale)
+            d_y0 = (d_y0, jnp.zeros_like(col_scale))
 
     # The visiting block carries its data, statistics and masks; its dy accumulator
     # travels too.
@@ -253,6 +285,9 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
     def step(visiting, d_y_vis, local, own_block):
         d_x, d_hyper = local
         y_vis, col_vis, y_vis_masks = visiting[:3]
+        if isinstance(d_y_vis, tuple):  # per-anchor column scales: their d/dscale travels
+            d_y_vis, d_col_scale = d_y_vis
+            d_hyper = d_hyper._replace(col_scale=d_col_scale)
         # Cross-view tile: dx (local) += G · y_vis, dy_vis += Gᵀ · x.
         d_x, d_y_vis, d_hyper = sweep(
             xp,
@@ -268,6 +303,9 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
             row_masks=x_masks,
             col_masks=y_vis_masks,
         )
+        if d_hyper.col_scale is not None:
+            d_y_vis = (d_y_vis, d_hyper.col_scale)
+            d_hyper = d_hyper._replace(col_scale=None)
         if rule.intra_view:
             x_vis, row_vis, x_vis_masks = visiting[3:]
             # Same-view tiles hold no positives, and count every pair from both sides.
@@ -304,12 +342,19 @@ def _backward(res, cotangents, rule: TileRule, axis_name, tilings):
         return d_y_vis, (d_x, d_hyper)
 
     d_y, (d_x, d_hyper) = ring(step, visiting, d_y0, (d_x0, d_hyper), axis_name=axis_name, n=n)
+    d_scale = d_hyper.scale.astype(jnp.result_type(scale))
+    if per_anchor:
+        d_col = None
+        if isinstance(d_y, tuple):
+            d_y, d_col = d_y
+            d_col = d_col[:b]
+        d_scale = (d_hyper.scale[:b], d_col)  # the structure of the primal pair
     d_x, d_y = d_x[:b], d_y[: ct.size]
     # Tile sums of G ∘ (x·yᵀ) and of G; the positives' -c terms sit in the diagonal tiles.
     return (
         d_x.astype(x.dtype),
         d_y.astype(y.dtype),
-        d_hyper.scale.astype(jnp.result_type(scale)),
+        d_scale,
         d_hyper.bias.astype(jnp.result_type(bias)),
         None if weights is None else jnp.zeros_like(weights),
         None,  # valid and ids are not differentiable
@@ -355,12 +400,23 @@ def anchor_losses(
     """Per-anchor losses of the local shard: ``(rows (b,), cols (b,) or None)``, float32.
 
     x: ``(b, D)``; y: ``(m, D)``, its first ``b`` rows the positives of ``x``. ``scale``
-    (= 1 / temperature) and ``bias`` are float32 scalars; ``weights`` the DCLW weights of
-    the local positives (or None for 1); ``valid`` ``(m,)`` bool and ``ids`` ``(m,)`` int,
-    or None. row_tiling cuts the ``b`` rows of x, col_tiling the ``m`` rows of y.
-    Differentiable in x, y, scale, bias.
+    (= 1 / temperature) and ``bias`` are float32 scalars, or ``scale`` is a pair
+    ``(row (b,), col (b,) or None)`` of per-anchor scales of the x anchors and the y
+    anchors (individual temperatures; ``logsumexp`` rule without ``intra_view``, column
+    scales exactly when ``rule.columns``), differentiable like the scalar; ``weights``
+    the DCLW weights of the local positives (or None for 1); ``valid`` ``(m,)`` bool and
+    ``ids`` ``(m,)`` int, or None. row_tiling cuts the ``b`` rows of x, col_tiling the
+    ``m`` rows of y. Differentiable in x, y, scale, bias.
     """
-    scale = match_varying(jnp.asarray(scale, F32), x)
+    if isinstance(scale, tuple):
+        if rule.kind != "logsumexp" or rule.intra_view or (rule.columns != (scale[1] is not None)):
+            raise ValueError(
+                "anchor_losses: per-anchor scales need the logsumexp rule without intra_view, "
+                "and column scales exactly when there are column statistics."
+            )
+        scale = tuple(None if s is None else match_varying(jnp.asarray(s, F32), x) for s in scale)
+    else:
+        scale = match_varying(jnp.asarray(scale, F32), x)
     bias = match_varying(jnp.asarray(bias, F32), x)
     if weights is not None:
         weights = match_varying(lax.stop_gradient(weights.astype(F32)), x)

@@ -101,18 +101,27 @@ class AnchorGrads(NamedTuple):
     lse: ``(P, 2)`` ``(m, S)`` pairs of the forward (``logsumexp`` only).
     positive: ``g · c``, the positive's entry of ``G`` is ``-positive``; None on sweeps that
       hold no positives (same-view tiles) and for ``softplus``.
+    scale: per-anchor scales (``logsumexp`` cross-view sweeps only, see ``sweep_forward``),
+      or None for the sweep's scalar ``scale``.
     """
 
     weight: jax.Array
     lse: jax.Array | None = None
     positive: jax.Array | None = None
+    scale: jax.Array | None = None
 
 
 class HyperGrads(NamedTuple):
-    """Running sums of ``G ∘ (rows · colsᵀ)`` and of ``G``: d loss / d scale and / d bias."""
+    """Running sums of ``G ∘ (rows · colsᵀ)`` and of ``G``: d loss / d scale and / d bias.
+
+    With per-anchor scales, ``scale`` is ``(Pr,)``, each row's sum of its own terms of
+    ``G ∘ (rows · colsᵀ)``, and ``col_scale`` ``(Pc,)`` each column's (None without
+    column statistics); otherwise ``scale`` is a scalar and ``col_scale`` None.
+    """
 
     scale: jax.Array
     bias: jax.Array
+    col_scale: jax.Array | None = None
 
 
 DEFAULT_TILE = 1024
@@ -306,6 +315,8 @@ def sweep_forward(
     own_block: bool,
     row_masks: SideMasks | None = None,
     col_masks: SideMasks | None = None,
+    row_scale: jax.Array | None = None,
+    col_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Fold every tile of ``rows · colsᵀ`` into per-row (and per-column) statistics.
 
@@ -314,10 +325,15 @@ def sweep_forward(
     ``logsumexp``, ``(P,)`` sums for ``softplus``; col_acc is None when no column statistics
     are wanted. ``own_block``: the sweep pairs a device's block with itself, so entry
     ``(k, k)`` is the positive pair. row_masks, col_masks: both or neither.
+    row_scale ``(Pr,)``, col_scale ``(Pc,)``: per-anchor scales (``logsumexp`` only): row
+    ``i``'s statistics are those of ``row_scale_i · rows_i · cols_j``, column ``j``'s of
+    ``col_scale_j · rows_i · cols_j`` (individual temperatures); None: ``scale`` for all.
     """
     rt, ct = row_tiling, col_tiling
     rows_t, cols_t = _split(rows, rt), _split(cols, ct)
     rm, cm = _split_masks(row_masks, rt), _split_masks(col_masks, ct)
+    rs = None if row_scale is None else _split(row_scale, rt)
+    cs = None if col_scale is None else _split(col_scale, ct)
     row_acc = _split(row_acc, rt)
     col_acc = None if col_acc is None else _split(col_acc, ct)
     masks = functools.partial(_tile_masks, own_block=own_block, kind=kind, row_m=rm, col_m=cm)
@@ -336,9 +352,13 @@ def sweep_forward(
             return r_acc + jnp.sum(term, axis=1), c_acc
         if keep is not None:  # masked entries vanish from every log-sum-exp
             raw = jnp.where(keep, raw, NEG_INF)
-        r_acc = combine_lse(r_acc, _tile_lse(raw, scale, axis=1), scale)
+        if rs is None:
+            r_acc = combine_lse(r_acc, _tile_lse(raw, scale, axis=1), scale)
+        else:  # each row (column) at its own scale: a (tr, 1) ((1, tc)) broadcast
+            r_acc = combine_lse(r_acc, _tile_lse(raw, rs[i][:, None], axis=1), rs[i])
         if c_acc is not None:
-            c_acc = c_acc.at[j].set(combine_lse(c_acc[j], _tile_lse(raw, scale, axis=0), scale))
+            c_scale, c_tile = (scale, scale) if cs is None else (cs[j], cs[j][None, :])
+            c_acc = c_acc.at[j].set(combine_lse(c_acc[j], _tile_lse(raw, c_tile, axis=0), c_scale))
         return r_acc, c_acc
 
     def row_step(i, carry):
@@ -385,6 +405,13 @@ def sweep_backward(
     d_rows ``(Pr, D)``, d_cols ``(Pc, D)``: float32 accumulators of ``scale * G · cols`` and
     ``scale * Gᵀ · rows``; d_cols may be None. d_hyper: running ``HyperGrads``, each tile
     counted with ``hyper_weight`` (½ where every pair is swept twice, once from each side).
+
+    Per-anchor scales (``row_grads.scale`` not None, ``logsumexp`` cross-view sweeps): the
+    row and column terms of ``G`` are taken at their anchors' scales and folded into
+    ``G̃ = row_scale ∘ G_rows + G_cols ∘ col_scale`` (the gradient in the products
+    ``rows · colsᵀ``), so d_rows gets ``G̃ · cols`` and d_cols ``G̃ᵀ · rows``; d_hyper then
+    holds ``(Pr,)`` row sums (and ``(Pc,)`` column sums) of each side's ``G ∘ (rows ·
+    colsᵀ)``: the per-anchor d loss / d scale.
     """
     rt, ct = row_tiling, col_tiling
     rows_t, cols_t = _split(rows, rt), _split(cols, ct)
@@ -394,6 +421,12 @@ def sweep_backward(
     d_rows = _split(d_rows, rt)
     d_cols = None if d_cols is None else _split(d_cols, ct)
     dtype = rows.dtype
+    per_anchor = rg.scale is not None
+    if per_anchor:
+        d_hyper = d_hyper._replace(
+            scale=_split(d_hyper.scale, rt),
+            col_scale=None if d_hyper.col_scale is None else _split(d_hyper.col_scale, ct),
+        )
     masks = functools.partial(_tile_masks, own_block=own_block, kind=kind, row_m=rm, col_m=cm)
 
     def grad_tile(i, j, raw, masked):
@@ -421,6 +454,26 @@ def sweep_backward(
             g = g - jnp.where(positive, c, 0.0)
         return g
 
+    def grad_tile_per_anchor(i, j, raw, masked):
+        """``G̃`` and each side's sums of its own terms ``G_side ∘ raw`` (per row, per column),
+        every side's terms taken at its own anchors' scales."""
+        keep, positive = masks(i, j, rt, ct, masked=masked)
+        sides = [(rg, i, 1)] + ([(cg, j, 0)] if cg is not None else [])
+        g_t, sums = None, []
+        for side, k, axis in sides:
+            # Row anchors broadcast along the tile's columns (axis 1), column anchors along
+            # its rows (axis 0).
+            expand = (lambda v: v[:, None]) if axis == 1 else (lambda v: v[None, :])
+            lse, sc = side.lse[k], expand(side.scale[k])
+            g = expand(side.weight[k] / lse[:, 1]) * jnp.exp(sc * (raw - expand(lse[:, 0])))
+            if keep is not None:
+                g = jnp.where(keep, g, 0.0)
+            if positive is not None and side.positive is not None:
+                g = g - jnp.where(positive, expand(side.positive[k]), 0.0)
+            sums.append(jnp.sum(g * raw, axis=axis))
+            g_t = sc * g if g_t is None else g_t + sc * g
+        return g_t, sums[0], sums[1] if len(sums) > 1 else None
+
     def row_step(i, carry):
         d_rows, d_cols, d_hyper = carry
         a = _kept_rows(rows_t[i], rm, i)
@@ -429,6 +482,8 @@ def sweep_backward(
         def tile(masked, j, d_a, d_cols, d_hyper):
             b = _kept_rows(cols_t[j], cm, j)
             raw = _dot_nt(a, b)  # (tr, D) · (D, tc) -> (tr, tc)
+            if per_anchor:
+                return tile_per_anchor(masked, j, b, raw, d_a, d_cols, d_hyper)
             g = grad_tile(i, j, raw, masked)
             gq = g.astype(dtype)
             d_a = d_a + scale * _dot_nn(gq, b)  # (tr, tc) · (tc, D) -> (tr, D)
@@ -442,6 +497,20 @@ def sweep_backward(
                 d_bias = d_bias + hyper_weight * jnp.sum(g)
             return d_a, d_cols, HyperGrads(scale=d_scale, bias=d_bias)
 
+        def tile_per_anchor(masked, j, b, raw, d_a, d_cols, d_hyper):
+            # The scales are inside G̃ already: the products take no factor.
+            g_t, row_sum, col_sum = grad_tile_per_anchor(i, j, raw, masked)
+            gq = g_t.astype(dtype)
+            d_a = d_a + _dot_nn(gq, b)  # (tr, tc) · (tc, D) -> (tr, D)
+            if d_cols is not None:
+                d_cols = d_cols.at[j].add(_dot_tn(a, a_t, gq))  # (tc, tr) · (tr, D)
+            # Per-anchor d/dscale, summed tile by tile over each anchor's own terms.
+            d_scale = d_hyper.scale.at[i].add(row_sum)
+            d_col = d_hyper.col_scale
+            if col_sum is not None:
+                d_col = d_col.at[j].add(col_sum)
+            return d_a, d_cols, d_hyper._replace(scale=d_scale, col_scale=d_col)
+
         def col_step(j, inner):
             return _with_masks(i, j, rt, ct, own_block, rm is not None, tile, j, *inner)
 
@@ -450,6 +519,9 @@ def sweep_backward(
 
     d_rows, d_cols, d_hyper = lax.fori_loop(0, rt.count, row_step, (d_rows, d_cols, d_hyper))
     dim = rows.shape[1]
+    if per_anchor:
+        flat = lambda v: None if v is None else v.reshape(-1)
+        d_hyper = d_hyper._replace(scale=flat(d_hyper.scale), col_scale=flat(d_hyper.col_scale))
     return (
         d_rows.reshape(-1, dim),
         None if d_cols is None else d_cols.reshape(-1, dim),

@@ -13,6 +13,13 @@ first appeared). Then the session's folder is removed. A private ``TMPDIR`` make
 check exact: files that other processes on the machine put in the system temp dir at
 the same time are not blamed on the tests, and a test's leftover cannot hide among them.
 pytest's own ``tmp_path`` folders stay where they always are (``PYTEST_DEBUG_TEMPROOT``).
+
+Under pytest-xdist (``-n 2``) every worker is a session of its own: its private temp folder
+(made inside the controller's, whose ``TMPDIR`` it inherits), its own compilation cache, and
+its own temp-folder check, whose findings it hands to the controller
+(``workeroutput["leftovers"]``). The repository and the home directory are checked by the
+controller alone, before the first worker starts and after the last one ends, so that one
+worker's test never blames another's.
 """
 
 import os
@@ -45,8 +52,14 @@ tempfile.tempdir = SESSION_TEMP  # this process (tempfile caches the folder)
 # that tests start as subprocesses (they inherit the variables), compile each program once.
 # A cached executable is the one a fresh compilation would build (the key covers the HLO,
 # the compile options, the XLA flags and the jax version), so no result changes.
+# A cache set by an enclosing session (the xdist controller, or the suite running the
+# leftover check's probe) is replaced by this session's own: jax writes cache files without
+# a lock, so two sessions writing at once could hand each other a torn entry. A cache the user
+# set is kept.
 COMPILATION_CACHE = os.path.join(SESSION_TEMP, "jax-compilation-cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE)
+_OURS = "CONTRASTIVE_TESTS_COMPILATION_CACHE"  # marks a cache dir that a session set
+if os.environ.get("JAX_COMPILATION_CACHE_DIR", os.environ.get(_OURS)) == os.environ.get(_OURS):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_OURS] = COMPILATION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 
@@ -129,8 +142,18 @@ def pytest_runtest_protocol(item, nextitem):
     return result
 
 
-def leftovers() -> list[str]:
-    """What the session left outside pytest's temporary folders, as ``place: path`` items."""
+WORKER_LEFTOVERS: list[str] = []  # what xdist workers found in their own temp folders
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(xdist controller) Collect what a finished worker found in its temp folder."""
+    WORKER_LEFTOVERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
+
+
+def leftovers(*, repository_and_home: bool = True) -> list[str]:
+    """What the session left outside pytest's temporary folders, as ``place: path`` items;
+    the repository and the home directory only if ``repository_and_home``."""
     found = []
     if os.environ.get("TMPDIR") != SESSION_TEMP:  # later temp files went elsewhere
         found.append(f"TMPDIR changed to {os.environ.get('TMPDIR')!r} and never restored")
@@ -140,8 +163,10 @@ def leftovers() -> list[str]:
         slash = "/" if os.path.isdir(os.path.join(SESSION_TEMP, name)) else ""
         after = f" (after {FIRST_SEEN[name]})" if name in FIRST_SEEN else ""
         found.append(f"temp dir: {name}{slash}{after}")
-    found += [f"repository: {p}" for p in _outermost(_tree(REPO, skip=REPO_CACHES) - REPO_BEFORE)]
-    found += [f"home: ~/{p}" for p in _outermost(_home_snapshot() - HOME_BEFORE)]
+    if repository_and_home:
+        new = _tree(REPO, skip=REPO_CACHES) - REPO_BEFORE
+        found += [f"repository: {p}" for p in _outermost(new)]
+        found += [f"home: ~/{p}" for p in _outermost(_home_snapshot() - HOME_BEFORE)]
     return found
 
 
@@ -149,8 +174,13 @@ def leftovers() -> list[str]:
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run, in one line, if anything was left behind; then remove the session's
     temp folder (the line has named what was in it)."""
+    worker = getattr(session.config, "workerinput", None) is not None
     try:
-        found = leftovers()
+        found = leftovers(repository_and_home=not worker)
+        if worker:  # the controller reports it, with the repository and home check
+            session.config.workeroutput["leftovers"] = found
+            return
+        found += WORKER_LEFTOVERS
         if found:
             more = f"; and {len(found) - 8} more" if len(found) > 8 else ""
             shown = "; ".join(found[:8]) + more

@@ -17,14 +17,16 @@ import jax  # noqa: E402
 port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
-# A missing peer ends this process after these deadlines instead of hanging forever.
+# A missing peer ends this process after these deadlines instead of hanging forever; they
+# leave room for a machine loaded several times over (a peer's start-up, or its exit, can lag
+# by a minute there) and stay within the test's own wait.
 jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}",
     num_processes=2,
     process_id=pid,
-    initialization_timeout=60,
-    heartbeat_timeout_seconds=20,
-    shutdown_timeout_seconds=20,
+    initialization_timeout=180,
+    heartbeat_timeout_seconds=60,
+    shutdown_timeout_seconds=120,
 )
 
 import numpy as np  # noqa: E402

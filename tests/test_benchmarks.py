@@ -7,6 +7,7 @@ import pytest
 from experiments import bench_losses
 
 
+@pytest.mark.slow
 def test_bench_losses_writes_every_case(tmp_path):
     argv = ["--batch", "40", "--dim", "8", "--repeats", "1", "--matmul-size", "64"]
     rows = bench_losses.run([*argv, "--block-size", "16", "--out", str(tmp_path)])

@@ -457,6 +457,7 @@ print("SAVED", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_leave_no_unreferenced_files(tmp_path):
     """Each process writes its own OCDBT tree; process 0 removes what the merged tree does not
     reference in all of them, and the checkpoints restore here, on one process."""
@@ -557,6 +558,7 @@ def test_the_walk_reaches_every_node_of_a_deep_database(tmp_path_factory, commit
 # --- the training loop ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_ends_with_one_line_and_the_same_command_resumes(tmp_path, capsys):
     from contrastive.data import prepare_digits
     from experiments import train

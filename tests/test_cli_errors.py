@@ -45,7 +45,10 @@ ANY_VALUE = {
 
 # Arguments a command needs before it looks at anything else (the flag under test comes
 # after them): ``{tmp}`` is replaced with the test's tmp_path.
-REQUIRED = {"train": ["--workdir", "{tmp}/work"]}
+REQUIRED = {
+    "train": ["--workdir", "{tmp}/work"],
+    "prepare_pairs": ["--captions", "{tmp}/a-file", "--images", "{tmp}", "--out", "{tmp}/pairs"],
+}
 
 
 class StartedWork(BaseException):

@@ -6,7 +6,6 @@ chunking must not change any result; memory is checked by compiling at N = 1M, k
 
 from __future__ import annotations
 
-import doctest
 import functools
 
 import jax
@@ -16,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive import clustering
 from contrastive.clustering import assign, balanced_clusters, initial_indices, kmeans, kmeans_step
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -245,11 +243,6 @@ def test_compiled_memory_is_far_below_n_by_k(chunk):
     for name, temp in temps.items():
         assert 0 < temp <= _bound(chunk), (name, temp, _bound(chunk))
         assert temp * 50 < N * K * 4, (name, temp)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(clustering)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_benchmark_runs_at_a_toy_size(tmp_path, capsys):

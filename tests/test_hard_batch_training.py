@@ -416,15 +416,5 @@ def test_image_examples_are_read_as_the_random_pipeline_makes_them(dataset):
     np.testing.assert_array_equal(batch.ids, examples)  # example 3 twice: not its own negative
 
 
-def test_docstring_examples():
-    import doctest
-
-    from contrastive import step_inputs
-
-    for module in (hbi, step_inputs):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
-
-
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], sys.argv[2:]))

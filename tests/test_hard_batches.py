@@ -3,8 +3,6 @@ determinism, resume, and the hardness metrics against brute force."""
 
 from __future__ import annotations
 
-import doctest
-
 import jax
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contrastive.clustering import balanced_clusters
-from contrastive.data import hard_batches
 from contrastive.data.captioned_shapes import (
     ATTRIBUTES,
     NUM_CAPTIONS,
@@ -368,8 +365,3 @@ def test_shapes_hard_batches_have_far_more_one_attribute_neighbours():
     expected = expected_neighbours(b, 1)
     assert 1.1 < rand_mean < 1.6 and abs(expected - 255 / 189) < 1e-9
     assert hard_mean > 4 * max(rand_mean, expected), (hard_mean, rand_mean)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(hard_batches)
-    assert result.attempted > 0 and result.failed == 0

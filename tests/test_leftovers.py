@@ -66,8 +66,11 @@ def test_subprocess_temp_file_removed():
 """
 
 
-def _run_probe(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """pytest on ``body`` in a throwaway repository; returns the run and its system temp."""
+def _run_probe(
+    tmp_path: Path, body: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """pytest on ``body`` (with the options ``extra``) in a throwaway repository; returns the
+    run and its system temp."""
     repo, home, system_temp = tmp_path / "repo", tmp_path / "home", tmp_path / "systemtmp"
     (repo / "tests").mkdir(parents=True)
     (repo / "runs").mkdir()  # a git-ignored output folder that already exists
@@ -80,15 +83,18 @@ def _run_probe(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess, 
     env.pop("PYTEST_DEBUG_TEMPROOT", None)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(repo),
-         "--basetemp", str(tmp_path / "basetemp"), "tests/test_probe.py"],
+         "--basetemp", str(tmp_path / "basetemp"), *extra, "tests/test_probe.py"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return done, system_temp
 
 
+# Also under pytest-xdist: each worker checks its own temp folder and hands its findings to
+# the controller, which checks the repository and the home directory and reports in one line.
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["one process", "xdist -n 2"])
 @pytest.mark.parametrize("probe", ["leaky", "clean"])
-def test_leftovers_fail_the_run_naming_each(tmp_path, probe):
-    done, system_temp = _run_probe(tmp_path, LEAKY if probe == "leaky" else CLEAN)
+def test_leftovers_fail_the_run_naming_each(tmp_path, probe, workers):
+    done, system_temp = _run_probe(tmp_path, LEAKY if probe == "leaky" else CLEAN, workers)
     out = done.stdout + done.stderr
     errors = [x for x in out.splitlines() if x.startswith("error: ")]
     if probe == "clean":

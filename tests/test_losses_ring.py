@@ -85,6 +85,7 @@ def check_ring(name, opts, n, local_batch, dim, block, temperature, seed, check_
     assert_hyper_grads_close(got[1][2], want[1][2], terms, what=what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_ring_matches_dense(name):
     """Drawn options, ring sizes, local batches, tilings of each device's block and

@@ -29,6 +29,7 @@ from tests.loss_cases import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_tiled_matches_dense(name):
     """Drawn options, batches, dimensions, tilings and hyperparameters against the float64

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -20,13 +21,14 @@ from tests.processes import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_hosts_match_one(tmp_path):
     out = tmp_path / "two_hosts.npz"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     worker = [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(free_port())]
     results = processes.finish(
-        processes.start([[*worker, str(i), str(out)] for i in range(2)], env), timeout=240
+        processes.start([[*worker, str(i), str(out)] for i in range(2)], env), timeout=400
     )
     for i, (code, log) in enumerate(results):
         assert code == 0, f"process {i} failed:\n{log[-3000:]}"

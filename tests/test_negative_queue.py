@@ -3,7 +3,6 @@ against the float64 dense oracle on 1, 2, 4 and 8 simulated devices, ids, bad in
 
 from __future__ import annotations
 
-import doctest
 import functools
 
 import jax
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import losses
-from contrastive import negative_queue as nq
 from contrastive.mesh import make_mesh
 from contrastive.negative_queue import (
     QUEUE_ROWS,
@@ -375,8 +373,3 @@ def test_bad_input_is_a_one_line_value_error():
             call()
         assert "\n" not in str(e.value), str(e.value)
     check_queue_length(3, 256, 1024)  # K + 1 batches are exactly one epoch: fine
-
-
-def test_docstring_examples():
-    result = doctest.testmod(nq, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

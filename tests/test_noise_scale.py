@@ -1,350 +1,427 @@
-"""The gradient noise scale (McCandlish et al. 2018): exact two-size formulas, convergence on a
-problem with a closed-form answer, the meter, the contrastive measurement, bad input."""
+"""The gradient noise scale (McCandlish et al. 2018) at the run's own batch size: float32
+accumulation of bfloat16 gradients, the closed-form answer of a Gaussian problem, the
+per-example split of the three losses on 1, 2 and 8 devices with and without the gradient
+cache, B V constant in B on a trained checkpoint, the training loop's meter and its resume,
+bad input."""
 
 from __future__ import annotations
 
 import doctest
+import functools
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import losses
+from contrastive import loop
 from contrastive import noise_scale as ns
-from contrastive.configs import LossConfig, OptimConfig, TrainConfig
+from contrastive.configs import ConfigError, LossConfig, OptimConfig, TrainConfig, parse_config
+from contrastive.data import prepare_digits
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import DualEncoder, MLPEncoder
 from contrastive.optim import make_optimizer
+from contrastive.step_loss import make_loss_fn
 from contrastive.train_step import (
-    Batch,
     create_train_state,
     local_loss_and_grads,
     make_train_step,
     place_state,
+    tower_fns,
 )
 
-EPS64 = np.finfo(np.float64).eps
+# ------------------------------------------------------------------------ precision
 
 
-# Zero or well inside float64's normal range (relative rounding bounds fail for subnormals).
-NORMS = st.one_of(st.just(0.0), st.floats(1e-6, 1e3))
+def test_sq_norm_of_bfloat16_gradients_accumulates_in_float32():
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": jnp.asarray(rng.normal(size=(64, 257)), jnp.bfloat16),
+        "b": jnp.asarray(1.0 + rng.uniform(size=4099) / 64, jnp.bfloat16),
+    }
+    exact = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in tree.values())
+    got = ns.sq_norm(tree)
+    assert got.dtype == jnp.float32
+    assert abs(float(got) - exact) <= 1e-6 * exact
+    # A result held in bfloat16 (8 bits of mantissa) is off by far more.
+    in_bf16 = sum(float(jnp.sum(jnp.square(a)).astype(jnp.bfloat16)) for a in tree.values())
+    assert abs(in_bf16 - exact) > 1e-5 * exact
 
 
-@given(
-    g2=NORMS,
-    trace=NORMS,
-    b_small=st.integers(1, 10_000),
-    extra=st.integers(1, 10_000),
-)
-def test_two_size_formulas_are_exact_on_exact_expectations(g2, trace, b_small, extra):
-    b_big = b_small + extra
-    e_small = g2 + trace / b_small  # E|G_b|^2 = |G|^2 + tr(Sigma) / b
-    e_big = g2 + trace / b_big
-    g2_hat, trace_hat = ns.noise_scale_estimates(e_small, b_small, e_big, b_big)
-    # Float64 rounding only: each input carries a relative error of about eps, and the
-    # formulas multiply the absolute error of a difference by B / (B - b) (for |G|^2) and
-    # b B / (B - b) (for the trace); 8 eps covers the few roundings of each step.
-    scale = e_small + e_big
-    assert abs(g2_hat - g2) <= 8 * EPS64 * scale * b_big / (b_big - b_small)
-    assert abs(trace_hat - trace) <= 8 * EPS64 * scale * b_small * b_big / (b_big - b_small)
-
-
-def _quadratic_problem(seed: int, dim: int):
-    """Per-example loss 1/2 |theta - x_i|^2 with x_i ~ N(mu, diag(s^2)).
-
-    Per-example gradient theta - x_i: the true gradient is G = theta - mu and the
-    per-example covariance diag(s^2), so |G|^2 = sum (theta - mu)^2, tr(Sigma) = sum s^2.
-    """
-    rng = np.random.default_rng(seed)
-    mu = rng.normal(size=dim)
-    s = rng.uniform(0.5, 2.0, size=dim)
-    offset = rng.choice([-1.0, 1.0], size=dim) * rng.uniform(2.0, 3.0, size=dim)
-    theta = jnp.asarray(mu + offset, jnp.float32)
-    return theta, mu, s, offset
-
-
-def _mean_loss_grad(theta, x):
-    # grad of (1/b) sum_i 1/2 |theta - x_i|^2 over the rows of x [b, d]
-    return jax.grad(lambda t: 0.5 * jnp.mean(jnp.sum((t - x) ** 2, axis=-1)))(theta)
-
-
-@settings(max_examples=10)  # one compilation per example
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    dim=st.integers(1, 12),
-    b_small=st.integers(1, 8),
-    k=st.integers(2, 6),
-)
-def test_meter_converges_to_the_closed_form_noise_scale(seed, dim, b_small, k):
-    """Derivation of the tolerance.
-
-    Per draw, the k sub-batch gradients z_i = theta - mean(x of sub-batch i) are
-    independent N(m, diag(v / b)), m = theta - mu, v = s^2, b = b_small, and the big one is
-    their mean zbar ~ N(m, diag(v / B)), B = k b. Per coordinate j the scatter
-    sum_i (z_ij - zbar_j)^2 ~ (v_j / b) chi2_{k-1}, independent of zbar (Gaussian
-    samples). With S = mean_i |z_i|^2, T = |zbar|^2 and D = S - T:
-
-      trace_hat = D / (1/b - 1/B) = (1/(k-1)) sum_j v_j chi2_{k-1,j}
-                  mean sum_j v_j, variance 2 sum_j v_j^2 / (k - 1);
-      g2_hat    = (B T - b S) / (B - b) = T - D / (k - 1)
-                  mean |m|^2, variance sum_j [2 (v_j/B)^2 k/(k-1) + 4 m_j^2 v_j / B]
-                  (Var |N(m, c)|^2 = 2 c^2 + 4 m^2 c per coordinate, plus Var D/(k-1)^2).
-
-    The meter averages R independent draws, so each average is within 5 standard
-    deviations sqrt(var / R) of its mean except with probability 6e-7 (normal tail; R is
-    large enough for the central limit theorem at these sizes). B_simple = trace/g2 then
-    lies in [(tr - e_t)/(g2 + e_g), (tr + e_t)/(g2 - e_g)] (g2 > e_g by the choice of m).
-    """
-    draws = 4000
-    theta, mu, s, offset = _quadratic_problem(seed, dim)
-    big = b_small * k
-    x = mu + s * np.random.default_rng([seed, 1]).normal(size=(draws, big, dim))
-
-    def measure(xb, mode):
-        return ns.measure_sq_norms(_mean_loss_grad, theta, xb, num_splits=k, big_batch=mode)
-
-    def feed(meter, sq):
-        return meter.update(sq[0], b_small, sq[1], big), None
-
-    @jax.jit
-    def run(x):
-        small, full = jax.vmap(lambda xb: measure(xb, "full"))(x)
-        _, mean_of_splits = jax.vmap(lambda xb: measure(xb, "mean_of_splits"))(x)
-        meter, _ = jax.lax.scan(feed, ns.NoiseScaleMeter.init(), (small, full))
-        return small, full, mean_of_splits, meter
-
-    small, full, mean_of_splits, meter = run(jnp.asarray(x, jnp.float32))
-    # For a mean of independent per-example terms the full-batch gradient is the mean of
-    # the sub-batch gradients: both ways of measuring |G_big|^2 agree.
-    np.testing.assert_allclose(mean_of_splits, full, rtol=2e-5, atol=1e-6)
-    assert int(meter.count) == draws
-    g2_each, trace_each = ns.noise_scale_estimates(
-        np.asarray(small, np.float64), b_small, np.asarray(full, np.float64), big
+def test_variance_of_bfloat16_gradients_is_exact_where_a_bfloat16_difference_is_not():
+    """g_j = mu + e_j, |mu| >> |e_j| (the estimator's hard case: V is a small difference of
+    large squared norms), every value exactly a bfloat16. The float64 answer on those very
+    values is the truth; the float32 Welford sum reaches it to rounding."""
+    rng = np.random.default_rng(1)
+    m, d = 40, 3000
+    mu = 1.0 + np.round(rng.uniform(size=d) * 8) / 8  # exact in bfloat16
+    noise = np.round(rng.normal(size=(m, d)) * 16) / 1024  # multiples of 2^-10, |e| < 2^-4
+    grads = np.asarray(jnp.asarray(mu + noise, jnp.bfloat16), np.float64)
+    gbar = grads.mean(0)
+    v_exact = np.sum((grads - gbar) ** 2) / (m - 1)
+    est = ns.fixed_batch_noise_scale(
+        lambda g: g, iter(jnp.asarray(grads, jnp.bfloat16)), batch_size=8, num_batches=m
     )
-    g2_avg, trace_avg = meter.estimates()
-    # The float32 running sums agree with float64 means of the per-draw estimates.
-    spread_g, spread_t = np.abs(g2_each).mean(), np.abs(trace_each).mean()
-    assert abs(float(g2_avg) - g2_each.mean()) <= 1e-4 * spread_g
-    assert abs(float(trace_avg) - trace_each.mean()) <= 1e-4 * spread_t
+    assert abs(est.variance - v_exact) <= 1e-5 * v_exact
+    assert abs(est.mean_sq_norm - np.sum(gbar**2)) <= 1e-6 * np.sum(gbar**2)
+    # The shortcut mean|g_j|^2 - |gbar|^2 with squared norms rounded to bfloat16 loses V.
+    sq = [
+        float(jnp.sum(jnp.square(jnp.asarray(g, jnp.bfloat16))).astype(jnp.bfloat16)) for g in grads
+    ]
+    shortcut = (np.mean(sq) - float(jnp.asarray(np.sum(gbar**2), jnp.bfloat16))) * m / (m - 1)
+    assert abs(shortcut - v_exact) > 0.5 * v_exact
+
+
+def test_helmert_terms_sum_to_the_two_pass_scatter():
+    rng = np.random.default_rng(2)
+    trees = [{"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5) + 3.0} for _ in range(9)]
+    trees = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), trees)
+    est = ns.fixed_batch_noise_scale(lambda t: t, iter(trees), batch_size=4, num_batches=9)
+    flat = np.stack([np.concatenate([np.ravel(t["a"]), t["b"]]) for t in trees]).astype(np.float64)
+    scatter = np.sum((flat - flat.mean(0)) ** 2)
+    assert len(est.terms) == 8
+    np.testing.assert_allclose(est.sq_dev_sum, scatter, rtol=1e-5)
+    np.testing.assert_allclose(est.mean_sq_norm, np.sum(flat.mean(0) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(est.g2, np.sum(flat.mean(0) ** 2) - scatter / 8 / 9, rtol=1e-5)
+    np.testing.assert_allclose(est.b_simple, 4 * (scatter / 8) / est.g2, rtol=1e-6)
+
+
+# --------------------------------------------------------------------- the closed form
+
+
+def test_fixed_batch_estimator_recovers_a_closed_form_noise_scale():
+    """Per-example loss 1/2 |theta - x_i|^2, x_i ~ N(mu, diag(s^2)): the batch gradient
+    g_B = theta - mean_i x_i ~ N(G, diag(s^2) / B) with G = theta - mu, so
+    tr(Sigma) = sum s^2 and |G|^2 = sum (theta - mu)^2 exactly.
+
+    Tolerances (5 standard deviations; Gaussian g_j): the scatter of m draws is
+    (1/(m-1)) sum_k (v_k / B) chi2_{m-1}, so Var V = 2 sum_k (v_k / B)^2 / (m - 1);
+    |gbar|^2 has variance sum_k [2 c_k^2 + 4 G_k^2 c_k], c_k = v_k / (B m), and V / m adds
+    Var V / m^2 (independent of gbar for Gaussian samples).
+    """
+    rng = np.random.default_rng(3)
+    d, b, m = 10, 16, 400
+    mu = rng.normal(size=d)
+    s = rng.uniform(0.5, 2.0, size=d)
+    offset = rng.choice([-1.0, 1.0], size=d) * rng.uniform(0.5, 1.0, size=d)
+    theta = jnp.asarray(mu + offset, jnp.float32)
+    xs = jnp.asarray(mu + s * rng.normal(size=(m, b, d)), jnp.float32)
+
+    grad = jax.jit(jax.grad(lambda t, x: 0.5 * jnp.mean(jnp.sum((t - x) ** 2, axis=-1))))
+    est = ns.fixed_batch_noise_scale(
+        lambda x: grad(theta, x), iter(xs), batch_size=b, num_batches=m
+    )
 
     v = s**2
-    g2_true, trace_true = float(np.sum(offset**2)), float(np.sum(v))
-    var_trace = 2 * np.sum(v**2) / (k - 1)
-    var_g2 = np.sum(2 * (v / big) ** 2 * k / (k - 1) + 4 * offset**2 * v / big)
-    e_t = 5 * math.sqrt(var_trace / draws)
-    e_g = 5 * math.sqrt(var_g2 / draws)
-    assert abs(float(trace_avg) - trace_true) <= e_t, (float(trace_avg), trace_true, e_t)
-    assert abs(float(g2_avg) - g2_true) <= e_g, (float(g2_avg), g2_true, e_g)
-    assert e_g < g2_true
-    b_simple = float(meter.b_simple())
-    lo, hi = (trace_true - e_t) / (g2_true + e_g), (trace_true + e_t) / (g2_true - e_g)
-    assert lo <= b_simple <= hi, (b_simple, lo, hi, trace_true / g2_true)
+    v_true, g2_true = float(np.sum(v) / b), float(np.sum(offset**2))
+    sd_v = math.sqrt(2 * np.sum((v / b) ** 2) / (m - 1))
+    c = v / (b * m)
+    sd_g2 = math.sqrt(np.sum(2 * c**2 + 4 * offset**2 * c) + sd_v**2 / m**2)
+    assert abs(est.variance - v_true) <= 5 * sd_v, (est.variance, v_true, sd_v)
+    assert abs(est.g2 - g2_true) <= 5 * sd_g2, (est.g2, g2_true, sd_g2)
+    # The standard error from the Helmert terms is the true one (to its own ~10 % noise).
+    assert 0.7 * sd_v <= est.variance_se <= 1.3 * sd_v, (est.variance_se, sd_v)
+    lo = b * (v_true - 5 * sd_v) / (g2_true + 5 * sd_g2)
+    hi = b * (v_true + 5 * sd_v) / (g2_true - 5 * sd_g2)
+    assert lo <= est.b_simple <= hi, (est.b_simple, lo, hi, np.sum(v) / g2_true)
 
 
-def test_meter_ema_is_the_bias_corrected_weighted_mean():
-    rng = np.random.default_rng(0)
-    small = rng.uniform(2.0, 3.0, size=7)
-    big = rng.uniform(1.0, 2.0, size=7)
-    decay = 0.8
-    update = jax.jit(lambda m, a, b: m.update(a, 4, b, 16, decay=decay))
-    meter = ns.NoiseScaleMeter.init()
-    assert np.isnan(float(meter.b_simple()))
-    for a, b in zip(small, big, strict=True):
-        meter = update(meter, a, b)
-    g2_each, trace_each = ns.noise_scale_estimates(small, 4, big, 16)
-    w = decay ** np.arange(6, -1, -1)  # the last measurement has weight 1
-    g2, trace = meter.estimates()
-    np.testing.assert_allclose(float(g2), np.sum(w * g2_each) / np.sum(w), rtol=1e-5)
-    np.testing.assert_allclose(float(trace), np.sum(w * trace_each) / np.sum(w), rtol=1e-5)
-    result = meter.result()
-    np.testing.assert_allclose(result.b_simple, float(trace) / float(g2), rtol=1e-6)
-    assert len(jax.tree_util.tree_leaves(meter)) == 4
+def test_combine_averages_numerator_and_denominator_before_dividing():
+    a = ns.NoiseEstimate(16, 5, 4.0, 2.0, (1.0,) * 4)  # V = 1, |G|^2 = 1.8
+    b = ns.NoiseEstimate(64, 5, 2.0, 0.2, (0.5,) * 4)  # V = 0.5, |G|^2 = 0.1
+    out = ns.combine([a, b])
+    assert out.count == 2
+    np.testing.assert_allclose(out.trace, (16 * 1 + 64 * 0.5) / 2)
+    np.testing.assert_allclose(out.g2, (1.8 + 0.1) / 2)
+    np.testing.assert_allclose(out.b_simple, 24 / 0.95)
+    assert not np.isclose(out.b_simple, (a.b_simple + b.b_simple) / 2)
 
 
-def _contrastive_grad(w, batch):
-    """Gradient of the CLIP loss of a linear image map ``w`` on the rows it is given."""
-    x, y = batch
+# --------------------------------------------------------------- the per-example split
 
-    def loss(w_):
-        zx = x @ w_  # (b, d) · (d, d) -> (b, d)
-        zx = zx / jnp.linalg.norm(zx, axis=1, keepdims=True)
-        zy = y / jnp.linalg.norm(y, axis=1, keepdims=True)
-        return losses.infonce(zx, zy, temperature=0.2)
-
-    return jax.grad(loss)(w)
+LOSSES = ("infonce", "sigmoid", "decoupled")
 
 
-def test_contrastive_sub_batches_see_only_their_own_negatives():
-    rng = np.random.default_rng(1)
-    b, d, k = 24, 6, 4
-    m = b // k
-    x = rng.normal(size=(b, d)).astype(np.float32)
-    y = (x + 0.5 * rng.normal(size=(b, d))).astype(np.float32)
-    w = jnp.asarray(np.eye(d) + 0.3 * rng.normal(size=(d, d)), jnp.float32)
-
-    @jax.jit
-    def run(w, x, y):
-        sub_x, sub_y = x.reshape(k, m, d), y.reshape(k, m, d)
-        alone = jax.vmap(lambda bx, by: _contrastive_grad(w, (bx, by)))(sub_x, sub_y)
-        full = _contrastive_grad(w, (x, y))
-        measured = ns.measure_sq_norms(_contrastive_grad, w, (x, y), num_splits=k)
-        mean_big = ns.measure_sq_norms(
-            _contrastive_grad, w, (x, y), num_splits=k, big_batch="mean_of_splits"
-        )[1]
-        return alone, full, measured, mean_big
-
-    alone, full, (small, big), mean_big = jax.device_get(run(w, x, y))
-    np.testing.assert_allclose(small, np.mean(np.sum(alone**2, axis=(1, 2))), rtol=1e-5)
-    np.testing.assert_allclose(big, np.sum(full**2), rtol=1e-5)
-    # The negatives couple the rows: the full-batch gradient is not the mean of the
-    # sub-batch gradients, so "mean_of_splits" measures something else here.
-    np.testing.assert_allclose(mean_big, np.sum(np.mean(alone, axis=0) ** 2), rtol=1e-5)
-    assert not np.isclose(mean_big, big, rtol=1e-3)
-    # The same measurement from gradients computed elsewhere.
-    est = ns.noise_scale_from_grads(list(alone), full, b_small=m)
-    g2, trace = ns.noise_scale_estimates(small, m, big, b)
-    np.testing.assert_allclose(est.g2, g2, rtol=1e-4)
-    np.testing.assert_allclose(est.trace, trace, rtol=1e-4)
-    np.testing.assert_allclose(est.b_simple, trace / g2, rtol=1e-4)
-
-
-def test_measure_works_on_pytrees_and_batch_namedtuples():
-    params = {"a": jnp.ones(3), "b": jnp.full((2, 2), 0.5)}
-    batch = Batch(jnp.arange(24.0).reshape(8, 3), jnp.arange(8.0))
-
-    def grad_fn(p, bt):
-        return jax.grad(
-            lambda q: jnp.mean(bt.x @ q["a"] * bt.y) + jnp.sum(q["b"] ** 2) * jnp.mean(bt.y)
-        )(p)
-
-    @jax.jit
-    def run(params, batch):
-        halves = [
-            jax.tree_util.tree_map(lambda a, i=i: a[4 * i : 4 * i + 4], batch) for i in (0, 1)
-        ]
-        expect_small = sum(ns.sq_norm(grad_fn(params, h)) for h in halves) / 2
-        expect_big = ns.sq_norm(grad_fn(params, batch))
-        return ns.measure_sq_norms(grad_fn, params, batch, num_splits=2), (expect_small, expect_big)
-
-    (small, big), (expect_small, expect_big) = run(params, batch)
-    np.testing.assert_allclose(small, expect_small, rtol=1e-6)
-    np.testing.assert_allclose(big, expect_big, rtol=1e-6)
-
-
-def _small_dual_encoder():
+def _dual_encoder(loss: str):
     rngs = nnx.Rngs(0)
     model = DualEncoder(
-        MLPEncoder(6, 8, 1, rngs=rngs), MLPEncoder(5, 8, 1, rngs=rngs), embed_dim=4, rngs=rngs
+        MLPEncoder(6, 8, 1, rngs=rngs),
+        MLPEncoder(5, 8, 1, rngs=rngs),
+        embed_dim=4,
+        init_bias=-2.0 if loss == "sigmoid" else None,
+        rngs=rngs,
     )
     return nnx.split(model)
 
 
-@pytest.mark.parametrize(
-    ("devices", "splits", "chunk"), [(1, 4, None), (2, 2, 4), (4, 1, None), (8, 1, 8)]
-)
-def test_noise_probe_is_the_mean_over_sub_batches_alone(devices, splits, chunk):
-    graphdef, params = _small_dual_encoder()
-    cfg = TrainConfig(loss=LossConfig("infonce"), chunk_size=chunk)
-    rng = np.random.default_rng(devices)
-    b = 16
-    x = rng.normal(size=(b, 6)).astype(np.float32)
-    y = rng.normal(size=(b, 5)).astype(np.float32)
-    mesh = make_mesh(num_devices=devices)
-    probe = ns.make_noise_probe(graphdef, cfg, mesh, splits_per_device=splits)
-    got = float(probe(params, shard_batch((x, y), mesh)))
-
-    plain = TrainConfig(loss=LossConfig("infonce"))  # no chunks: the same gradient
-
-    @jax.jit
-    def sub_sq_norm(p, bx, by):
-        _, g = local_loss_and_grads(
-            p, (bx, by), None, graphdef=graphdef, config=plain, axis_name=None
-        )
-        return ns.sq_norm(g)
-
-    m = b // (devices * splits)
-    expect = np.mean(
-        [float(sub_sq_norm(params, x[i : i + m], y[i : i + m])) for i in range(0, b, m)]
-    )
-    np.testing.assert_allclose(got, expect, rtol=1e-5)
-    with pytest.raises(ValueError, match=f"does not split into {devices} devices x {splits}"):
-        probe(params, (x[: devices * splits + 1], y[: devices * splits + 1]))
+def _pairs(b: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(b, 6)).astype(np.float32), rng.normal(size=(b, 5)).astype(np.float32)
 
 
-def test_step_grad_norm_is_the_big_batch_norm_the_probe_pairs_with():
-    """The recipe: |G_big|^2 = the step's grad_norm^2, at the parameters before the step."""
-    graphdef, params = _small_dual_encoder()
-    cfg = TrainConfig(loss=LossConfig("infonce"), optim=OptimConfig(clip_norm=1e-3))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 6)).astype(np.float32)
-    y = rng.normal(size=(16, 5)).astype(np.float32)
-    mesh = make_mesh(num_devices=2)
-    _, grads = jax.jit(
+@functools.cache
+def _reference_grad(loss: str):
+    """The plain gradient of the batch ``_pairs(16)`` (one device, no cache), once per loss."""
+    x, y = _pairs(16)
+    graphdef, params = _dual_encoder(loss)
+    cfg = TrainConfig(loss=LossConfig(loss))
+    return jax.jit(
         lambda p: local_loss_and_grads(
             p, (x, y), None, graphdef=graphdef, config=cfg, axis_name=None
-        )
+        )[1]
     )(params)
-    _, state = create_train_state(nnx.merge(graphdef, params), make_optimizer(cfg.optim))
-    step = make_train_step(graphdef, cfg, mesh)
-    _, metrics = step(place_state(state, mesh), shard_batch((x, y), mesh), None)
-    # Before clipping (clip_norm is tiny here, so a clipped norm would show).
-    np.testing.assert_allclose(
-        float(metrics["grad_norm"]) ** 2, float(ns.sq_norm(grads)), rtol=1e-4
+
+
+@pytest.mark.parametrize("chunk", [None, 8], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("devices", [1, 2, 8])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_per_example_split_sums_to_the_batch_gradient(loss, devices, chunk):
+    x, y = _pairs(16)
+    graphdef, params = _dual_encoder(loss)
+    cfg = TrainConfig(loss=LossConfig(loss), chunk_size=chunk)
+    mesh = make_mesh(num_devices=devices)
+    c = ns.per_example_grads(
+        params, shard_batch((x, y), mesh), graphdef=graphdef, config=cfg, mesh=mesh
     )
+    ref = _reference_grad(loss)
+    for got, want in zip(jax.tree_util.tree_leaves(c), jax.tree_util.tree_leaves(ref), strict=True):
+        assert got.shape == (16, *want.shape)
+        # float32 sums of 16 terms in another order than the batch gradient's
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.sum(got, axis=0), want, rtol=1e-5, atol=1e-6 * scale)
+    # Not a trivial split: the examples' contributions to the tower weights differ.
+    biggest = max(jax.tree_util.tree_leaves(c), key=lambda a: a[0].size)
+    assert float(jnp.max(jnp.abs(biggest[0] - biggest[1]))) > 1e-3 * float(
+        jnp.max(jnp.abs(biggest))
+    )
+
+
+def test_per_example_contribution_is_the_gradient_of_its_own_tower_copy():
+    """Give every example its own copy of the tower parameters: the gradient of the batch
+    loss with respect to copy i is example i's tower part of c_i (its roles as an anchor,
+    a positive and a negative); what is left is the temperature's gradient over B."""
+    b = 8
+    x, y = _pairs(b, seed=5)
+    graphdef, params = _dual_encoder("infonce")
+    cfg = TrainConfig(loss=LossConfig("infonce"))
+    mesh = make_mesh(num_devices=1)
+    c = ns.per_example_grads(
+        params, shard_batch((x, y), mesh), graphdef=graphdef, config=cfg, mesh=mesh
+    )
+    embed_x, embed_y = tower_fns(graphdef)
+    loss_fn = make_loss_fn(graphdef, cfg.loss)
+
+    def batch_loss(copies):
+        ex = jax.vmap(lambda p, xi: embed_x(p, xi[None])[0])(copies, x)
+        ey = jax.vmap(lambda p, yi: embed_y(p, yi[None])[0])(copies, y)
+        return loss_fn(params, (ex, ey))[0]
+
+    copies = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(p, (b, *p.shape)), params)
+    own = jax.jit(jax.grad(batch_loss))(copies)
+    full = jax.jit(
+        lambda p: local_loss_and_grads(
+            p, (x, y), None, graphdef=graphdef, config=cfg, axis_name=None
+        )[1]
+    )(params)
+    for ci, oi, gi in zip(
+        jax.tree_util.tree_leaves(c),
+        jax.tree_util.tree_leaves(own),
+        jax.tree_util.tree_leaves(full),
+        strict=True,
+    ):
+        rest = (gi - np.sum(oi, axis=0)) / b  # the temperature's share (zero for tower leaves)
+        scale = float(jnp.max(jnp.abs(ci))) + 1e-30
+        np.testing.assert_allclose(ci, oi + rest[None], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_per_example_noise_scale_is_the_spread_of_the_split():
+    x, y = _pairs(16, seed=7)
+    graphdef, params = _dual_encoder("decoupled")
+    cfg = TrainConfig(loss=LossConfig("decoupled"), chunk_size=8)
+    mesh = make_mesh(num_devices=2)
+    batch = shard_batch((x, y), mesh)
+    est = ns.per_example_noise_scale(
+        params, batch, graphdef=graphdef, config=cfg, mesh=mesh, rows_per_pass=2
+    )
+    c = ns.per_example_grads(params, batch, graphdef=graphdef, config=cfg, mesh=mesh)
+    g = ns.make_gradient_fn(graphdef, cfg, mesh)(params, batch)
+    leaves_c, leaves_g = jax.tree_util.tree_leaves(c), jax.tree_util.tree_leaves(g)
+    dev = sum(
+        float(np.sum((16 * np.asarray(a, np.float64) - np.asarray(b_, np.float64)[None]) ** 2))
+        for a, b_ in zip(leaves_c, leaves_g, strict=True)
+    )
+    np.testing.assert_allclose(est.sq_dev_sum, dev, rtol=1e-5)
+    np.testing.assert_allclose(est.batch_sq_norm, float(ns.sq_norm(g)), rtol=1e-6)
+    np.testing.assert_allclose(est.trace, dev / 15, rtol=1e-5)
+    np.testing.assert_allclose(est.g2, est.batch_sq_norm - dev / 15 / 16, rtol=1e-5)
+
+
+# ------------------------------------------------------- B V on a fixed checkpoint
+
+_MIX = np.random.default_rng(123).normal(size=(6, 5)).astype(np.float32)
+
+
+def _correlated_pairs(rng, b: int):
+    """Pairs of a small contrastive problem: y is a noisy linear view of x."""
+    x = rng.normal(size=(b, 6)).astype(np.float32)
+    y = x @ _MIX  # (b, 6) · (6, 5) -> (b, 5)
+    return x, (y + 0.5 * rng.normal(size=(b, 5))).astype(np.float32)
+
+
+def test_b_times_v_does_not_move_with_the_batch_size_on_a_fixed_checkpoint():
+    """The estimator measures the data's noise, not the loss's dependence on B.
+
+    A checkpoint of a small InfoNCE run at B = 128 (30 AdamW steps). At B/4, B and 4B the
+    fixed-batch tr(Sigma) = B V of InfoNCE and of DCL (the losses whose two-size estimates
+    moved 5x to 60x with B) agrees within 3 standard errors (those of the Helmert terms;
+    m = 64 gives about 3.5 %, so a 15 % change would show). Not at much smaller B: B V is
+    A + O(1/B) (module docstring), and at B = 8 InfoNCE's was 25 % below its value at 128.
+    The sigmoid loss is left out on purpose: it sums B negatives per anchor, so its gradient
+    and B V grow with B (B V / B^2 is the comparable quantity), and the balance of its
+    positive and negative terms changes with B.
+    """
+    rngs = nnx.Rngs(0)
+    model = DualEncoder(
+        MLPEncoder(6, 16, 1, rngs=rngs), MLPEncoder(5, 16, 1, rngs=rngs), embed_dim=8, rngs=rngs
+    )
+    train_cfg = TrainConfig(
+        loss=LossConfig("infonce"),
+        optim=OptimConfig("adamw", learning_rate=3e-3, warmup_steps=2, total_steps=30),
+    )
+    mesh = make_mesh(num_devices=1)
+    graphdef, state = create_train_state(model, make_optimizer(train_cfg.optim))
+    state = place_state(state, mesh)
+    step = make_train_step(graphdef, train_cfg, mesh)
+    rng = np.random.default_rng(1)
+    first = None
+    for _ in range(30):
+        state, metrics = step(state, shard_batch(_correlated_pairs(rng, 128), mesh), None)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first - 0.3  # it trained: a checkpoint, not the init
+    for loss in ("infonce", "decoupled"):
+        grad = ns.make_gradient_fn(graphdef, TrainConfig(loss=LossConfig(loss)), mesh)
+        traces = {}
+        for b in (32, 128, 512):
+            draws = np.random.default_rng([2, b])
+            batches = (shard_batch(_correlated_pairs(draws, b), mesh) for _ in range(64))
+            est = ns.fixed_batch_noise_scale(
+                lambda x, g=grad: g(state.params, x), batches, batch_size=b, num_batches=64
+            )
+            traces[b] = (est.trace, b * est.variance_se)
+            assert traces[b][1] < 0.05 * traces[b][0], (loss, b, traces[b])
+        for a, b in ((32, 128), (128, 512), (32, 512)):
+            (ta, sa), (tb, sb) = traces[a], traces[b]
+            assert abs(ta - tb) <= 3 * math.hypot(sa, sb), (loss, traces)
+
+
+# ----------------------------------------------------------------- the training loop
+
+FAST = [
+    "--model", "mlp", "--width", "32", "--embed-dim", "16", "--head-hidden", "none",
+    "--batch-size", "32", "--steps", "4", "--checkpoint-every", "2", "--log-every", "1",
+    "--warmup-steps", "2", "--eval-examples", "128", "--no-progress", "--num-devices", "2",
+    "--noise-scale-every", "2", "--noise-batches", "4",
+]  # fmt: skip
+NOISE_KEYS = ("noise_variance", "noise_variance_se", "noise_g2", "noise_trace", "noise_b_simple")
+
+
+def _records(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_meter_logs_the_fixed_batch_estimate_and_resumes_exactly(tmp_path):
+    data_dir = tmp_path / "tfds"
+    prepare_digits(data_dir)
+    base = ["--data-dir", str(data_dir), *FAST]
+    whole = parse_config(["--workdir", str(tmp_path / "whole"), *base])
+    loop.train(whole)
+    cut = ["--workdir", str(tmp_path / "cut"), *base]
+    loop.train(parse_config([*cut, "--stop-after", "2"]))  # killed after step 2
+    loop.train(parse_config(cut))  # resumed
+    a, b = _records(tmp_path / "whole"), _records(tmp_path / "cut")
+    noise_a = [r for r in a if "noise_b_simple" in r]
+    assert [r["step"] for r in noise_a] == [2, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # the meter leaves training alone
+    for ra in noise_a:
+        rb = next(r for r in b if r["step"] == ra["step"])
+        assert ra["noise_batches"] == 4
+        assert [ra[k] for k in NOISE_KEYS] == [rb[k] for k in NOISE_KEYS]
+        assert ra["noise_variance"] > 0 and math.isfinite(ra["noise_b_simple"])
+        np.testing.assert_allclose(ra["noise_trace"], 32 * ra["noise_variance"], rtol=1e-12)
+        np.testing.assert_allclose(
+            ra["noise_b_simple"], ra["noise_trace"] / ra["noise_g2"], rtol=1e-12
+        )
+    # The study's call at a checkpoint gives what the loop logged after that step.
+    est = ns.measure_checkpoint(whole, step=2, num_batches=4)
+    np.testing.assert_allclose(est.variance, noise_a[0]["noise_variance"], rtol=1e-6)
+    np.testing.assert_allclose(est.g2, noise_a[0]["noise_g2"], rtol=1e-6)
+    # At another batch size: the same checkpoint, the run's data cut into batches of 16.
+    quarter = ns.measure_checkpoint(whole, step=2, num_batches=4, batch_size=16)
+    assert quarter.batch_size == 16 and len(quarter.terms) == 3 and quarter.variance > 0
+    assert quarter.trace == 16 * quarter.variance and math.isfinite(quarter.g2)
+    with pytest.raises(ConfigError, match="has no checkpoint 3"):
+        ns.measure_checkpoint(whole, step=3, num_batches=4)
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
+        ns.measure_checkpoint(whole.with_updates(learning_rate=0.5), step=2, num_batches=4)
+    with pytest.raises(ConfigError, match="holds no checkpoint to measure"):
+        ns.measure_checkpoint(whole.with_updates(workdir=str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()
+
+
+def test_noise_scale_flag_help_says_what_it_measures_and_costs():
+    from contrastive.configs import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "fixed-batch estimator" in text and "m extra gradient computations" in text
+    assert "--noise-batches" in text
+
+
+# --------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
         (
-            lambda: ns.noise_scale_estimates(1.0, 8, 1.0, 8),
-            "b_small=8 must be smaller than b_big=8",
-        ),
-        (lambda: ns.noise_scale_estimates(1.0, 16, 1.0, 8), "must be smaller than b_big=8"),
-        (lambda: ns.noise_scale_estimates(1.0, 0, 1.0, 8), "b_small must be a positive batch"),
-        (lambda: ns.noise_scale_estimates(1.0, -4, 1.0, 8), "b_small must be a positive batch"),
-        (lambda: ns.noise_scale_estimates(1.0, 2, 1.0, math.inf), "b_big must be a positive"),
-        (lambda: ns.noise_scale_estimates(1.0, True, 1.0, 8), "b_small must be a Python number"),
-        (
-            lambda: ns.noise_scale_estimates(1.0, jnp.int32(2), 1.0, 8),
-            "b_small must be a Python number",
-        ),
-        (lambda: ns.NoiseScaleMeter.init().update(1.0, 2, 1.0, 8, decay=0.0), "decay must"),
-        (lambda: ns.NoiseScaleMeter.init().update(1.0, 2, 1.0, 8, decay=1.5), "decay must"),
-        (
-            lambda: ns.NoiseScaleMeter.init().update(jnp.ones(2), 2, jnp.ones(2), 8),
-            "scalar squared norms",
+            lambda: ns.fixed_batch_noise_scale(lambda b: b, iter([]), batch_size=4, num_batches=1),
+            "num_batches must be an integer >= 2",
         ),
         (
-            lambda: ns.measure_sq_norms(
-                _mean_loss_grad, jnp.ones(2), jnp.ones((8, 2)), num_splits=1
+            lambda: ns.fixed_batch_noise_scale(lambda b: b, iter([]), batch_size=0, num_batches=4),
+            "batch_size must be a positive integer",
+        ),
+        (
+            lambda: ns.fixed_batch_noise_scale(
+                lambda b: b, iter([jnp.ones(2)] * 3), batch_size=4, num_batches=4
             ),
-            "num_splits must be an integer >= 2",
+            "batches gave 3 batches but num_batches=4",
+        ),
+        (lambda: ns.combine([]), "at least one NoiseEstimate"),
+        (
+            lambda: ns.per_example_grads(
+                _dual_encoder("infonce")[1],
+                (np.zeros((8, 6), np.float32), np.zeros((16, 5), np.float32)),
+                graphdef=_dual_encoder("infonce")[0],
+                config=TrainConfig(),
+                mesh=make_mesh(num_devices=1),
+            ),
+            "needs y with as many rows as x",
         ),
         (
-            lambda: ns.measure_sq_norms(
-                _mean_loss_grad, jnp.ones(2), jnp.ones((9, 2)), num_splits=2
+            lambda: ns.per_example_noise_scale(
+                _dual_encoder("infonce")[1],
+                _pairs(8),
+                graphdef=_dual_encoder("infonce")[0],
+                config=TrainConfig(),
+                mesh=make_mesh(num_devices=2),
+                rows_per_pass=3,
             ),
-            "a batch of 9 rows does not split into 2",
+            "rows_per_pass 3 must be a positive divisor of the 4 rows per device",
         ),
-        (
-            lambda: ns.measure_sq_norms(
-                _mean_loss_grad, jnp.ones(2), (jnp.ones((8, 2)), jnp.ones((16, 2))), num_splits=2
-            ),
-            "same leading .* got sizes 16, 8",
-        ),
-        (
-            lambda: ns.measure_sq_norms(
-                _mean_loss_grad, jnp.ones(2), jnp.ones((8, 2)), num_splits=2, big_batch="mean"
-            ),
-            "big_batch must be",
-        ),
-        (lambda: ns.noise_scale_from_grads([], jnp.ones(2), b_small=2), "g_small_list is empty"),
     ],
 )
 def test_bad_input_is_a_one_line_value_error(call, message):
@@ -356,3 +433,15 @@ def test_bad_input_is_a_one_line_value_error(call, message):
 def test_docstring_examples():
     result = doctest.testmod(ns, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "more"), [("--stream", ["--chunk-size", "8"]), ("--hard-batches", [])]
+)
+def test_meter_refuses_inputs_without_whole_random_batches(flag, more, tmp_path):
+    from contrastive.assemble import setup
+
+    argv = ["--workdir", str(tmp_path / "w"), "--batch-size", "32", flag, *more]
+    with pytest.raises(ConfigError, match=f"{flag} does not combine with --noise-scale-every"):
+        setup(parse_config([*argv, "--noise-scale-every", "2"]))
+    assert not (tmp_path / "w").exists()

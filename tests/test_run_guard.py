@@ -57,10 +57,41 @@ def test_lock_refuses_a_second_run_in_another_process(tmp_path):
     msg = out.strip()
     assert "\n" not in msg
     assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in msg
-    # Released cleanly: the file is empty, and the next holder takes over nobody's lock.
-    assert (tmp_path / "run.lock.0").read_text() == ""
+    # Released cleanly: the file is gone, and the next holder takes over nobody's lock.
+    assert not (tmp_path / "run.lock.0").exists()
     with WorkdirLock(tmp_path, process_index=0) as again:
         assert again.taken_over_from is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_opened_before_a_release_is_taken_on_the_new_file(tmp_path):
+    """A process that opened ``run.lock.0`` while another held it, and locks it after the
+    holder released (and removed) it, must not hold a file that is no longer the path: it
+    locks the current file, so a third process is refused."""
+    import fcntl
+
+    holder = WorkdirLock(tmp_path, process_index=0).acquire()
+    stale = os.open(holder.path, os.O_RDWR)  # opened before the release
+    real_open = os.open
+    calls = []
+
+    def open_stale_first(path, flags, mode=0o777):
+        calls.append(path)
+        return os.dup(stale) if len(calls) == 1 else real_open(path, flags, mode)
+
+    holder.release()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "open", open_stale_first)
+    try:
+        second = WorkdirLock(tmp_path, process_index=0).acquire()
+    finally:
+        mp.undo()
+    assert len(calls) == 2  # the stale file was locked, seen to be gone, and let go
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds the stale file
+    os.close(stale)
+    with pytest.raises(WorkdirLockedError):
+        WorkdirLock(tmp_path, process_index=0).acquire()
+    second.release()
 
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path):

@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["HardBatchOrder", "hard_negative_count", "nearest_negative_rank"]
+__all__ = ["HardBatchOrder", "first_hard_step", "hard_negative_count", "nearest_negative_rank"]
 
 _CACHED_EPOCHS = 3  # a batch spans at most 2 epochs; one more for a host that runs behind
 
@@ -369,6 +369,26 @@ class HardBatchOrder:
 
 
 # ---------------------------------------------------------------------- metrics
+
+
+def first_hard_step(num_examples: int, batch_size: int, refresh_every: int) -> int:
+    """The first training step (1-based) whose batch holds clustered rows.
+
+    Before step ``s`` (``s - 1`` steps done) the loop re-clusters when
+    :meth:`HardBatchOrder.is_refresh_step` ``(s - 1)``: the first clustering falls due after
+    ``refresh_every`` steps and takes effect at the next epoch start, so every earlier step
+    is a random batch. A run that ends before this step never trains on a hard batch.
+
+    >>> first_hard_step(256, 64, 4)   # 4 steps an epoch, due after 4: epoch 1 starts step 5
+    5
+    >>> first_hard_step(1000, 64, 30)  # due after 30; epoch 2 starts in step 32's batch
+    32
+    """
+    order = HardBatchOrder(num_examples, batch_size, 1, seed=0, refresh_every=refresh_every)
+    s = refresh_every
+    while not order.is_refresh_step(s):  # within about two epochs of the due step
+        s += 1
+    return s + 1
 
 
 def hard_negative_count(caption_ids: np.ndarray) -> np.ndarray:

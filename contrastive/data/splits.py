@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
 import numpy as np
 
+from contrastive.data import own_pairs
 from contrastive.data.pipeline import (
+    DATASETS,
     DatasetSpec,
     Subrange,
     TableSource,
@@ -30,6 +33,7 @@ from contrastive.data.pipeline import (
     train_examples,
 )
 from contrastive.data.text import HashTokenizer
+from contrastive.feature_cache import CacheWriteError, check_cache_dir
 
 __all__ = ["RunData", "run_data", "LOCKED_PRETRAINED"]
 
@@ -44,13 +48,17 @@ class RunData:
     ``num_train``: the training examples; ``train_source``: those examples, random access
     (``train_source[i]``: example ``i``, un-shuffled, un-augmented; a :class:`TableSource` of
     locked features, tokens and ids in the locked-tower mode); ``feature_width``: F of a
-    locked image tower's features (None: images)."""
+    locked image tower's features (None: images); ``inputs``: ``{name: sha256}`` of the
+    inputs the run did not compute itself (the locked features of the training and test
+    splits), part of the run's identity, so that features changed between a stop and a
+    resume are refused."""
 
     examples: TrainExamples
     eval: dict[str, dict[str, np.ndarray]]
     num_train: int
     train_source: Any
     feature_width: int | None = None
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def train(self) -> Any:
@@ -75,12 +83,18 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
     ValueError (one line) for settings the data cannot meet.
     """
     d, r = cfg.data, cfg.run
-    source = load_source(d.dataset, spec.train_split, d.data_dir)
+    test_source = None
+    if d.dataset not in DATASETS:  # own pairs: the last --eval-examples are the test
+        source, test_source = own_pairs.train_test(d.dataset, d.eval_examples)
+    else:
+        source = load_source(d.dataset, spec.train_split, d.data_dir)
     v = d.validation_examples
     n_train = d.train_examples if d.train_examples is not None else len(source) - v
     _check_split(n_train, v, len(source))
     eval_kw = dict(data_dir=d.data_dir, image_size=d.image_size, tokenizer=tokenizer)
-    test = eval_arrays(d.dataset, spec.test_split, max_examples=d.eval_examples, **eval_kw)
+    test = eval_arrays(
+        d.dataset, spec.test_split, max_examples=d.eval_examples, source=test_source, **eval_kw
+    )
     if cfg.model.locked_image is not None:
         return _locked(cfg, spec, n_train, v, test)
     train_source = source if n_train == len(source) else Subrange(source, 0, n_train)
@@ -104,7 +118,11 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
             d.dataset, spec.train_split, max_examples=d.eval_examples,
             source=Subrange(source, n_train, n_train + v), **eval_kw,
         )  # fmt: skip
-    return RunData(examples, evals, n_train, train_source)
+    inputs = {}
+    if test_source is not None:  # own pairs: what they are and which ones train
+        digest = own_pairs.read_spec(d.dataset)["data_sha256"]
+        inputs["own_pairs"] = f"{digest}, last {d.eval_examples} held out"
+    return RunData(examples, evals, n_train, train_source, inputs=inputs)
 
 
 def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> RunData:
@@ -115,6 +133,13 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
     n_test = len(test["caption_id"])
     if m.locked_image == LOCKED_PRETRAINED:
         cache = r.feature_cache or os.path.join(r.workdir, "features")
+        try:  # before pre-training, not after it
+            check_cache_dir(cache)
+        except CacheWriteError:
+            # A read-only cache that holds the tower is fine to read; a feature entry it
+            # lacks is one line when written (CacheWriteError), after seconds, not minutes.
+            if not locked_tower.tower_cache_path(None, cache).exists():
+                raise
         tower = locked_tower.pretrained_image_tower(cache_dir=cache)
         kw = dict(cache_dir=cache)
         feats = locked_tower.tower_features(
@@ -139,6 +164,12 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
             split_name="test",
         )
         test_feats = test_all[:n_test]
+        if test_all.shape[1] != feats.shape[1]:
+            raise ValueError(
+                f"--locked-image {directory}: train.npy has {feats.shape[1]} columns but "
+                f"test.npy has {test_all.shape[1]}: compute both splits' features with the "
+                "same model"
+            )
     tokens, ids = locked_tower.shapes_captions(spec.train_split, n_train + v)
     table = TableSource(image=feats[:n_train], text=tokens[:n_train], caption_id=ids[:n_train])
     examples = train_examples(d.dataset, global_batch_size=r.batch_size, seed=r.seed, source=table)
@@ -152,4 +183,16 @@ def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> Ru
             "caption_id": ids[rows],
             "novel": np.zeros(k, bool),
         }
-    return RunData(examples, evals, n_train, table, feature_width=int(feats.shape[1]))
+    inputs = {
+        "train features": _array_digest(feats[: n_train + v]),
+        "test features": _array_digest(test_feats),
+    }
+    return RunData(
+        examples, evals, n_train, table, feature_width=int(feats.shape[1]), inputs=inputs
+    )
+
+
+def _array_digest(a: np.ndarray) -> str:
+    """sha256 of a float32 array's shape and bytes (what the run trains and evaluates on)."""
+    a = np.ascontiguousarray(a, np.float32)
+    return hashlib.sha256(f"{a.shape}|".encode() + a.tobytes()).hexdigest()

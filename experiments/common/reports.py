@@ -176,5 +176,59 @@ def command_line(prog: str, argv: Sequence[str] | None) -> str:
     return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
 
 
+# The distributions whose versions decide a result (the train extra and what it pins down).
+STACK_PACKAGES = (
+    "jax", "jaxlib", "jax-cuda12-plugin", "libtpu", "flax", "optax", "orbax-checkpoint",
+    "numpy", "scipy", "scikit-learn", "grain", "array-record", "tensorflow-datasets",
+    "ml-dtypes", "pillow",
+)  # fmt: skip
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def stack_record(*, devices: bool = True) -> dict[str, Any]:
+    """What produced a result: Python, the versions of :data:`STACK_PACKAGES` (None when
+    not installed), the OS, the CPU model and core count, and (``devices=True``, which
+    starts jax's backend: call it after ``simulate_cpu_devices``) the default backend,
+    its device kind and count. Put it in every result file as ``"stack"``."""
+    import importlib.metadata
+    import platform
+
+    packages = {}
+    for name in STACK_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    record: dict[str, Any] = {
+        "python": platform.python_version(),
+        "packages": packages,
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    if devices:
+        import jax
+
+        devs = jax.devices()
+        record |= {
+            "backend": jax.default_backend(),
+            "device_kind": devs[0].device_kind,
+            "device_count": len(devs),
+        }
+    return record
+
+
 if __name__ == "__main__":
     sys.exit(shared_module(__name__))

@@ -28,7 +28,7 @@ reaches 0.30 in about 210 steps, so at B = 256 the arm is judged on its final te
 after 7.8 epochs (6.8 of them hard); at B = 64 the 0.30 target (about 900 to 2,200 steps)
 falls around the first clustering.
 
-Each arm runs the fixed budget of :mod:`experiments.common.budget` at the random arm's rate
+Each arm runs the fixed budget of :mod:`experiments.study.fixed_budget` at the random arm's rate
 for (loss, B) (the committed study's), and is compared with the random batches of the same
 (loss, B, rate, seed), which are that stage's runs (in the same run directory they are read
 back, not trained again): steps to each validation target from the curve, and the final test
@@ -53,7 +53,9 @@ from typing import Any
 
 from contrastive.configs import ConfigError
 from contrastive.negative_queue import check_queue_length
-from experiments.common.budget import (
+from experiments.common.cli import shared_module
+from experiments.common.reports import loss_label
+from experiments.study.fixed_budget import (
     REPORTED,
     Stage,
     budget_run,
@@ -64,9 +66,7 @@ from experiments.common.budget import (
     steps_cell,
     train_runs,
 )
-from experiments.common.cli import shared_module
-from experiments.common.reports import loss_label
-from experiments.common.study import StudyRun
+from experiments.study.runs import StudyRun
 
 __all__ = [
     "ARM_NAMES",
@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 ARM_NAMES = ("hard", "queue")
-# Besides accuracy, per run (:func:`experiments.common.study.run_to_target`): batch-mates one
+# Besides accuracy, per run (:func:`experiments.study.runs.run_to_target`): batch-mates one
 # attribute away per anchor over the last epoch, and the re-clustering's share of the time.
 ARM_MEASURES = ("hard_negatives", "refresh_share")
 DEFAULT_ARM_SIZES = (64, 256)

@@ -4,7 +4,7 @@ SimCLR (Chen et al. 2020, arXiv 2002.05709, Fig. 9) and SigLIP (Zhai et al. 2023
 2303.15343, Fig. 2) ask whether a larger batch is better when every batch size sees the
 same number of training examples: with a budget of ``E`` examples, batch size ``B`` trains
 ``S_B = E / B`` optimiser steps. Here each (loss, B, seed) run trains ``S_B`` steps at the
-learning rate the tuned study chose for (loss, B) (:func:`experiments.common.study.chosen_rates`),
+learning rate the tuned study chose for (loss, B) (:func:`experiments.study.runs.chosen_rates`),
 with the study's warm-up and constant rate, is evaluated on the validation split at the
 study's geometric steps (so steps to each target come from the same runs), and its final
 evaluation is on the test split: that is the number compared.
@@ -13,7 +13,7 @@ A stage shares :class:`Stage` (the base config, the run directory, the committed
 its runs; :func:`train_runs` trains them in order and rewrites the stage's JSON after each,
 so a stage cut short resumes (finished runs are read back, a run cut mid-way resumes from
 its checkpoint). :func:`group_summary` reduces the rows per (stage, loss, B) to mean and
-min–max over seeds; the arms stage (:mod:`experiments.common.arms`) uses the same pieces.
+min–max over seeds; the arms stage (:mod:`experiments.study.arms`) uses the same pieces.
 
 >>> budget_steps(512_000, [64, 256, 1024], min_steps=500)
 {64: 8000, 256: 2000, 1024: 500}
@@ -34,7 +34,7 @@ from typing import Any
 from contrastive.configs import Config, ConfigError, differences
 from experiments.common.cli import shared_module
 from experiments.common.reports import loss_label, statistics, write_json
-from experiments.common.study import StudyRun, run_to_target
+from experiments.study.runs import StudyRun, run_to_target
 
 __all__ = [
     "DEFAULT_EXAMPLES",
