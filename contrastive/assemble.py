@@ -19,7 +19,7 @@ from flax import nnx
 
 import losses
 from contrastive.configs import Config, ConfigError
-from contrastive.data import HashTokenizer, captioned_shapes, get_spec
+from contrastive.data import HashTokenizer, captioned_shapes, get_spec, text
 from contrastive.data.pipeline import DatasetSpec
 from contrastive.data.splits import run_data
 from contrastive.evaluate import evaluate_model
@@ -32,8 +32,6 @@ from contrastive.step_inputs import BatchInputs, StepInputs
 from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
 
 __all__ = ["Setup", "setup", "build_model", "text_shape", "batch_builder", "evaluate_untrained"]
-
-DEFAULT_VOCAB, DEFAULT_TEXT_LEN = 8192, 32  # hashed-word captions (coco_captions)
 
 
 def build_model(cfg: Config, spec: DatasetSpec, *, feature_width: int | None = None) -> DualEncoder:
@@ -72,20 +70,13 @@ def build_model(cfg: Config, spec: DatasetSpec, *, feature_width: int | None = N
 
 
 def text_shape(cfg: Config, spec: DatasetSpec) -> tuple[int, int]:
-    """(vocabulary size, caption length): the flags', else the data set's, else hashed words."""
-    vocab = cfg.model.vocab_size or spec.vocab_size or DEFAULT_VOCAB
-    length = cfg.model.text_len or spec.text_len or DEFAULT_TEXT_LEN
-    if spec.vocab_size is not None and vocab < spec.vocab_size:
-        raise ConfigError(
-            f"--vocab-size {vocab} is smaller than the {spec.vocab_size} token ids of the data "
-            "set: drop the flag"
-        )
-    if spec.text_len is not None and length != spec.text_len:
-        raise ConfigError(
-            f"--text-len {length} differs from the data set's captions of {spec.text_len} "
-            "tokens: drop the flag"
-        )
-    return vocab, length
+    """(vocabulary size, caption length): the flags', else the data set's, else hashed words'
+    (:func:`contrastive.data.text.text_shape`)."""
+    m = cfg.model
+    try:
+        return text.text_shape(m.vocab_size, m.text_len, spec.vocab_size, spec.text_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def batch_builder(cfg: Config, spec: DatasetSpec, mesh: jax.sharding.Mesh):
@@ -154,7 +145,7 @@ def run_tokenizer(cfg: Config, spec: DatasetSpec) -> HashTokenizer:
     """The run's caption tokenizer: the model's vocabulary and text length (defaults when
     the data set brings its own tokens or has no text)."""
     vocab, length = text_shape(cfg, spec) if spec.kind == "image_text" else (None, None)
-    return HashTokenizer(vocab or DEFAULT_VOCAB, length or DEFAULT_TEXT_LEN)
+    return text.run_tokenizer(vocab, length, spec.kind)
 
 
 def setup(cfg: Config) -> Setup:

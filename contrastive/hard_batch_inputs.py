@@ -55,6 +55,7 @@ import numpy as np
 
 from contrastive.clustering import balanced_clusters
 from contrastive.configs import Config, ConfigError
+from contrastive.data import text
 from contrastive.data.hard_batches import HardBatchOrder
 from contrastive.mesh import shard_batch
 from contrastive.step_inputs import hard_negatives_metric
@@ -127,7 +128,7 @@ def hard_batch_inputs(
     ``data``: the run's :class:`~contrastive.data.splits.RunData`; ``make_batch(host, step)``:
     this process's rows -> :class:`~contrastive.train_step.Batch`; ``graphdef``: the model's,
     for the refresh's embeddings; ``tokenizer``: the run's caption tokenizer (data sets of
-    caption strings; None: built from ``cfg`` as :func:`contrastive.assemble.setup` builds it).
+    caption strings; None: built from ``cfg`` as the run's pipeline builds it).
     Bad settings: one-line :class:`ConfigError`.
     """
     from contrastive.data import get_spec
@@ -149,9 +150,9 @@ def hard_batch_inputs(
         raise ConfigError(str(e)) from None
     method = "embed_x" if d.cluster_tower == "image" else "embed_y"
     if tokenizer is None and spec.kind == "image_text" and not _own_tokens(spec):
-        from contrastive.assemble import run_tokenizer
-
-        tokenizer = run_tokenizer(cfg, spec)
+        m = cfg.model  # the run's tokenizer, as the run's pipeline builds it
+        vocab, length = text.text_shape(m.vocab_size, m.text_len, spec.vocab_size, spec.text_len)
+        tokenizer = text.run_tokenizer(vocab, length, spec.kind)
     source, n = data.train_source, data.num_train
     inputs = _cluster_reader(spec, source, d.cluster_tower, tokenizer)
     return HardBatchInputs(

@@ -69,6 +69,7 @@ class Sizes:
     plan_model: str  # a CLIP size of contrastive.models.clip
     plan_memory: str  # the planner's per-device limit
     plan_chunk_rows: int  # gradient-cache chunk of the planned step
+    plan_probe: tuple[int, int]  # the search's first two batches, in chunks
     streamed: tuple[str, ...]  # flags of experiments.bench_streamed
     streamed_reserve_s: float  # seconds of the budget kept back for the streamed part
 
@@ -82,6 +83,7 @@ FULL = Sizes(
     plan_model="vit-b-32",
     plan_memory="16GiB",
     plan_chunk_rows=128,
+    plan_probe=(2, 8),
     streamed=("--batch", "32768", "--chunk", "4096", "--width", "1024", "--input-dim", "1024",
               "--repeats", "3"),
     streamed_reserve_s=90.0,
@@ -95,6 +97,9 @@ REDUCED = Sizes(
     plan_model="vit-tiny",
     plan_memory="10MiB",
     plan_chunk_rows=32,
+    # Either side of the answer (608 pairs at 10 MiB with jax 0.10): two compiles close the
+    # search; with other versions it takes a few more and finds the answer all the same.
+    plan_probe=(19, 20),
     streamed=("--batch", "256", "--chunk", "64", "--width", "32", "--input-dim", "16",
               "--repeats", "2"),
     streamed_reserve_s=0.0,
@@ -157,8 +162,8 @@ def check_planner(sizes: Sizes, limit_text: str, device: Any) -> dict:
     limit = parse_bytes(limit_text)
     start = time.perf_counter()
     plan_step = plan.build_step(sizes.plan_model, 1, chunk_rows=sizes.plan_chunk_rows)
-    # Probes of 2 and 8 chunks (the command's are 64 and 128): a small limit, fewer compiles.
-    found = largest_batch(plan_step, limit, probe=(2, 8))
+    # Probes nearer the answer than the command's (64 and 128 chunks): fewer compiles.
+    found = largest_batch(plan_step, limit, probe=sizes.plan_probe)
     batch = found["largest_global_batch"]
     out: dict[str, Any] = {
         "model": sizes.plan_model,

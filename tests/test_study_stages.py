@@ -396,3 +396,36 @@ def test_bench_locked_step_runs_at_a_toy_size(tmp_path):
     )
     with pytest.raises(ValueError, match="--devices 3 with --batch 64"):
         bench_locked_step.run(["--batch", "64", "--devices", "3", "--out", str(tmp_path)])
+
+
+def _stage_value_flags() -> list[str]:
+    return [a.option_strings[-1] for a in stages.build_parser()._actions
+            if a.option_strings and a.nargs != 0 and a.option_strings[-1] != "--help"]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", _stage_value_flags())
+def test_every_stage_flag_refuses_a_bad_value_in_one_line(flag, tmp_path, monkeypatch, capsys):
+    """The stages' own parser, walked as tests/test_cli_errors.py walks every command's: a
+    bad value (a path below a file, a negative number, an unknown name) is one line naming
+    the flag, exit 2, and nothing is created."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    action = next(a for a in stages.build_parser()._actions if a.option_strings[-1] == flag)
+    typename = getattr(action.type, "__name__", "")
+    if typename in ("directory", "output_dir", "path", "existing_file"):
+        value = str(tmp_path / "a-file" / "below")
+    elif typename in ("positive_int", "positive_float", "int", "float"):
+        value = "-5"
+    else:
+        value = "zzz"
+    argv = ["--stage", "fixed-budget", f"{flag}={value}"]
+    if flag == "--stage":
+        argv = [f"--stage={value}"]
+    try:
+        code = batch_size_study.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (flag, err)
+    assert flag in err[0], (flag, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -69,9 +69,10 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
     given = [f for f in TOY_ONLY if any(a == f or a.startswith(f + "=") for a in argv)]
     if given and not tuning:
         raise ConfigError(f"{given[0]} applies to a tuned study: add --tune (or drop it)")
-    unknown = [x for x in args.losses + (args.run_losses or []) if x not in LOSS_NAMES]
-    if unknown:
-        raise ConfigError(f"unknown loss {unknown[0]!r}: use {', '.join(LOSS_NAMES)}")
+    for flag, names in (("--losses", args.losses), ("--run-losses", args.run_losses or [])):
+        unknown = [x for x in names if x not in LOSS_NAMES]
+        if unknown:
+            raise ConfigError(f"{flag}: unknown loss {unknown[0]!r}: use {', '.join(LOSS_NAMES)}")
     run_losses = args.run_losses or args.losses
     if not set(run_losses) <= set(args.losses):
         raise ConfigError("--run-losses must be among --losses (the study's losses)")

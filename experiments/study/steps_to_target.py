@@ -235,9 +235,20 @@ def run_study(s: StudySettings, record: dict[str, Any]) -> dict[str, Any]:
     return collect(s, record, read_rows(s.out), tgt)
 
 
+def _cell_done(s: StudySettings, tuned: list[dict], seeds: Sequence[dict], loss: str, b: int,
+               targets: Sequence[float]) -> bool:  # fmt: skip
+    """Whether a cell's grid is settled and every seed of every chosen rate has its row."""
+    if not tuned or next_exponent(tuned, targets, base=s.rate_exponents) is not None:
+        return False
+    chosen = {c["exponent"] for c in choose(tuned, targets).values()} - {None}
+    have = {(r["exponent"], r["seed"]) for r in seeds if (r["loss"], r["batch_size"]) == (loss, b)}
+    return all((k, seed) in have for k in chosen for seed in s.seeds)
+
+
 def collect(s: StudySettings, record: dict, rows: dict[str, dict], tgt: dict) -> dict:
     """The summary and fits from the rows of ``s.out`` (every loss's, whichever process
-    trained it); ``complete`` says whether every loss of the study is there."""
+    trained it); ``complete`` says whether every cell of the study is finished (its grid
+    settled, every seed of every chosen rate trained)."""
     targets = tgt["targets"]
     caps = {(c["loss"], c["batch_size"]): c["cap"] for c in tgt["plateaus"]}
     tuning: dict[tuple[str, int], list[dict]] = {}
@@ -247,13 +258,16 @@ def collect(s: StudySettings, record: dict, rows: dict[str, dict], tgt: dict) ->
             tuning.setdefault((r["loss"], r["batch_size"]), []).append(r)
         elif r["stage"] == "seeds":
             seeds.append(r)
-    have = {loss for loss, _ in tuning}
     summary = summarise(s.losses, s.batch_sizes, targets, tuning, seeds, caps)
     record.update(
         rows=sorted(rows.values(), key=lambda r: r["name"]),
         summary=summary,
         fits=fits(summary, s.losses, targets),
-        complete=have >= set(s.losses),
+        complete=all(
+            _cell_done(s, tuning.get((loss, b), []), seeds, loss, b, targets)
+            for loss in s.losses
+            for b in s.batch_sizes
+        ),
         train_time_s=round(sum(r.get("train_s") or 0 for r in rows.values()), 1),
     )
     return record
