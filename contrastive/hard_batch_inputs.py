@@ -379,7 +379,7 @@ def _cluster_reader(spec: Any, source: Any, tower: str, tokenizer: Any = None):
 def _shapes_tokens(source: Any) -> np.ndarray | None:
     """Caption tokens of generated ``shapes`` examples ``[0, N)``, without rendering (or None)."""
     from contrastive.data.captioned_shapes import CaptionedShapes
-    from contrastive.data.pipeline import Subrange
+    from contrastive.data.sources import Subrange
     from contrastive.locked_tower import shapes_captions
 
     base = source.source if isinstance(source, Subrange) and source.start == 0 else source

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from contrastive.data.sources import Subrange
+
 SPEC_FILE = "pairs.json"
 BAD_ROWS_FILE = "bad_rows.tsv"
 FORMAT = "contrastive-own-pairs"
@@ -509,8 +511,6 @@ def _verify(directory: str, spec_text: str, stamps: tuple) -> None:
 def train_test(directory: str | os.PathLike, eval_examples: int) -> tuple[Any, Any]:
     """(training pairs, held-out pairs): the last ``eval_examples`` pairs are the test split
     (``--eval-examples``), never trained on; the rest train."""
-    from contrastive.data.pipeline import Subrange
-
     source = open_pairs(directory)
     n = len(source)
     if not 1 <= eval_examples < n:

@@ -25,13 +25,13 @@ from contrastive.data import own_pairs
 from contrastive.data.pipeline import (
     DATASETS,
     DatasetSpec,
-    Subrange,
     TableSource,
     TrainExamples,
     eval_arrays,
     load_source,
     train_examples,
 )
+from contrastive.data.sources import Subrange
 from contrastive.data.text import HashTokenizer
 from contrastive.feature_cache import CacheWriteError, check_cache_dir
 
