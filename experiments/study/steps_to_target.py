@@ -311,6 +311,7 @@ def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict
     got = committed_cells(rates_path, s.run_losses, s.batch_sizes)
     cells, committed = got["cells"], got["study"]
     target = min(committed["targets"]["targets"])
+    seeds = committed.get("seeds") or list(P.REPORTED_SEEDS)  # the committed study's own
     t0 = time.perf_counter()
     with loss_locks(s.out, s.run_losses), compile_cache(s.compile_cache or s.out / "compile_cache"):
         study = Study(s.out, P.METRIC, [target])
@@ -318,7 +319,7 @@ def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict
         for loss in s.run_losses:
             for b in s.batch_sizes:
                 c = cells[(loss, b)]
-                for seed in s.seeds:
+                for seed in seeds:
                     run = _run(s, "seeds", loss, b, c["learning_rate"], seed, c["cap"], target)
                     rows.append(study.run(run, exponent=c["exponent"]))
     comparison = []
@@ -329,6 +330,7 @@ def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict
                            **compare(c["steps"], now, c["cap"])})  # fmt: skip
     record.update(
         target=target,
+        seeds=seeds,
         rows=rows,
         comparison=comparison,
         reproduces=all(x["within_noise"] for x in comparison),
