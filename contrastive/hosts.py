@@ -46,6 +46,15 @@ def start(
             heartbeat_timeout_seconds=max(10, int(timeout_s) + 30),
             shutdown_timeout_seconds=max(10, int(timeout_s)),
         )
+        # One collective over every device now, while the processes have just met: XLA's
+        # CPU collectives (gloo) give the processes a fixed 30 s to meet the first time a
+        # group of devices runs a collective, however long that group's later collectives
+        # may wait. Set up here, the group's first meeting cannot be the first step's, which
+        # a process may reach minutes after its peer (compiling, reading data, under load).
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("contrastive.hosts.start")
     except Exception as e:  # noqa: BLE001 - JAX raises several types; one message for all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RuntimeError(
