@@ -568,6 +568,12 @@ class Config:
         target = parse_stop_at(r.stop_at)
         if target is not None:
             known = metric_names(spec, validation=bool(d.validation_examples))
+            if target[0] not in known and target[0] in metric_names(spec, validation=True):
+                raise ValueError(
+                    f"{field_name(r, 'stop_at')}: {target[0]!r} is measured on a validation "
+                    f"split, and this run has none: add {field_name(d, 'validation_examples')} "
+                    "V (examples carved from the training split after --train-examples)"
+                )
             if target[0] not in known:
                 raise ValueError(
                     f"{field_name(r, 'stop_at')}: unknown metric {target[0]!r} for "

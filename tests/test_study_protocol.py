@@ -198,8 +198,10 @@ def test_the_reproduction_check_counts_standard_errors():
         (["--tune", "--losses", "cosine"], "unknown loss"),
         (["--update-results"], "publishes nothing"),
         (["--tune", "--batch-sizes", "64,256", "--update-results"], "protocol's own settings"),
-        (["--batch-sizes", "63", "--rates", "{tmp}/v2.json"],
-         "no chosen rate for infonce at B = 63: its batch sizes are 64"),
+        (
+            ["--batch-sizes", "63", "--rates", "{tmp}/v2.json"],
+            "no chosen rate for infonce at B = 63: its batch sizes are 64",
+        ),
         (["--rates", "{tmp}/study.json"], "not a tuned study of protocol version"),
         (["--rates", "{tmp}/missing.json"], "cannot read a study (FileNotFoundError)"),
     ],
@@ -301,3 +303,37 @@ def test_the_whole_protocol_reads_validation_and_reports_censored_cells(tmp_path
     calls.clear()
     assert batch_size_study.main(argv) == 0
     assert calls == []
+
+
+def test_a_second_process_on_the_same_loss_and_out_is_refused_in_one_line(tmp_path, capsys):
+    """A study owns its --out per loss: while one process trains infonce there, another that
+    asks for infonce stops at once (it never meets the first one's busy runs and never
+    records them as failures), and one that trains another loss is let through."""
+    from experiments.study.harness import loss_locks
+
+    out = tmp_path / "study"
+    argv = ["--tune", "--losses", "infonce,sigmoid", "--run-losses", "infonce",
+            "--batch-sizes", "32,64", "--train-examples", "1024", "--out", str(out)]  # fmt: skip
+    with loss_locks(out, ["infonce"]):  # the first process, busy
+        assert batch_size_study.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (
+            f"error: another process is training infonce's runs in {out}: wait for it, or give "
+            "this one other --run-losses (or another --out)"
+        )
+        assert not (out / "rows").exists() or not any((out / "rows").iterdir())
+        with loss_locks(out, ["sigmoid"]):  # other losses are free to take
+            pass
+
+
+def test_a_run_stopped_by_a_signal_stops_the_study_with_exit_130(tmp_path, monkeypatch, capsys):
+    """SIGINT/SIGTERM during a run: the run saved its checkpoint and returned early; the study
+    says so in one line and exits 130 (not 0: the study did not finish)."""
+    from experiments.study import runs
+
+    monkeypatch.setattr(runs, "train", lambda cfg: [{"step": 1, "elapsed_s": 0.1}])
+    argv = ["--tune", "--losses", "infonce", "--batch-sizes", "32,64", "--train-examples",
+            "1024", "--out", str(tmp_path / "study")]  # fmt: skip
+    assert batch_size_study.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "stopped before its last step" in err[-1] and "same --out to resume" in err[-1]

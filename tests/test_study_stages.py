@@ -103,6 +103,9 @@ def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, cache):
     [
         (["--stop-at", "val_zero_shot_top1"], "--stop-at 'val_zero_shot_top1': give METRIC=VALUE"),
         (["--stop-at", "val_top9=0.5"], "--stop-at: unknown metric 'val_top9'"),
+        (["--validation-examples", "0", "--stop-at", "val_zero_shot_top1=0.3"],
+         "--stop-at: 'val_zero_shot_top1' is measured on a validation split, and this run has "
+         "none: add --validation-examples V"),
         (["--eval-growth", "1.0"], "--eval-growth must be above 1"),
         (["--dataset", "digits", "--validation-examples", "10", "--locked-image", "none"],
          "--validation-examples needs a data set whose validation metric"),
@@ -260,6 +263,10 @@ def test_fixed_budget_then_arms_stage_at_a_toy_size(tmp_path, cache, capsys):
         (["--stage", "arms", "--arms", "hard", "--cluster-size", "1"],
          "--cluster-size 1 makes every example its own cluster"),
         (["--stage", "fixed-budget", "--batch-sizes", "0,64"], "batch sizes must be positive"),
+        (["--stage", "fixed-budget", "--rates", "{tmp}/empty.json"],
+         "--rates {tmp}/empty.json: no protocol recorded (TypeError)"),
+        (["--stage", "fixed-budget", "--rates", "{fixed}"],
+         "--rates {fixed}: not a finished tuned study of protocol version 1 (KeyError)"),
         (["--stage", "arms", "--arms", "queue", "--arm-batch-sizes", "64,128",
           "--queue-negatives", "131072"], "--queue-negatives 131072 at B = 64: --negative-queue "
          "2047 spans more than an epoch"),
@@ -267,13 +274,16 @@ def test_fixed_budget_then_arms_stage_at_a_toy_size(tmp_path, cache, capsys):
 )  # fmt: skip
 def test_bad_stage_flags_are_one_line_before_any_run(flags, message, tmp_path, capsys):
     rates = str(stages.V1_RATES)
+    (tmp_path / "empty.json").write_text("[]")
+    fixed = str(stages.V1_RATES.with_name("batch_size_study_fixed_budget.json"))
+    flags = [f.format(tmp=tmp_path, fixed=fixed) for f in flags]
     try:  # argparse's own errors (an unknown choice) exit here; the command's return 2
         status = batch_size_study.main(["--rates", rates, *flags, "--out", str(tmp_path / "out")])
     except SystemExit as e:
         status = e.code
     assert status == 2
     err = capsys.readouterr().err.strip()
-    message = message.format(rates=rates)
+    message = message.format(rates=rates, tmp=tmp_path, fixed=fixed)
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 

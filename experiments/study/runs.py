@@ -156,14 +156,18 @@ def chosen_rates(
     rate chosen for the highest of ``targets`` (default: the study's own) that one of its
     rates reached, that target, and the batch size's step cap. ConfigError (one line) if the
     file is not a finished study or lacks a (loss, B)."""
+    need = {"loss", "batch_size", "target", "learning_rate"}
     try:
         study = json.loads(Path(path).read_text())
         summary, rows = study["summary"], study["rows"]
         targets = study["targets"] if targets is None else targets
-    except (OSError, ValueError, KeyError) as e:
+        if not all(isinstance(p, dict) and need <= set(p) for p in summary):
+            raise KeyError("a summary entry without a chosen rate")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"--rates {path}: not a finished study ({type(e).__name__}); run with --tune to "
-            "choose the rates first"
+            f"--rates {path}: not a finished tuned study of protocol version 1 "
+            f"({type(e).__name__}): give experiments/results/v1/batch_size_study.json or "
+            "another version-1 --tune study's JSON"
         ) from None
     out = {}
     for loss in losses:
