@@ -118,13 +118,15 @@ def test_other_run_in_workdir_is_refused(stopped_runs, data_dir, tmp_path):
         (["--batch-size", "12"], "--batch-size 12 is not divisible by the 8 devices"),
         (["--batch-size", "32", "--chunk-size", "64"], "--chunk-size 64 is larger than"),
         (["--dataset", "cifar10"], "dataset 'cifar10' .* is not prepared in"),
-        (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
+        (["--dataset", "imagenet"],
+         "--dataset: unknown dataset 'imagenet': use one of .* or a directory prepared by "
+         "python -m experiments.prepare_pairs"),
         (["--model", "transformer"], "unknown --model"),
         (["--optimizer", "sgd"], "unknown --optimizer"),
         (["--sigma", "0.5"], "--sigma .* is an option of the decoupled loss"),
         (["--loss", "sigmoid", "--intra-view"], "--intra-view is for the softmax losses"),
     ],
-)
+)  # fmt: skip
 def test_bad_configuration_is_one_line(flags, message, tmp_path, capsys):
     empty = tmp_path / "empty_data"
     empty.mkdir()
