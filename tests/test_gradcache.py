@@ -135,6 +135,7 @@ def bf16_ulps(x, ref) -> float:
     return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, x, ref)))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     b=st.integers(120, 300),

@@ -140,6 +140,7 @@ def assert_each_anchor_close(name: str, got, want, what: str) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SOFTMAX_LOSSES)
 def test_each_anchor_keeps_its_digits_where_the_positive_dominates(name):
     drawn = []
@@ -176,6 +177,7 @@ def test_each_anchor_keeps_its_digits_where_the_positive_dominates(name):
         assert_mix(drawn, tiny=("most", 0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SOFTMAX_LOSSES)
 def test_gradients_at_large_logits_match_float64(name):
     """The same batches (logits in the thousands, exact products), tiled and ring: values

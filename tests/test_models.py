@@ -179,6 +179,7 @@ def test_clip_tiny_embeds_uint8_images_and_tokens_causally():
         encode(params, (images[:, :16], tokens), None)
 
 
+@pytest.mark.slow
 def test_stacked_blocks_equal_the_layers_applied_one_by_one_and_remat_changes_nothing():
     rngs = nnx.Rngs(0)
     stack = models.StackedBlocks(3, 16, 2, causal=True, rngs=rngs)

@@ -272,6 +272,7 @@ def _correlated_pairs(rng, b: int):
     return x, (y + 0.5 * rng.normal(size=(b, 5))).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_b_times_v_does_not_move_with_the_batch_size_on_a_fixed_checkpoint():
     """The estimator measures the data's noise, not the loss's dependence on B.
 
@@ -333,6 +334,7 @@ def _records(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loop_meter_logs_the_fixed_batch_estimate_and_resumes_exactly(tmp_path):
     data_dir = tmp_path / "tfds"
     prepare_digits(data_dir)

@@ -82,6 +82,7 @@ def test_locked_run_stops_at_its_target_and_stays_finished(tmp_path, cache):
     assert len(_records(tmp_path)) == len(records)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, cache):
     """A run that returns before its last step (SIGTERM/SIGINT: checkpoint saved; here
     --stop-after) is not a finished row: the study stops with one line, and the same run

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import bench_ring, sweep_memory
 
 
+@pytest.mark.slow
 def test_memory_sweep_and_ring_bench_write_their_results(tmp_path, capsys):
     argv = ["--batch", "256", "1024", "--dim", "16", "--block-size", "128",
             "--methods", "dense,tiled,ring,gathered", "--time-max-batch", "256",

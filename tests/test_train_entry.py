@@ -204,6 +204,7 @@ def _stopped_run(stopped_runs, tmp_path, data_dir, stop_after=6):
     return _copy_run(stopped_runs(stop_after), tmp_path, data_dir)
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_before_any_restore(stopped_runs, data_dir, tmp_path, capsys):
     """Every setting that changes the computation is part of the run's identity; the error
     names each differing flag with its old and new value, and nothing was restored."""
