@@ -38,6 +38,7 @@ from contrastive.mesh import DATA_AXIS
 from contrastive.metric_writers import TensorBoardWriter, read_events, read_scalars
 from experiments import train
 from tests.test_checkpoint import _big_state, _flip_middle, _mesh
+from tests.test_faults_inputs import _one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +57,6 @@ def _features(d: Path, *, width: int = 8, seed: int = 0) -> str:
     np.save(d / "train.npy", rng.normal(size=(64, width)).astype(np.float32))
     np.save(d / "test.npy", rng.normal(size=(2000, width)).astype(np.float32))
     return str(d)
-
-
-def _one_line_error(code: int, err: str, want_code: int = 2) -> str:
-    lines = err.strip().splitlines()
-    assert code == want_code, (code, err)
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
