@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,10 +30,11 @@ from typing import Any
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import run_dir
 from experiments.common.cli import command_parser, directory, int_list, name_list, path, run_main
-from experiments.common.reports import write_json
+from experiments.common.reports import stack_record, write_json
 from experiments.study import protocol as P
 from experiments.study import report, stages
 from experiments.study.harness import StudyStopped
+from experiments.study.noise_scale import noise_markdown, run_noise
 from experiments.study.settings import from_flags
 from experiments.study.steps_to_target import committed_cells, reproduce, run_study
 
@@ -48,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tune", action="store_true", help="run the reduced study, B = 64 .. 4,096")
     mode.add_argument("--full", action="store_true", help="run the full study, B = 32 .. 16,384")
+    mode.add_argument("--noise-scale", action="store_true",
+                      help="measure the gradient noise scale B_simple on the committed study's "
+                      "runs (B = 256 and 1,024, seeds 1-5, m = 32 batches at three "
+                      "checkpoints) and set it beside the fitted B_crit")  # fmt: skip
     p.add_argument("--rates", default=str(COMMITTED), type=path,
-                   help="the main job: the tuned study it trains again")  # fmt: skip
+                   help="the committed tuned study that the main job and --noise-scale read "
+                   "(its rates, steps and fits)")  # fmt: skip
     p.add_argument("--losses", type=name_list, default=list(LOSS_NAMES),
                    help="the study's losses (the targets cover all of them)")  # fmt: skip
     p.add_argument("--run-losses", type=name_list, default=None,
@@ -83,6 +87,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     s = from_flags(args, argv)
     tuning = args.tune or args.full
     stem = f"{STEM}_full" if args.full else STEM if tuning else f"{STEM}_main"
+    if args.noise_scale:
+        stem = f"{STEM}_noise"
     if not tuning:  # the committed study must answer for every cell before any run
         committed_cells(args.rates, s.run_losses, s.batch_sizes)
     out = run_dir.create(stem, args.out)
@@ -95,11 +101,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "batch_sizes": list(s.batch_sizes),
         "seeds": list(s.seeds),
         "settings": P.protocol_settings(s.base(None)),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-        },  # fmt: skip
+        "stack": stack_record(),  # the versions and the machine behind every row
     }
     if tuning:
         record = run_study(s, record)
@@ -110,13 +112,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
         text = report.study_markdown(record)
         report.plot_study(record, out / f"{stem}.png")
         names = [f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    elif args.noise_scale:
+        study = committed_cells(args.rates, s.run_losses, s.batch_sizes)["study"]
+        record = run_noise(s, study, {**record, "rates": str(args.rates)})
+        text = noise_markdown(record)
+        names = [f"{stem}.{ext}" for ext in ("json", "md")]
     else:
         record = reproduce(s, args.rates, {**record, "rates": str(args.rates)})
         text = report.reproduction_markdown(record)
         names = [f"{stem}.{ext}" for ext in ("json", "md")]
     (out / f"{stem}.md").write_text(text)
     write_json(out / f"{stem}.json", record)
-    if args.update_results and tuning:
+    if args.update_results and (tuning or args.noise_scale):
         run_dir.publish(out, names)
     print(text)
     print(f"run directory: {out}")

@@ -344,3 +344,25 @@ def test_a_data_set_not_prepared_is_one_line_without_warnings(tmp_path, capsys, 
     assert logging.getLogger("absl").level == logging.NOTSET  # left as it was
     assert capsys.readouterr().err == ""
     assert not empty.exists()
+
+
+def test_a_result_without_its_stack_is_not_published(tmp_path):
+    """``--update-results`` copies nothing when a JSON result does not record the versions
+    and machine that made it; one that does is copied, stack and all."""
+    import json
+
+    from experiments.common.reports import stack_record
+
+    out, results = tmp_path / "run", tmp_path / "results"
+    out.mkdir()
+    (out / "bare.json").write_text(json.dumps({"rows": [1]}))
+    (out / "bare.md").write_text("| a |")
+    with pytest.raises(ValueError, match="bare.json records no 'stack'") as info:
+        run_dir.publish(out, ["bare.md", "bare.json"], results_dir=results)
+    assert "\n" not in str(info.value) and not results.exists()  # checked before any copy
+
+    stack = stack_record(devices=False)
+    assert {"python", "packages", "cpu", "os"} <= set(stack) and stack["packages"]["jax"]
+    (out / "made.json").write_text(json.dumps({"rows": [1], "stack": stack}))
+    run_dir.publish(out, ["made.json"], results_dir=results)
+    assert json.loads((results / "made.json").read_text())["stack"] == stack

@@ -9,6 +9,7 @@ import pytest
 
 from experiments import batch_size_study
 from experiments.study import protocol as P
+from experiments.study.noise_scale import schedule
 
 
 @pytest.mark.slow
@@ -47,3 +48,30 @@ def test_a_toy_study_then_the_main_job_reproduces_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "**Reproduces within noise:** all 2 cells." in out
     assert f"run directory: {main_out}" in out
+
+    # The noise stage on the same toy study: the committed rates, three checkpoints a run,
+    # seeds pooled before dividing.
+    noise_out = tmp_path / "noise"
+    argv = ["--noise-scale", *toy, "--rates", str(tuned / "batch_size_study.json"),
+            "--out", str(noise_out)]  # fmt: skip
+    assert batch_size_study.main(argv) == 0
+    noise = json.loads((noise_out / "batch_size_study_noise.json").read_text())
+    chosen = {p["batch_size"]: p for p in study["summary"] if p["target"] == harder}
+    for r in noise["rows"]:
+        p = chosen[r["batch_size"]]
+        assert r["learning_rate"] == p["learning_rate"] and r["seed"] in (1, 2)
+        k, steps = schedule(p.get("geomean") or p["lower_bound"])
+        assert r["cap"] == steps and [m["step"] for m in r["noise"]] == [k, 2 * k, 3 * k]
+        for m in r["noise"]:
+            assert m["g2"] != 0 and m["b_simple"] == pytest.approx(m["trace"] / m["g2"])
+    for x in noise["summary"]:
+        mine = [r for r in noise["rows"] if r["batch_size"] == x["batch_size"]]
+        got = [m for r in mine for m in r["noise"] if m["step"] == x["step"]]
+        trace = sum(m["trace"] for m in got) / len(got)
+        g2 = sum(m["g2"] for m in got) / len(got)
+        assert x["trace"] == pytest.approx(trace) and x["g2"] == pytest.approx(g2)
+        # divided once, after pooling; no ratio where the pooled |G|^2 is not positive
+        assert x["b_simple"] == (pytest.approx(trace / g2) if g2 > 0 else None)
+    assert {v["answer"] for v in noise["verdicts"]} <= {
+        "within 2x", "not within 2x", "not resolved at this precision"}  # fmt: skip
+    assert "## The gradient noise scale beside the critical batch size" in capsys.readouterr().out

@@ -337,3 +337,52 @@ def test_a_run_stopped_by_a_signal_stops_the_study_with_exit_130(tmp_path, monke
     assert batch_size_study.main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert "stopped before its last step" in err[-1] and "same --out to resume" in err[-1]
+
+
+# --- the noise stage: B_simple beside B_crit ------------------------------------------------
+def test_the_noise_stage_pools_seeds_before_dividing():
+    from experiments.study.noise_scale import pooled
+
+    # One seed with a tiny |G|^2 dominates the mean of ratios, not the ratio of means.
+    r = pooled([100.0, 100.0, 100.0], [1.0, 1.0, 0.01], resamples=500)
+    assert r["b_simple"] == pytest.approx(300.0 / 2.01)
+    assert r["interval"][0] <= r["b_simple"] <= r["interval"][1]
+    assert pooled([1.0, 2.0], [-1.0, 0.5])["b_simple"] is None  # mean |G|^2 <= 0: no ratio
+
+
+@pytest.mark.parametrize(
+    ("b_simple", "b_crit", "bound", "answer"),
+    [
+        ((300.0, 900.0), (400.0, 500.0), None, "within 2x"),  # inside [200, 1000]
+        ((2000.0, 4000.0), (400.0, 500.0), None, "not within 2x"),  # above 2 x 500
+        ((10.0, 150.0), (400.0, 500.0), None, "not within 2x"),  # below 400 / 2
+        ((150.0, 900.0), (400.0, 500.0), None, "not resolved at this precision"),  # straddles
+        ((300.0, 900.0), None, None, "not resolved at this precision"),
+        ((300.0, 900.0), (400.0, 500.0), {"side": ">", "batch_size": 4096},
+         "not resolved at this precision"),  # B_crit only bounded
+    ],
+)  # fmt: skip
+def test_the_noise_verdict_follows_from_the_intervals(b_simple, b_crit, bound, answer):
+    from experiments.study.noise_scale import verdict
+
+    c = {"loss": "infonce", "target": 3.0, "batch_size": 256,
+         "measure": {"phase": "middle", "b_simple": sum(b_simple) / 2, "interval": b_simple},
+         "fit": {"b_crit": 450.0, "b_crit_interval": b_crit, "b_crit_bound": bound}}  # fmt: skip
+    assert verdict(c)["answer"] == answer
+
+
+def test_the_noise_stage_compares_the_checkpoint_nearest_each_target():
+    from experiments.study.noise_scale import _comparisons, schedule
+
+    k, steps = schedule(80.0)  # 90 steps with the warm-up: checkpoints at 30, 60, 90
+    assert (k, steps) == (30, 90)
+    phases = zip(("early", "middle", "at the harder target"), (30, 60, 90), strict=True)
+    summary = [{"loss": "infonce", "batch_size": 256, "phase": ph, "step": st, "b_simple": 1.0,
+                "interval": (1.0, 1.0)} for ph, st in phases]  # fmt: skip
+    study = {
+        "fits": [{"loss": "infonce", "target": t, "b_crit": 1.0} for t in (3.0, 3.5)],
+        "summary": [{"loss": "infonce", "batch_size": 256, "target": 3.0, "geomean": 80.0},
+                    {"loss": "infonce", "batch_size": 256, "target": 3.5, "geomean": 45.0}],
+    }  # fmt: skip
+    got = {c["target"]: c["measure"]["phase"] for c in _comparisons(summary, study)}
+    assert got == {3.0: "at the harder target", 3.5: "middle"}  # 90 and 55 -> 60

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import statistics
@@ -44,6 +45,7 @@ import losses
 from contrastive.loss_registry import LOSS_NAMES, LOSSES
 from experiments.common import run_dir
 from experiments.common.cli import shared_module
+from experiments.common.reports import stack_record
 
 GiB, MiB = 2**30, 2**20
 # Each loss at its own default temperature (and bias), passed explicitly to both the tiled
@@ -183,6 +185,10 @@ def save_outputs(
     ``update_results`` copy them and the files ``written`` there already into
     ``experiments/results/``. Prints where they went; returns every name."""
     for name, text in texts.items():
+        if name.endswith(".json"):  # every result says which versions and machine made it
+            obj = json.loads(text)
+            if isinstance(obj, dict) and "stack" not in obj:
+                text = json.dumps({**obj, "stack": stack_record()}, indent=1)
         (out / name).write_text(text)
     names = [*written, *texts]
     if update_results:

@@ -44,6 +44,7 @@ from experiments.common.reports import (
     markdown_table,
     mean_std,
     plot_error_bars,
+    stack_record,
     statistics,
     summarise,
     write_csv,
@@ -380,6 +381,7 @@ def execute(
             "devices": [str(d) for d in jax.devices()],
             "load_average_at_start": load_start,
         },
+        "stack": stack_record(),
     }
 
     def write(rows: list[dict]) -> str:

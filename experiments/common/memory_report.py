@@ -18,6 +18,7 @@ from pathlib import Path
 
 from experiments.common.benchmarking import GiB, fmt_batch, fmt_bytes
 from experiments.common.cli import shared_module
+from experiments.common.reports import stack_record
 
 STEM = "memory_sweep"
 
@@ -147,7 +148,8 @@ def write_report(
         w.writeheader()
         w.writerows(rows)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    doc = {"meta": meta, "config": config, "rows": rows, "largest_batch": fits}
+    doc = {"meta": meta, "config": config, "rows": rows, "largest_batch": fits,
+           "stack": stack_record()}  # fmt: skip
     (out / names[1]).write_text(json.dumps(doc, indent=1))
     md = markdown(rows, fits, args, meta)
     (out / names[2]).write_text(md)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -73,7 +74,22 @@ def _why(e: OSError) -> str:
 
 
 def publish(run_dir: str | os.PathLike, names: Iterable[str], results_dir: Path = RESULTS_DIR):
-    """Copy ``names`` from ``run_dir`` into ``results_dir`` (the ``--update-results`` step)."""
+    """Copy ``names`` from ``run_dir`` into ``results_dir`` (the ``--update-results`` step).
+
+    A committed result must say what produced it: every JSON file among ``names`` needs a
+    top-level ``"stack"`` (:func:`experiments.common.reports.stack_record`), checked before
+    anything is copied, so that a result is never published without its versions and machine.
+    """
+    names = list(names)
+    for name in names:
+        if name.endswith(".json"):
+            obj = json.loads((Path(run_dir) / name).read_text())
+            if not (isinstance(obj, dict) and isinstance(obj.get("stack"), dict)):
+                raise ValueError(
+                    f"{name} records no 'stack' (the package versions and machine that made "
+                    "it): add experiments.common.reports.stack_record() to its JSON before "
+                    "publishing"
+                )
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copy2(Path(run_dir) / name, results_dir / name)

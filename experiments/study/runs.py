@@ -118,6 +118,12 @@ def run_to_target(
     row["noise_b_simple"] = [
         [r["step"], r["noise_b_simple"]] for r in records if "noise_b_simple" in r
     ]
+    # The meter's parts, so that seeds and checkpoints are pooled before dividing.
+    row["noise"] = [
+        {"step": r["step"], "trace": r["noise_trace"], "g2": r["noise_g2"],
+         "variance_se": r["noise_variance_se"], "b_simple": r["noise_b_simple"]}
+        for r in records if "noise_trace" in r
+    ]  # fmt: skip
     row["time_s"] = round(time.perf_counter() - t0, 1)  # reading a finished run back: seconds
     # The run's own training time from its log (the same whether trained now or read back).
     row["train_s"] = final.get("elapsed_s")

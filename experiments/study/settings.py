@@ -112,9 +112,11 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
         rate_exponents=tuple(args.rate_exponents or P.RATE_EXPONENTS),
         pilot_steps=args.pilot_steps,
     )
-    if args.update_results and not tuning:
-        raise ConfigError("--update-results: the main job publishes nothing (it checks the "
-                          "committed study); use it with --tune or --full")  # fmt: skip
+    if args.update_results and not (tuning or getattr(args, "noise_scale", False)):
+        raise ConfigError(
+            "--update-results: the main job publishes nothing (it checks the committed "
+            "study); use it with --tune, --full or --noise-scale"
+        )
     if args.update_results and not s.is_protocol():
         raise ConfigError(
             "--update-results replaces the committed results only with the protocol's own "

@@ -40,7 +40,7 @@ from experiments.common.cli import (
     positive_int,
 )
 from experiments.common.grid import compile_cache
-from experiments.common.reports import write_json
+from experiments.common.reports import stack_record, write_json
 from experiments.study.arms import (
     ARM_NAMES,
     DEFAULT_ARM_SIZES,
@@ -218,6 +218,7 @@ def run_stage(
         "stage": args.stage, "metric": args.metric, "targets": args.targets,
         "losses": args.losses, "seeds": args.seeds, "rates_file": args.rates,
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "stack": stack_record(),
     }  # fmt: skip
     t_start = time.perf_counter()
     with compile_cache(args.compile_cache or out / "compile_cache"):
