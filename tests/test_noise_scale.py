@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contrastive import loop
-from contrastive import noise_scale as ns
 from contrastive.configs import ConfigError, LossConfig, OptimConfig, TrainConfig, parse_config
 from contrastive.data import prepare_digits
+from contrastive.measure import noise_scale as ns
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import DualEncoder, MLPEncoder
-from contrastive.optim import make_optimizer
-from contrastive.step_loss import make_loss_fn
-from contrastive.train_step import (
+from contrastive.run import loop
+from contrastive.step.optim import make_optimizer
+from contrastive.step.step_loss import make_loss_fn
+from contrastive.step.train_step import (
     create_train_state,
     local_loss_and_grads,
     make_train_step,
@@ -441,7 +441,7 @@ def test_docstring_examples():
     ("flag", "more"), [("--stream", ["--chunk-size", "8"]), ("--hard-batches", [])]
 )
 def test_meter_refuses_inputs_without_whole_random_batches(flag, more, tmp_path):
-    from contrastive.assemble import setup
+    from contrastive.run.assemble import setup
 
     argv = ["--workdir", str(tmp_path / "w"), "--batch-size", "32", flag, *more]
     with pytest.raises(ConfigError, match=f"{flag} does not combine with --noise-scale-every"):

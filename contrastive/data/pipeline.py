@@ -368,7 +368,7 @@ def class_captions(name: str) -> tuple[np.ndarray, np.ndarray]:
 
     Row ``k`` is the caption whose examples have ``caption_id == ids[k]`` (``ids`` is
     ``arange(K)``): embed the tokens with the text tower and pass them to
-    :func:`contrastive.evaluate.zero_shot_accuracy`. ``shapes``: ``K = 5184``, ``L = 16``.
+    :func:`contrastive.measure.evaluate.zero_shot_accuracy`. ``shapes``: ``K = 5184``, ``L = 16``.
     """
     if not get_spec(name).class_captions:
         raise ValueError(
@@ -413,7 +413,7 @@ class TrainExamples:
         batches()[s] == collate([examples[(s P + p) b + j] for j in range(b)])
 
     bit for bit: the in-memory pipeline is this view batched, and the streamed gradient
-    cache (:mod:`contrastive.streamed_inputs`) reads the rows of one chunk of a step at a
+    cache (:mod:`contrastive.step.streamed.inputs`) reads the rows of one chunk of a step at a
     time from ``examples``, never the whole host batch.
 
     >>> t = train_examples("shapes", global_batch_size=8, seed=0)  # doctest: +SKIP

@@ -10,7 +10,7 @@ CLIP and SigLIP) and, for the sigmoid loss, the learnable bias. Two configuratio
 
 The training code sees the model only through its functional core: ``graphdef, params =
 nnx.split(model)``, then ``nnx.merge(graphdef, params).embed_x(inputs, key)`` (and
-``embed_y``) per tower (:func:`contrastive.train_step.tower_fns`).
+``embed_y``) per tower (:func:`contrastive.step.train_step.tower_fns`).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def encode_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array | None], 
     """``f(params, (inputs_x, inputs_y), key) -> (x, y)``: both towers of the model at once.
 
     A convenience for evaluation and tests; the train step calls each tower on its own
-    (:func:`contrastive.train_step.tower_fns`), chunk by chunk.
+    (:func:`contrastive.step.train_step.tower_fns`), chunk by chunk.
     """
 
     def f(params: Any, batch: Any, key: jax.Array | None = None):

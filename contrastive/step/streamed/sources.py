@@ -4,7 +4,7 @@ A :class:`ChunkSource` yields chunk ``k`` of this host's rows of step ``s``, the
 every time it is asked; :func:`batch_source` makes one from a global batch held in memory
 (tests), :func:`rows_source` from a function of the data pipeline. Each chunk gets a cheap
 checksum in the first pass, so a second read that differs stops the step
-(:mod:`contrastive.streamed_step`).
+(:mod:`contrastive.step.streamed.step`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 # The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
 from contrastive.configs import local_chunk_size
 from contrastive.mesh import DATA_AXIS
-from contrastive.train_step import (
+from contrastive.step.train_step import (
     as_batch,
 )
 
@@ -33,7 +33,7 @@ class Chunk(NamedTuple):
     chunk past the last one of ``x`` (only when ``y`` has more rows, ``M > B``); ``y``:
     the second tower's ``[rows_y, ...]``; ``ids`` ``[rows_y]`` int and ``valid``
     ``[rows_y]`` bool: the loss's duplicate ids and padding mask of those ``y`` rows
-    (see :class:`contrastive.train_step.Batch`), or None. Rows are device-major: this
+    (see :class:`contrastive.step.train_step.Batch`), or None. Rows are device-major: this
     host's devices in mesh order, each with its rows of the chunk (:func:`chunk_layout`).
     """
 
@@ -116,7 +116,7 @@ def chunk_layout(batch_sizes: tuple[int, int], mesh: Mesh, *, chunk_size: int) -
     Device ``d`` holds rows ``d B/n .. (d+1) B/n - 1`` of ``x`` (as
     :func:`contrastive.mesh.shard_batch` puts them); its rows of chunk ``k`` are its local
     rows ``k c_l .. min((k+1) c_l, B/n) - 1`` with ``c_l = chunk_size / n``: the chunks of
-    the in-memory step (:mod:`contrastive.gradcache`, inside ``shard_map``). The same for
+    the in-memory step (:mod:`contrastive.step.gradcache`, inside ``shard_map``). The same for
     ``y`` with ``M``. ValueError (one line, saying what to change) for sizes that do not
     split.
     """
@@ -181,7 +181,7 @@ def _rows(tree: Any, what: str) -> int:
 def batch_source(batch: Any, mesh: Mesh, *, chunk_size: int) -> ChunkSource:
     """A :class:`ChunkSource` that cuts one in-memory global batch (for tests and tools).
 
-    ``batch``: a :class:`contrastive.train_step.Batch` (or ``(x, y[, ids[, valid]])``) of
+    ``batch``: a :class:`contrastive.step.train_step.Batch` (or ``(x, y[, ids[, valid]])``) of
     host arrays, ``x`` [B, ...], ``y`` [M, ...]: the batch the in-memory step would take
     (with several processes, every process passes the whole global batch). Every step
     reads this batch. ``chunk_size``: the global chunk, as ``TrainConfig.chunk_size``.

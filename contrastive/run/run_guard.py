@@ -10,7 +10,7 @@
   process, so the training loop can save a checkpoint and exit 0. A second one stops at once
   (:class:`StopNow`), with one line naming the last good checkpoint.
 
-Typical use in a training loop (``ckpt`` a :class:`contrastive.checkpoint.Checkpointer`)::
+Typical use in a training loop (``ckpt`` a :class:`contrastive.run.checkpoint.Checkpointer`)::
 
     try:
         with WorkdirLock(workdir), StopSignals() as stop:
@@ -98,7 +98,7 @@ class WorkdirLock:
     ...     WorkdirLock(workdir, process_index=0).acquire()  # a second run
     Traceback (most recent call last):
     ...
-    contrastive.run_guard.WorkdirLockedError: work dir ... is in use by pid ... on host ...
+    contrastive.run.run_guard.WorkdirLockedError: work dir ... is in use by pid ... on host ...
 
     Args:
       workdir: the run directory; created if missing.

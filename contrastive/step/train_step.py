@@ -3,7 +3,7 @@
 Reads top to bottom: configs -> state -> loss -> the per-device gradient -> the step.
 
 The whole gradient computation runs inside ``jax.shard_map`` over the ``"data"`` mesh axis.
-Each device encodes only its own rows (in chunks with :mod:`contrastive.gradcache`, or at
+Each device encodes only its own rows (in chunks with :mod:`contrastive.step.gradcache`, or at
 once), the loss runs as a ring across the devices (``axis_name="data"``: the global loss,
 exact gradients for the local embeddings), and each device pulls its embedding gradients
 back through the encoder to a *partial* parameter gradient. Those partial gradients are
@@ -43,7 +43,6 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from contrastive import gradcache
 from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import (
     DATA_AXIS,
@@ -54,7 +53,8 @@ from contrastive.mesh import (
     replicated,
     scatter_axes,
 )
-from contrastive.negative_queue import (
+from contrastive.step import gradcache
+from contrastive.step.negative_queue import (
     QUEUE_ROWS,
     NegativeQueue,
     push,
@@ -62,8 +62,8 @@ from contrastive.negative_queue import (
     queue_specs,
     queued_loss_fn,
 )
-from contrastive.optim import make_optimizer, make_schedule
-from contrastive.step_loss import contrastive_loss, make_loss_fn
+from contrastive.step.optim import make_optimizer, make_schedule
+from contrastive.step.step_loss import contrastive_loss, make_loss_fn
 
 __all__ = [
     "TrainState",
@@ -187,13 +187,13 @@ def local_loss_and_grads(
     global, the gradients this device's share of the global gradient (their sum over
     devices is the gradient). With ``axis_name=None`` it is the whole computation.
 
-    ``keep_accumulator_dtype``: gradients in :func:`contrastive.gradcache.accumulator_dtype`
+    ``keep_accumulator_dtype``: gradients in :func:`contrastive.step.gradcache.accumulator_dtype`
     (float32 for bfloat16 parameters), not rounded to the parameters' dtype, for a caller
     that sums them across devices before rounding once (:func:`loss_and_grads`).
 
     ``queue``: this device's negative queue; its rows are extra negatives of the loss, and
     ``aux[QUEUE_ROWS]`` returns this device's y positives to push (see
-    :func:`contrastive.negative_queue.queued_loss_fn`).
+    :func:`contrastive.step.negative_queue.queued_loss_fn`).
     """
     batch = as_batch(batch)
     towers = tower_fns(graphdef)

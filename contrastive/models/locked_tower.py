@@ -59,7 +59,7 @@ from contrastive.data.captioned_shapes import (
     caption_id,
     encode,
 )
-from contrastive.feature_cache import (
+from contrastive.data.feature_cache import (
     _CACHE_VERSION,
     _json_digest,
     _read_checked,
@@ -75,7 +75,7 @@ from contrastive.models import (
     DualEncoder,
     dropout,
 )
-from contrastive.tower_pretraining import (
+from contrastive.models.tower_pretraining import (
     PretrainConfig,
     PretrainedTower,
     batched_apply,

@@ -4,7 +4,7 @@
 data pipeline and evaluation arrays, the model's graphdef and placed train state, the dropout
 key and the jitted step), raising every configuration error as a one-line
 :class:`~contrastive.configs.ConfigError` before anything long starts. The loop
-(:mod:`contrastive.loop`) trains it.
+(:mod:`contrastive.run.loop`) trains it.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import losses
 from contrastive.configs import Config, ConfigError
 from contrastive.data import HashTokenizer, captioned_shapes, get_spec, text
 from contrastive.data.pipeline import DatasetSpec
-from contrastive.data.splits import run_data
-from contrastive.evaluate import evaluate_model
-from contrastive.locked_tower import BagOfWordsText, LockedFeatures
+from contrastive.inputs.splits import run_data
+from contrastive.inputs.step_inputs import BatchInputs, StepInputs
+from contrastive.measure.evaluate import evaluate_model
 from contrastive.mesh import make_mesh, place_params
 from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
-from contrastive.negative_queue import check_queue_length, init_queue
-from contrastive.optim import make_optimizer
-from contrastive.step_inputs import BatchInputs, StepInputs
-from contrastive.train_step import Batch, create_train_state, make_train_step, place_state
+from contrastive.models.locked_tower import BagOfWordsText, LockedFeatures
+from contrastive.step.negative_queue import check_queue_length, init_queue
+from contrastive.step.optim import make_optimizer
+from contrastive.step.train_step import Batch, create_train_state, make_train_step, place_state
 
 __all__ = ["Setup", "setup", "build_model", "text_shape", "batch_builder", "evaluate_untrained"]
 
@@ -38,7 +38,7 @@ def build_model(cfg: Config, spec: DatasetSpec, *, feature_width: int | None = N
     """The dual encoder for ``cfg``: one tower on two views, or image + text towers.
 
     ``feature_width``: the image tower is locked and its inputs are its features of this
-    width (:class:`~contrastive.locked_tower.LockedFeatures`); only the heads, the text
+    width (:class:`~contrastive.models.locked_tower.LockedFeatures`); only the heads, the text
     tower, the temperature and the bias train.
     """
     m = cfg.model
@@ -180,7 +180,7 @@ def setup(cfg: Config) -> Setup:
     eval_data = data.eval
     make_batch = batch_builder(cfg, spec, mesh)
     if d.hard_batches:  # one line before anything is built
-        from contrastive.hard_batch_inputs import check_hard_batches
+        from contrastive.inputs.hard_batch_inputs import check_hard_batches
 
         check_hard_batches(
             num_examples=data.num_train,
@@ -189,7 +189,7 @@ def setup(cfg: Config) -> Setup:
             cluster_tower=d.cluster_tower,
             kind=spec.kind,
         )
-        from contrastive.data.hard_batches import first_hard_step
+        from contrastive.inputs.hard_batches import first_hard_step
 
         first = first_hard_step(data.num_train, cfg.run.batch_size, d.refresh_every)
         if first > cfg.steps:  # else every batch is random, and a "hard" run is not one
@@ -203,11 +203,11 @@ def setup(cfg: Config) -> Setup:
     def make_inputs() -> StepInputs:
         # Called by the loop once the model exists (graphdef below), once per run.
         if cfg.train.stream:  # chunks read twice, never the whole batch
-            from contrastive.streamed_inputs import streamed_inputs
+            from contrastive.step.streamed.inputs import streamed_inputs
 
             return streamed_inputs(cfg, data, make_batch, mesh)
         if cfg.data.hard_batches:  # whole clusters of similar examples
-            from contrastive.hard_batch_inputs import hard_batch_inputs
+            from contrastive.inputs.hard_batch_inputs import hard_batch_inputs
 
             return hard_batch_inputs(cfg, data, make_batch, mesh, graphdef, tokenizer=tokenizer)
         return BatchInputs(data.train, make_batch, mesh)
@@ -235,7 +235,7 @@ def setup(cfg: Config) -> Setup:
 
     # --- step ------------------------------------------------------------------------------
     if cfg.train.stream:  # reads its input (a chunk source) twice, chunk by chunk
-        from contrastive.streamed_inputs import streamed_step_fn
+        from contrastive.step.streamed.inputs import streamed_step_fn
 
         step_fn = streamed_step_fn(graphdef, cfg.train, mesh, tx=tx)
     else:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from contrastive.data import own_pairs
+from contrastive.data.feature_cache import CacheWriteError, check_cache_dir
 from contrastive.data.pipeline import (
     DATASETS,
     DatasetSpec,
@@ -33,7 +34,6 @@ from contrastive.data.pipeline import (
 )
 from contrastive.data.sources import Subrange
 from contrastive.data.text import HashTokenizer
-from contrastive.feature_cache import CacheWriteError, check_cache_dir
 
 __all__ = ["RunData", "run_data", "LOCKED_PRETRAINED"]
 
@@ -127,7 +127,7 @@ def run_data(cfg: Any, spec: DatasetSpec, tokenizer: HashTokenizer) -> RunData:
 
 def _locked(cfg: Any, spec: DatasetSpec, n_train: int, v: int, test: dict) -> RunData:
     """Batches of locked features, caption tokens and ids; features in the eval arrays."""
-    from contrastive import locked_tower
+    from contrastive.models import locked_tower
 
     d, r, m = cfg.data, cfg.run, cfg.model
     n_test = len(test["caption_id"])

@@ -314,7 +314,7 @@ def queued_loss_fn(
     ``with_negatives(y, ids, valid, queue)`` and ``aux[QUEUE_ROWS]`` holds the rows to
     :func:`push` after the step: ``y[:b]`` (``b = x.shape[0]``) without gradient. It is a
     pure function of ``(params, embeddings)``, so ``jax.value_and_grad`` and the gradient
-    cache (:mod:`contrastive.gradcache`) take it as they take ``loss_fn``; ``QUEUE_ROWS``
+    cache (:mod:`contrastive.step.gradcache`) take it as they take ``loss_fn``; ``QUEUE_ROWS``
     is per device: pop it from aux before reducing the metrics over devices.
 
     Args:

@@ -1,7 +1,7 @@
 """The streamed gradient cache: a train step whose global batch is never held whole.
 
 GradCache (Gao et al. 2021, arXiv 2101.06983) holds the activations of one chunk at a time;
-:mod:`contrastive.train_step` still takes the whole global batch of raw inputs as one
+:mod:`contrastive.step.train_step` still takes the whole global batch of raw inputs as one
 argument. Here the raw inputs never exist whole, on the host or on a device: a re-readable
 :class:`ChunkSource` hands out chunk ``k`` of this host's rows of step ``s``, twice.
 
@@ -14,7 +14,7 @@ With ``n`` devices, ``B`` pairs (``M >= B`` rows of ``y``), a global chunk of ``
 2. **Loss** (one program): the ring loss over ``"data"`` on the buffers, its value and
    ``G_x = dL/dx``, ``G_y = dL/dy`` per device, and ``dL/dθ`` of the loss's own parameters
    (temperature, bias), which seeds each device's gradient accumulator ``A`` (float32 at
-   least, :func:`contrastive.gradcache.accumulator_dtype`).
+   least, :func:`contrastive.step.gradcache.accumulator_dtype`).
 3. **Pass 2** (``K`` reads, each checked against its crc32): re-encode chunk ``k`` under
    ``jax.vjp`` with the same per-chunk key and add its pull-back to the accumulator,
    ``A += (∂e_k/∂θ)ᵀ G[k]``. No communication. When the towers share parameters (one
@@ -70,13 +70,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from contrastive import gradcache
-
 # The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
 from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import DATA_AXIS, batch_sharding, replicated
-from contrastive.optim import make_optimizer
-from contrastive.streamed_programs import (
+from contrastive.step import gradcache
+from contrastive.step.optim import make_optimizer
+from contrastive.step.streamed.programs import (
     _chunk_programs,
     _hosts_agree,
     _place,
@@ -87,7 +86,7 @@ from contrastive.streamed_programs import (
     _zeros,
     streamed_footprint,
 )
-from contrastive.streamed_sources import (
+from contrastive.step.streamed.sources import (
     Chunk,
     ChunkReadError,
     ChunkSource,
@@ -100,7 +99,7 @@ from contrastive.streamed_sources import (
     example_rows,
     rows_source,
 )
-from contrastive.train_step import (
+from contrastive.step.train_step import (
     TrainState,
     tower_fns,
 )
@@ -133,7 +132,7 @@ def make_streamed_step(
     """``step(state, source, step_index, key) -> (state, metrics)``: the streamed train step.
 
     Args:
-      graphdef: from :func:`contrastive.train_step.create_train_state`.
+      graphdef: from :func:`contrastive.step.train_step.create_train_state`.
       config: the :class:`TrainConfig`; ``chunk_size`` (the global chunk, a multiple of the
         device count) is required; ``loss`` and ``shard_optimizer`` as in the in-memory step.
       mesh: from :func:`contrastive.mesh.make_mesh`.
@@ -143,10 +142,10 @@ def make_streamed_step(
         every chunk has been read and checked).
 
     ``step(state, source, step_index, key)``: ``state`` placed with
-    :func:`contrastive.train_step.place_state` (same ``shard_optimizer``); ``source`` a
+    :func:`contrastive.step.train_step.place_state` (same ``shard_optimizer``); ``source`` a
     :class:`ChunkSource`; ``step_index`` the step whose chunks ``source.read`` returns;
     ``key`` the run's dropout key or None (folded with ``state.step``, as in the in-memory
-    step). Metrics: those of :func:`contrastive.train_step.train_step`. Raises
+    step). Metrics: those of :func:`contrastive.step.train_step.train_step`. Raises
     :class:`ChunkReadError` (a chunk unreadable or changed in the second pass) or
     ``ValueError`` (a chunk of the wrong shape), the state untouched.
 

@@ -1,6 +1,6 @@
 """The training loop: ``train(config)`` trains (or resumes) one run and returns its records.
 
-Reads top to bottom: checks -> parts (:func:`contrastive.assemble.setup`: mesh, data, model,
+Reads top to bottom: checks -> parts (:func:`contrastive.run.assemble.setup`: mesh, data, model,
 shard, step) -> checkpoint -> loop. Writes ``workdir/metrics.jsonl`` (one JSON object per
 logged step: ``step``, ``loss``, ..., and the evaluation results at evaluation steps) and
 ``workdir/checkpoints/`` (orbax).
@@ -30,16 +30,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from contrastive.assemble import Setup, setup
-from contrastive.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
 from contrastive.data.pipeline import lower_is_better, target_reached
-from contrastive.hosts import Watchdog, start
-from contrastive.metric_writers import TensorBoardWriter
-from contrastive.noise_scale import fixed_batch_noise_scale, make_gradient_fn
-from contrastive.orbax_logs import one_line
-from contrastive.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
-from contrastive.streamed_sources import ChunkReadError
+from contrastive.measure.noise_scale import fixed_batch_noise_scale, make_gradient_fn
+from contrastive.run.assemble import Setup, setup
+from contrastive.run.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
+from contrastive.run.hosts import Watchdog, start
+from contrastive.run.metric_writers import TensorBoardWriter
+from contrastive.run.orbax_logs import one_line
+from contrastive.run.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+from contrastive.step.streamed.sources import ChunkReadError
 
 __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
 
@@ -393,7 +393,7 @@ def geometric_steps(growth: float, total: int) -> frozenset[int]:
 class _NoiseMeter:
     """The gradient noise scale of a run (McCandlish et al. 2018, Appendix A), every K steps.
 
-    The fixed-batch estimator (:func:`contrastive.noise_scale.fixed_batch_noise_scale`): at
+    The fixed-batch estimator (:func:`contrastive.measure.noise_scale.fixed_batch_noise_scale`): at
     the parameters after a measured step ``s``, the full gradients (before clipping; the
     step's own gradient cache, ring and loss) of ``m = --noise-batches`` batches of the run's
     batch size ``B``, those of steps ``s + 1 .. s + m`` (drawn from a second copy of the run's
@@ -401,9 +401,9 @@ class _NoiseMeter:
     ``V = sum_j |g_j - gbar|^2 / (m - 1)``, ``|G|^2 = |gbar|^2 - V/m`` and
     ``B_simple = B V / |G|^2``. Each measurement stands alone (a pure function of the step's
     parameters, seed and step: a resumed run logs the same values, and
-    :func:`contrastive.noise_scale.measure_checkpoint` at checkpoint ``s`` gives them too);
+    :func:`contrastive.measure.noise_scale.measure_checkpoint` at checkpoint ``s`` gives them too);
     average ``noise_trace`` and ``noise_g2`` over measurements before dividing
-    (:func:`contrastive.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
+    (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
     batch per measurement.
     """
 

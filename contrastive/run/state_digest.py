@@ -1,7 +1,7 @@
 """Digests of a PyTree of arrays that do not depend on sharding, device or process count.
 
 :func:`state_digest` is what a checkpoint stores beside the state and compares after every
-restore (:mod:`contrastive.checkpoint`); ``meta_digest`` does the same for its JSON meta.
+restore (:mod:`contrastive.run.checkpoint`); ``meta_digest`` does the same for its JSON meta.
 """
 
 from __future__ import annotations

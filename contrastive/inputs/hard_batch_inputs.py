@@ -5,9 +5,9 @@ Classification") re-clusters the training set by the current model's embeddings 
 epochs and draws each mini-batch as a few whole clusters, so that an anchor's in-batch
 negatives are its neighbours; TAS-Balanced (Hofstätter et al. 2021) does the same with topic
 clusters. :func:`hard_batch_inputs` is that sampler as the loop's
-:class:`~contrastive.step_inputs.StepInputs`:
+:class:`~contrastive.inputs.step_inputs.StepInputs`:
 
-- the order: :class:`~contrastive.data.hard_batches.HardBatchOrder` gives the global rows of
+- the order: :class:`~contrastive.inputs.hard_batches.HardBatchOrder` gives the global rows of
   every step's batch (random epochs until the first clustering, then epochs of whole
   clusters; every example once per epoch), the same on every process;
 - a refresh (:meth:`HardBatchOrder.is_refresh_step`: after every ``--refresh-every`` steps,
@@ -15,7 +15,7 @@ clusters. :func:`hard_batch_inputs` is that sampler as the loop's
   embeddings of all ``N`` training examples (un-augmented, in chunks of ``256`` rows per
   device, no gradients, rows split over the mesh with evaluation's jitted embedder, each
   process reading only its rows of each chunk), then
-  :func:`~contrastive.clustering.balanced_clusters` into groups of ``--cluster-size``
+  :func:`~contrastive.inputs.clustering.balanced_clusters` into groups of ``--cluster-size``
   (``k = ceil(N / c)`` spherical k-means, ``KMEANS_ITERATIONS`` Lloyd iterations, a key fixed
   by the seed and the step; process 0's groups are broadcast so all processes agree);
 - the batch: each process reads only its rows (``host_rows``) from ``data.train_source``,
@@ -30,7 +30,7 @@ clusters. :func:`hard_batch_inputs` is that sampler as the loop's
   batches bring in; the example index only keeps an example drawn twice in one batch (a
   batch that straddles two epochs) from being its own negative;
 - metrics: ``hard_negatives`` every step on ``shapes``
-  (:func:`~contrastive.step_inputs.hard_negatives_metric`), ``refresh_s`` (wall seconds) on
+  (:func:`~contrastive.inputs.step_inputs.hard_negatives_metric`), ``refresh_s`` (wall seconds) on
   refresh steps and ``refresh_total_s`` (all refreshes of the run so far) every step;
 - resume: the state is the step and :meth:`HardBatchOrder.state`, its group ids stored as
   zlib + base64 of their int32 bytes (:func:`encode_order_state`), so a resumed run draws
@@ -53,12 +53,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from contrastive.clustering import balanced_clusters
 from contrastive.configs import Config, ConfigError
 from contrastive.data import text
-from contrastive.data.hard_batches import HardBatchOrder
+from contrastive.inputs.clustering import balanced_clusters
+from contrastive.inputs.hard_batches import HardBatchOrder
+from contrastive.inputs.step_inputs import hard_negatives_metric
 from contrastive.mesh import shard_batch
-from contrastive.step_inputs import hard_negatives_metric
 
 __all__ = [
     "KMEANS_ITERATIONS",
@@ -123,10 +123,11 @@ def hard_batch_inputs(
     *,
     tokenizer: Any = None,
 ) -> HardBatchInputs:
-    """The hard-batch :class:`~contrastive.step_inputs.StepInputs` of ``cfg`` (module docstring).
+    """The hard-batch :class:`~contrastive.inputs.step_inputs.StepInputs` of ``cfg`` (module
+    docstring).
 
-    ``data``: the run's :class:`~contrastive.data.splits.RunData`; ``make_batch(host, step)``:
-    this process's rows -> :class:`~contrastive.train_step.Batch`; ``graphdef``: the model's,
+    ``data``: the run's :class:`~contrastive.inputs.splits.RunData`; ``make_batch(host, step)``:
+    this process's rows -> :class:`~contrastive.step.train_step.Batch`; ``graphdef``: the model's,
     for the refresh's embeddings; ``tokenizer``: the run's caption tokenizer (data sets of
     caption strings; None: built from ``cfg`` as the run's pipeline builds it).
     Bad settings: one-line :class:`ConfigError`.
@@ -380,7 +381,7 @@ def _shapes_tokens(source: Any) -> np.ndarray | None:
     """Caption tokens of generated ``shapes`` examples ``[0, N)``, without rendering (or None)."""
     from contrastive.data.captioned_shapes import CaptionedShapes
     from contrastive.data.sources import Subrange
-    from contrastive.locked_tower import shapes_captions
+    from contrastive.models.locked_tower import shapes_captions
 
     base = source.source if isinstance(source, Subrange) and source.start == 0 else source
     if not isinstance(base, CaptionedShapes):
@@ -404,7 +405,7 @@ def _embed(
     example ``N - 1``, dropped after) and feeds them to its devices; the embeddings come back
     replicated (evaluation's jitted embedder, compiled once per model and tower).
     """
-    from contrastive.evaluate import _embedder
+    from contrastive.measure.evaluate import _embedder
 
     n, devices = num_examples, mesh.devices.size
     count, index = jax.process_count(), jax.process_index()

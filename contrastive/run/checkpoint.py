@@ -10,7 +10,7 @@ A checkpoint ``workdir/checkpoints/<step>`` holds three items:
   the run was;
 - ``integrity``: a digest of every leaf of ``state`` and of ``meta``, computed when the
   checkpoint was written and checked after every restore
-  (:func:`contrastive.state_digest.state_digest`).
+  (:func:`contrastive.run.state_digest.state_digest`).
 
 Five guarantees:
 
@@ -63,8 +63,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from contrastive.orbax_logs import _silence_restore_stragglers, one_line, quiet
-from contrastive.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
+from contrastive.run.orbax_logs import _silence_restore_stragglers, one_line, quiet
+from contrastive.run.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
 
 __all__ = [
     "CheckpointCorruptError",
@@ -261,7 +261,7 @@ def _logs_held_back() -> Iterator[None]:
     A failed TensorStore write makes orbax log the same traceback from each of its threads
     (pages of text); the caller raises one line instead. The "Event loop is closed" reports
     that TensorStore's late callbacks leave are dropped by the hook of
-    :mod:`contrastive.orbax_logs`.
+    :mod:`contrastive.run.orbax_logs`.
     """
     _silence_restore_stragglers()
     hold = _Hold()
@@ -705,7 +705,7 @@ class Checkpointer:
             log.warning(
                 "moved the unusable checkpoints %s to %s", ", ".join(moved), self.unusable_directory
             )
-        _sync("contrastive.checkpoint.set_aside")
+        _sync("contrastive.run.checkpoint.set_aside")
         self._manager.reload()
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ def start(
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("contrastive.hosts.start")
+            multihost_utils.sync_global_devices("contrastive.run.hosts.start")
     except Exception as e:  # noqa: BLE001 - JAX raises several types; one message for all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RuntimeError(

@@ -1,11 +1,11 @@
 """The streamed gradient cache in training (``--stream``): chunk sources as step inputs.
 
 GradCache (Gao et al. 2021, arXiv 2101.06983) keeps one chunk's activations at a time;
-the streamed step (:mod:`contrastive.streamed_step`) also keeps one chunk of *raw inputs*
+the streamed step (:mod:`contrastive.step.streamed.step`) also keeps one chunk of *raw inputs*
 at a time, reading each chunk from the data twice (embed, then re-encode under ``vjp``).
 Here that step meets the training loop:
 
-- :class:`StreamedInputs` is a :class:`~contrastive.step_inputs.StepInputs` whose input for
+- :class:`StreamedInputs` is a :class:`~contrastive.inputs.step_inputs.StepInputs` whose input for
   step ``s`` is a :class:`StepSource`: the chunk source of step ``s``. Chunk ``k`` holds
   this host's rows of the chunk (each local device's ``c / n`` rows, device-major), read
   example by example from the per-example view of the training pipeline
@@ -18,12 +18,12 @@ The order is the in-memory pipeline's, bit for bit: the loop's step ``s`` (``1, 
 reads element ``s - 1`` of :func:`~contrastive.data.pipeline.train_dataset`, whose rows
 ``j`` of host ``p`` of ``P`` are the examples ``((s - 1) P + p) b + j`` of the per-example
 view (``b`` rows per host). The host batch dict of a chunk's rows becomes a
-:class:`~contrastive.train_step.Batch` by the run's own ``make_batch``
-(:func:`contrastive.assemble.batch_builder`). So ``--stream`` trains on the very batches of
+:class:`~contrastive.step.train_step.Batch` by the run's own ``make_batch``
+(:func:`contrastive.run.assemble.batch_builder`). So ``--stream`` trains on the very batches of
 the in-memory step, and, the streamed step being exact, to the same losses and parameters
 (float32 rounding).
 
-Example (what :func:`contrastive.assemble.setup` does with ``--stream``)::
+Example (what :func:`contrastive.run.assemble.setup` does with ``--stream``)::
 
     inputs = streamed_inputs(cfg, data, make_batch, mesh)
     step_fn = streamed_step_fn(graphdef, cfg.train, mesh, tx=tx)
@@ -43,20 +43,20 @@ from flax import nnx
 
 from contrastive.configs import Config, TrainConfig
 from contrastive.data.pipeline import TrainExamples
-from contrastive.streamed_step import (
+from contrastive.step.streamed.step import (
     Chunk,
     ChunkSource,
     example_rows,
     make_streamed_step,
     rows_source,
 )
-from contrastive.train_step import TrainState
+from contrastive.step.train_step import TrainState
 
 __all__ = ["StepSource", "StreamedInputs", "streamed_inputs", "streamed_step_fn"]
 
 
 class StepSource:
-    """The :class:`~contrastive.streamed_step.ChunkSource` of one step of the run.
+    """The :class:`~contrastive.step.streamed.step.ChunkSource` of one step of the run.
 
     ``step``: the loop's step (``1, 2, ...``) whose chunks ``read`` returns; ``read(step,
     chunk)`` must be asked for that step (the streamed step passes it back).
@@ -138,7 +138,7 @@ def streamed_inputs(
     mesh: jax.sharding.Mesh,
 ) -> StreamedInputs:
     """The :class:`StreamedInputs` of a run (``--stream``): the training examples of its
-    data (:class:`~contrastive.data.splits.RunData`, ``data.examples``: the order of the
+    data (:class:`~contrastive.inputs.splits.RunData`, ``data.examples``: the order of the
     in-memory batches, one example at a time), ``make_batch`` and mesh."""
     return StreamedInputs(data.examples, make_batch, mesh=mesh, chunk_size=cfg.train.chunk_size)
 
@@ -154,8 +154,8 @@ def streamed_step_fn(
     """``step_fn(state, source, key) -> (state, metrics)``: the streamed step as a loop step.
 
     ``source``: a :class:`StepSource` (from :meth:`StreamedInputs.for_step`); the step
-    reads its chunks twice (see :func:`contrastive.streamed_step.make_streamed_step`) and
-    raises :class:`~contrastive.streamed_step.ChunkReadError`, nothing updated and the
+    reads its chunks twice (see :func:`contrastive.step.streamed.step.make_streamed_step`) and
+    raises :class:`~contrastive.step.streamed.step.ChunkReadError`, nothing updated and the
     state passed in still valid, when a chunk cannot be read or reads different bytes in
     the second pass. ``step_fn.loss_and_grads(state, source, key) -> ((loss, aux),
     grads)``: the gradients the update would use, nothing updated.

@@ -1,6 +1,6 @@
 """What the training loop feeds the step, step after step.
 
-The loop (:mod:`contrastive.loop`) asks a :class:`StepInputs` for the input of each step
+The loop (:mod:`contrastive.run.loop`) asks a :class:`StepInputs` for the input of each step
 and hands it to the run's step function, ``step_fn(state, input, key)``. Where the input
 comes from is the only thing that differs between the ways of drawing a batch:
 
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from contrastive.data import BatchIterator
-from contrastive.data.hard_batches import hard_negative_count
+from contrastive.inputs.hard_batches import hard_negative_count
 from contrastive.mesh import shard_batch
 
 __all__ = ["StepInputs", "BatchInputs", "hard_negatives_metric"]
@@ -59,7 +59,7 @@ class BatchInputs:
 
     ``dataset[i]``: this host's rows of the batch of the step after ``i`` steps (a grain
     ``MapDataset``, see :func:`contrastive.data.pipeline.train_dataset`); ``make_batch(host,
-    step)`` turns them into a :class:`contrastive.train_step.Batch` of host arrays, which is
+    step)`` turns them into a :class:`contrastive.step.train_step.Batch` of host arrays, which is
     placed on ``mesh`` with its rows split over the data axis.
     """
 
@@ -90,7 +90,7 @@ def hard_negatives_metric(host_caption_ids: np.ndarray) -> dict[str, float]:
     """``{"hard_negatives": mean_i n1(i)}`` over the step's GLOBAL batch of ``shapes`` captions.
 
     ``n1(i)`` is the number of anchor ``i``'s batch-mates whose caption is exactly one
-    attribute away from its own (:func:`contrastive.data.hard_batches.hard_negative_count`,
+    attribute away from its own (:func:`contrastive.inputs.hard_batches.hard_negative_count`,
     ``O(B)`` NumPy): about ``(B - 1) / 189`` for a random batch of the ``train`` split, far
     more for the hard batches of NGAME (Dahiya et al. 2023). Each process passes its own rows'
     caption ids (``int[B / P]``); with several processes they are gathered first (``B``

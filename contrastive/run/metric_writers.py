@@ -67,7 +67,7 @@ from collections.abc import Iterator, Mapping
 from numbers import Real
 from typing import Any
 
-from contrastive.run_guard import _fsync_dir, _process_index
+from contrastive.run.run_guard import _fsync_dir, _process_index
 
 __all__ = ["TensorBoardWriter", "event_files", "read_events", "read_scalars"]
 

@@ -263,15 +263,15 @@ def fixed_batch_noise_scale(
 def make_gradient_fn(graphdef: Any, config: Any, mesh: Mesh) -> Callable[..., Any]:
     """``grad(params, batch, key=None, queue=None) -> grads``: the train step's gradient.
 
-    Exactly what :func:`contrastive.train_step.train_step` differentiates
-    (:func:`contrastive.train_step.loss_and_grads`: the gradient cache when
+    Exactly what :func:`contrastive.step.train_step.train_step` differentiates
+    (:func:`contrastive.step.train_step.loss_and_grads`: the gradient cache when
     ``config.chunk_size`` is set, the ring across the mesh's devices, one reduction across
     devices), before clipping and without an update, jitted. ``batch`` is sharded as for the
     step (:func:`contrastive.mesh.shard_batch`); ``key`` drives dropout as the step's key
     does (None: none); ``queue``: the state's negative queue (its rows are extra negatives;
     nothing is pushed).
     """
-    from contrastive.train_step import as_batch, loss_and_grads
+    from contrastive.step.train_step import as_batch, loss_and_grads
 
     def grad(params, batch, key, queue):
         out = loss_and_grads(
@@ -321,10 +321,10 @@ def _per_example_parts(params, batch, *, graphdef, config, axis_name, devices):
     """Inside ``shard_map`` (or whole with ``axis_name=None``): ``contrib(rows) -> [c, ...]``
     per-example contributions of the local rows ``rows = (x, y, dL/dx, dL/dy)``, and the local
     ``(x, y, dL/dx, dL/dy)`` themselves."""
-    from contrastive import gradcache
     from contrastive.configs import local_chunk_size
-    from contrastive.step_loss import make_loss_fn
-    from contrastive.train_step import tower_fns
+    from contrastive.step import gradcache
+    from contrastive.step.step_loss import make_loss_fn
+    from contrastive.step.train_step import tower_fns
 
     towers = tower_fns(graphdef)
     loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
@@ -384,7 +384,7 @@ def per_example_grads(params: Any, batch: Any, *, graphdef: Any, config: Any, me
     chunk by chunk instead. Refuses extra negatives (``y`` longer than ``x``).
     """
     from contrastive.mesh import DATA_AXIS
-    from contrastive.train_step import as_batch
+    from contrastive.step.train_step import as_batch
 
     batch = as_batch(batch)
     _check_pairs(batch)
@@ -432,7 +432,7 @@ def per_example_noise_scale(
     """
     from contrastive.configs import local_chunk_size
     from contrastive.mesh import DATA_AXIS
-    from contrastive.train_step import as_batch
+    from contrastive.step.train_step import as_batch
 
     batch = as_batch(batch)
     _check_pairs(batch)
@@ -496,9 +496,9 @@ def measure_checkpoint(
 
         est = measure_checkpoint(run_config, step=200, num_batches=32)
     """
-    from contrastive.assemble import setup
-    from contrastive.checkpoint import Checkpointer
     from contrastive.configs import ConfigError, differences
+    from contrastive.run.assemble import setup
+    from contrastive.run.checkpoint import Checkpointer
 
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"num_batches must be an integer >= 2, got {num_batches!r}")

@@ -18,14 +18,13 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from contrastive import gradcache
-
 # The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
 from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import DATA_AXIS, batch_sharding, replicated, scatter_axes
-from contrastive.optim import make_schedule
-from contrastive.streamed_sources import _local_devices
-from contrastive.train_step import (
+from contrastive.step import gradcache
+from contrastive.step.optim import make_schedule
+from contrastive.step.streamed.sources import _local_devices
+from contrastive.step.train_step import (
     TrainState,
     all_finite,
     make_loss_fn,

@@ -6,7 +6,7 @@ epochs and forms each mini-batch from whole clusters, so that the in-batch negat
 anchor are its neighbours rather than random points; TAS-Balanced (Hofstätter et al. 2021)
 does the same with topic clusters of queries. :class:`HardBatchOrder` is that sampler for
 our step-indexed, multi-host training: it says which global rows make up the batch of any
-step, the same on every host. :mod:`contrastive.clustering` makes the clusters.
+step, the same on every host. :mod:`contrastive.inputs.clustering` makes the clusters.
 
 The order. Examples are drawn as a stream of epochs, as the plain shuffled pipeline draws
 them: epoch ``e`` is a permutation of ``range(N)`` occupying stream positions
@@ -14,7 +14,7 @@ them: epoch ``e`` is a permutation of ``range(N)`` occupying stream positions
 (a batch may straddle two epochs). So every example is drawn exactly once per epoch,
 clustered or not. Before the first clustering an epoch is a uniform random permutation.
 With a clustering (``G = ceil(N/c)`` groups of exactly ``c`` examples, one smaller group
-``R`` of ``N mod c`` allowed, as :func:`contrastive.clustering.balanced_clusters` makes
+``R`` of ``N mod c`` allowed, as :func:`contrastive.inputs.clustering.balanced_clusters` makes
 them), the epoch is laid out as
 
     [X_head (a)] [the other full groups, in random order] [R (N mod c)] [X_tail (c - a)]
@@ -445,7 +445,7 @@ def _count_closer(embeddings, anchors, threshold, excluded, chunk):
     n = embeddings.shape[0]
 
     def body(i, counts):
-        # Clamped start, as in contrastive.clustering; rows an earlier chunk saw are masked.
+        # Clamped start, as in contrastive.inputs.clustering; rows an earlier chunk saw are masked.
         start = jnp.minimum(i * chunk, n - chunk)
         block = jax.lax.dynamic_slice_in_dim(embeddings, start, chunk, axis=0)
         s = anchors @ block.T  # (B, D) · (D, c) -> (B, c)

@@ -3,7 +3,7 @@
 LiT (Zhai et al. 2022) locks a tower pre-trained with labels; here the labels are the five
 attributes of the generated ``shapes`` scenes (shape, colour, size, position, texture), one
 softmax head each (:func:`pretrain_image_tower`), AdamW, a fixed number of steps,
-deterministic given the seed. :mod:`contrastive.locked_tower` caches and locks the result.
+deterministic given the seed. :mod:`contrastive.models.locked_tower` caches and locks the result.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from contrastive.data.captioned_shapes import (
     ATTRIBUTES,
     CaptionedShapes,
 )
-from contrastive.feature_cache import params_digest
+from contrastive.data.feature_cache import params_digest
 from contrastive.models import (
     IMAGE_ENCODERS,
     make_image_encoder,
