@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # Part of every cache key: bump it when what a cached file holds changes meaning.
-_CACHE_VERSION = 1
+CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------ caching
@@ -65,7 +65,7 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _warn(line: str) -> None:
+def warn_line(line: str) -> None:
     """One line on stderr: a damaged cache entry is said out loud, then recomputed."""
     print(f"warning: {line}", file=sys.stderr, flush=True)
 
@@ -93,7 +93,7 @@ def check_cache_dir(cache_dir: str | os.PathLike, *, flag: str = "--feature-cach
         ) from None
 
 
-def _json_digest(obj: Any, what: str) -> str:
+def json_digest(obj: Any, what: str) -> str:
     try:
         text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     except TypeError as e:
@@ -125,12 +125,12 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_entry(data_path: Path, data: bytes, meta: dict[str, Any]) -> None:
+def write_entry(data_path: Path, data: bytes, meta: dict[str, Any]) -> None:
     """The data file first, then its JSON: a reader trusts the data only once the JSON with
     the matching key exists, so a crash between the two writes leaves a miss, not a lie.
 
     The JSON holds ``sha256``, the digest of the data file's bytes, which a reader checks
-    (:func:`_read_checked`). An ``OSError`` (read-only or full directory) becomes a one-line
+    (:func:`read_checked`). An ``OSError`` (read-only or full directory) becomes a one-line
     :class:`CacheWriteError` naming the directory.
     """
     meta = {**meta, "sha256": hashlib.sha256(data).hexdigest()}
@@ -146,7 +146,7 @@ def _write_entry(data_path: Path, data: bytes, meta: dict[str, Any]) -> None:
         ) from None
 
 
-def _read_checked(data_path: Path, meta: dict[str, Any], redo: str = "recomputed") -> bytes | None:
+def read_checked(data_path: Path, meta: dict[str, Any], redo: str = "recomputed") -> bytes | None:
     """The entry's bytes when their sha256 equals the one its JSON holds; else None, after a
     warning line naming the file (it is recomputed and rewritten). An entry written before
     the digest was stored is a silent miss."""
@@ -156,10 +156,10 @@ def _read_checked(data_path: Path, meta: dict[str, Any], redo: str = "recomputed
     try:
         data = data_path.read_bytes()
     except OSError as e:
-        _warn(f"cache entry {data_path} cannot be read ({e.strerror}); it is {redo}")
+        warn_line(f"cache entry {data_path} cannot be read ({e.strerror}); it is {redo}")
         return None
     if hashlib.sha256(data).hexdigest() != want:
-        _warn(
+        warn_line(
             f"cache entry {data_path} does not match its checksum (changed or damaged on disk); "
             f"it is {redo} and rewritten"
         )
@@ -167,7 +167,7 @@ def _read_checked(data_path: Path, meta: dict[str, Any], redo: str = "recomputed
     return data
 
 
-def _read_meta(data_path: Path, key: str) -> dict[str, Any] | None:
+def read_entry_meta(data_path: Path, key: str) -> dict[str, Any] | None:
     try:
         meta = json.loads(data_path.with_suffix(".json").read_text())
     except (OSError, ValueError):
@@ -221,17 +221,17 @@ def cached_features(
         raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
     params_sha = params_digest(params)
     description = {
-        "version": _CACHE_VERSION,
+        "version": CACHE_VERSION,
         "tower_config": tower_config,
         "params_sha256": params_sha,
         "split": split,
         "num_examples": num_examples,
         "data_seed": data_seed,
     }
-    key = _json_digest(description, "tower_config")
+    key = json_digest(description, "tower_config")
     path = Path(cache_dir) / f"features-{_safe(split)}-{num_examples}-{key[:24]}.npy"
-    meta = _read_meta(path, key)
-    data = _read_checked(path, meta) if meta is not None else None
+    meta = read_entry_meta(path, key)
+    data = read_checked(path, meta) if meta is not None else None
     if data is not None:
         try:
             features = np.load(io.BytesIO(data), allow_pickle=False)
@@ -247,9 +247,9 @@ def cached_features(
                 return features
             # Checked before they were written: non-finite values now mean a damaged entry,
             # never a diverged run.
-            _warn(f"cache entry {path} holds non-finite features; it is recomputed")
+            warn_line(f"cache entry {path} holds non-finite features; it is recomputed")
     features = _check_features(compute_fn(), num_examples, "compute_fn")
-    _write_entry(path, _npy_bytes(features), {"key": key, "shape": features.shape, **description})
+    write_entry(path, _npy_bytes(features), {"key": key, "shape": features.shape, **description})
     return features
 
 

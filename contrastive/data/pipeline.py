@@ -266,20 +266,20 @@ def _readable(source: Any, split: str) -> Any:
     return source
 
 
-def _to_float(image: np.ndarray) -> np.ndarray:
+def to_float(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     return image.astype(np.float32) / 255.0
 
 
-def _first_caption(example: dict[str, Any]) -> Any:
+def first_caption(example: dict[str, Any]) -> Any:
     return np.asarray(example["captions"]["text"]).reshape(-1)[0]
 
 
-def _two_views(spec: DatasetSpec):
+def two_views_transform(spec: DatasetSpec):
     def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
-        image = _to_float(example["image"])
+        image = to_float(example["image"])
         return {
             "view1": simclr_view(image, rng, spec.augment),
             "view2": simclr_view(image, rng, spec.augment),
@@ -289,11 +289,11 @@ def _two_views(spec: DatasetSpec):
     return fn
 
 
-def _image_text(spec: DatasetSpec, tokenizer: HashTokenizer):
+def image_text_transform(spec: DatasetSpec, tokenizer: HashTokenizer):
     a = spec.augment
 
     def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
-        image = _to_float(example["image"])
+        image = to_float(example["image"])
         texts = np.asarray(example["captions"]["text"]).reshape(-1)
         caption = texts[rng.integers(len(texts))] if len(texts) else ""
         view = random_resized_crop(image, rng, a.image_size, a.crop_scale, a.crop_ratio)
@@ -319,7 +319,7 @@ def _own_token_arrays(spec: DatasetSpec, examples: Sequence[dict[str, Any]]) -> 
     }
 
 
-def _own_token_batch(spec: DatasetSpec, source: Sequence):
+def own_token_batch(spec: DatasetSpec, source: Sequence):
     """Indices ``int[b]`` -> the batch of a source with its own tokens.
 
     Grain handles only the indices (sharding, shuffling, batching); the examples are read
@@ -427,7 +427,7 @@ class TrainExamples:
     global_batch_size: int
     process_index: int
     process_count: int
-    # Own tokens: the batches read their examples by index in one go (see _own_token_batch);
+    # Own tokens: the batches read their examples by index in one go (see own_token_batch);
     # ``order`` is the shuffled index sequence both views share.
     order: grain.MapDataset | None = None
     read_batch: Callable[[np.ndarray], Batch] | None = None
@@ -489,14 +489,14 @@ def train_examples(
             collate = functools.partial(_own_token_arrays, spec)
         examples = order.map(lambda i: src[int(i)])
         return TrainExamples(examples, collate, **sizes, order=order,
-                             read_batch=_own_token_batch(spec, src))  # fmt: skip
+                             read_batch=own_token_batch(spec, src))  # fmt: skip
     # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
     examples = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
     if spec.kind == "image":
-        examples = examples.random_map(_two_views(spec), seed=seed + 1)
+        examples = examples.random_map(two_views_transform(spec), seed=seed + 1)
     else:
         examples = examples.random_map(
-            _image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1
+            image_text_transform(spec, tokenizer or HashTokenizer()), seed=seed + 1
         )
     return TrainExamples(examples, _stack, **sizes)
 
@@ -623,11 +623,11 @@ def eval_arrays(
     tok = tokenizer or HashTokenizer()
     for i in range(n):
         ex = src[i]
-        images.append(eval_view(_to_float(ex["image"]), spec.image_size))
+        images.append(eval_view(to_float(ex["image"]), spec.image_size))
         if spec.kind == "image":
             labels.append(ex["label"])
         else:
-            texts.append(tok(_first_caption(ex)))
+            texts.append(tok(first_caption(ex)))
     out = {"image": np.stack(images).astype(np.float32)}
     if spec.kind == "image":
         out["label"] = np.asarray(labels, np.int32)

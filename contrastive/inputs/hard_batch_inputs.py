@@ -337,12 +337,12 @@ def _batch_reader(spec: Any, source: Any, *, seed: int, tokenizer: Any = None) -
     from contrastive.data import pipeline
 
     if _own_tokens(spec):  # shapes, locked features: as they are (no augmentation)
-        rows = pipeline._own_token_batch(spec, source)
+        rows = pipeline.own_token_batch(spec, source)
         return lambda examples, positions: rows(examples)
     if spec.kind == "image":
-        one = pipeline._two_views(spec)
+        one = pipeline.two_views_transform(spec)
     else:
-        one = pipeline._image_text(spec, tokenizer)
+        one = pipeline.image_text_transform(spec, tokenizer)
     seed = seed + 1  # the random pipeline's augmentation seed
 
     def read(examples: np.ndarray, positions: np.ndarray) -> dict:
@@ -365,15 +365,15 @@ def _cluster_reader(spec: Any, source: Any, tower: str, tokenizer: Any = None):
         tokens = _shapes_tokens(source) if key == "text" else None
         if tokens is not None:  # generated captions: no image rendered for nothing
             return lambda examples: tokens[examples]
-        rows = pipeline._own_token_batch(spec, source)
+        rows = pipeline.own_token_batch(spec, source)
         return lambda examples: rows(examples)[key]
     if key == "image":
         size = spec.image_size
         return lambda examples: np.stack(
-            [eval_view(pipeline._to_float(source[int(i)]["image"]), size) for i in examples]
+            [eval_view(pipeline.to_float(source[int(i)]["image"]), size) for i in examples]
         ).astype(np.float32)
     return lambda examples: np.stack(
-        [tokenizer(pipeline._first_caption(source[int(i)])) for i in examples]
+        [tokenizer(pipeline.first_caption(source[int(i)])) for i in examples]
     )
 
 
@@ -405,11 +405,11 @@ def _embed(
     example ``N - 1``, dropped after) and feeds them to its devices; the embeddings come back
     replicated (evaluation's jitted embedder, compiled once per model and tower).
     """
-    from contrastive.measure.evaluate import _embedder
+    from contrastive.measure.evaluate import embedder
 
     n, devices = num_examples, mesh.devices.size
     count, index = jax.process_count(), jax.process_index()
-    apply = _embedder(graphdef, params, method, mesh)
+    apply = embedder(graphdef, params, method, mesh)
     rows = min(EMBED_ROWS_PER_DEVICE * devices, -(-n // devices) * devices)
     per_host = rows // count
     out = []

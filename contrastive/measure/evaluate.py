@@ -325,7 +325,7 @@ def retrieval_recall(
 _EMBED_FNS: dict[tuple, Callable] = {}
 
 
-def _embedder(graphdef: nnx.GraphDef, params: Any, method: str, mesh: jax.sharding.Mesh):
+def embedder(graphdef: nnx.GraphDef, params: Any, method: str, mesh: jax.sharding.Mesh):
     """``x [N, ...] -> float32[N, D]`` on the host through ``model.<method>``, on the mesh.
 
     Every process passes the same whole array; each feeds its own rows to the mesh, and
@@ -372,7 +372,7 @@ def evaluate_model(
     batch = 256 * mesh.devices.size  # embed pads the last batch to this; a multiple of it
 
     def emb(method: str, x) -> np.ndarray:
-        return embed(_embedder(graphdef, params, method, mesh), x, batch_size=batch, jit=False)
+        return embed(embedder(graphdef, params, method, mesh), x, batch_size=batch, jit=False)
 
     if spec.kind == "image":
         tr = emb("tower_x", data["train"]["image"])

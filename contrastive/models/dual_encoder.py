@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contrastive.loss_registry import LOSSES
-from contrastive.models.towers import _fold
+from contrastive.models.towers import fold_key
 
 Dtype = Any
 
@@ -150,7 +150,7 @@ class DualEncoder(nnx.Module):
     def __call__(self, batch: tuple[Any, Any], key: jax.Array | None = None):
         """``(inputs_x, inputs_y)`` -> ``(x, y)``, both [B, D]; the views get distinct keys."""
         inputs_x, inputs_y = batch
-        return self.embed_x(inputs_x, _fold(key, 0)), self.embed_y(inputs_y, _fold(key, 1))
+        return self.embed_x(inputs_x, fold_key(key, 0)), self.embed_y(inputs_y, fold_key(key, 1))
 
     def temperature(self) -> jax.Array:
         """tau = exp(-log_inv_temperature), float32 scalar; with ``max_inverse_temperature``

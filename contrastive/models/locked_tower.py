@@ -60,15 +60,15 @@ from contrastive.data.captioned_shapes import (
     encode,
 )
 from contrastive.data.feature_cache import (
-    _CACHE_VERSION,
-    _json_digest,
-    _read_checked,
-    _read_meta,
-    _warn,
-    _write_entry,
+    CACHE_VERSION,
     cached_features,
+    json_digest,
     load_feature_file,
     params_digest,
+    read_checked,
+    read_entry_meta,
+    warn_line,
+    write_entry,
 )
 from contrastive.models import (
     CLIP_INIT_TEMPERATURE,
@@ -122,8 +122,8 @@ def pretrained_image_tower(
         return pretrain_image_tower(config)
     key = _tower_key(config)
     path = tower_cache_path(config, cache_dir)
-    meta = _read_meta(path, key)
-    data = _read_checked(path, meta, "pre-trained again") if meta is not None else None
+    meta = read_entry_meta(path, key)
+    data = read_checked(path, meta, "pre-trained again") if meta is not None else None
     if data is not None:
         tower = build_image_tower(config)
         state = nnx.state(tower)
@@ -140,18 +140,20 @@ def pretrained_image_tower(
             if params_digest(new_state) == meta["info"]["params_sha256"]:
                 nnx.update(tower, new_state)
                 return PretrainedTower(tower, config, {**meta["info"], "from_cache": True})
-        _warn(f"cache entry {path} does not hold the tower it describes; it is pre-trained again")
+        warn_line(
+            f"cache entry {path} does not hold the tower it describes; it is pre-trained again"
+        )
     pre = pretrain_image_tower(config)
     leaves = jax.tree_util.tree_leaves(nnx.state(pre.tower))
     buffer = io.BytesIO()
     np.savez(buffer, **{f"leaf_{i:04d}": np.asarray(a) for i, a in enumerate(leaves)})
     meta = {"key": key, "config": config.to_dict(), "info": pre.info}
-    _write_entry(path, buffer.getvalue(), meta)
+    write_entry(path, buffer.getvalue(), meta)
     return pre
 
 
 def _tower_key(config: PretrainConfig) -> str:
-    return _json_digest({"version": _CACHE_VERSION, "pretrain": config.to_dict()}, "config")
+    return json_digest({"version": CACHE_VERSION, "pretrain": config.to_dict()}, "config")
 
 
 def tower_cache_path(config: PretrainConfig | None, cache_dir: str | os.PathLike) -> Path:

@@ -63,7 +63,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from contrastive.run.orbax_logs import _silence_restore_stragglers, one_line, quiet
+from contrastive.run.orbax_logs import one_line, quiet, silence_restore_stragglers
 from contrastive.run.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
 
 __all__ = [
@@ -263,7 +263,7 @@ def _logs_held_back() -> Iterator[None]:
     that TensorStore's late callbacks leave are dropped by the hook of
     :mod:`contrastive.run.orbax_logs`.
     """
-    _silence_restore_stragglers()
+    silence_restore_stragglers()
     hold = _Hold()
     loggers = [logging.getLogger(n) for n in _ORBAX_LOGGERS]
     for lg in loggers:

@@ -67,7 +67,7 @@ from collections.abc import Iterator, Mapping
 from numbers import Real
 from typing import Any
 
-from contrastive.run.run_guard import _fsync_dir, _process_index
+from contrastive.run.run_guard import current_process_index, fsync_dir
 
 __all__ = ["TensorBoardWriter", "event_files", "read_events", "read_scalars"]
 
@@ -184,7 +184,7 @@ class TensorBoardWriter:
             raise ValueError(f"run_name must be a non-empty name without '/', got {run_name!r}")
         if process_index is not None and (not isinstance(process_index, int) or process_index < 0):
             raise ValueError(f"process_index must be an int >= 0, got {process_index!r}")
-        index = _process_index() if process_index is None else process_index
+        index = current_process_index() if process_index is None else process_index
         self.resume_from_step = resume_from_step
         self.enabled = index == 0
         base = os.path.abspath(os.fspath(logdir))
@@ -309,16 +309,16 @@ class TensorBoardWriter:
             writer.close()
         ready = os.path.join(self.path, f"compacting.s{seq:06d}.ready")
         os.replace(partial, ready)
-        _fsync_dir(self.path)  # committed: from here the ready file is the truth
+        fsync_dir(self.path)  # committed: from here the ready file is the truth
         self._finish(ready, old, seq)
 
     def _finish(self, ready: str, old: list[str], seq: int) -> None:
         for f in old:
             os.remove(f)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         name = f"events.out.{_TFEVENTS}.{int(time.time())}.{socket.gethostname()}.s{seq:06d}"
         os.replace(ready, os.path.join(self.path, name))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def quiet() -> Iterator[None]:
     A failed TensorStore read leaves orbax's event loop with pending tasks, which log
     "Event loop is closed" tracebacks; the one-line reason is logged by the caller instead.
     """
-    _silence_restore_stragglers()
+    silence_restore_stragglers()
     names = ["absl", "orbax", "asyncio", "jax._src.distributed"]
     loggers = [logging.getLogger(n) for n in names]
     drop = _DropAll()
@@ -57,7 +57,7 @@ def _is_restore_straggler(u: Any) -> bool:
     return code is not None and code.co_filename.startswith(_ORBAX_DIR)
 
 
-def _silence_restore_stragglers() -> None:
+def silence_restore_stragglers() -> None:
     """Drop the tracebacks that a failed restore leaves behind, from then on.
 
     After a failed read orbax closes its event loop while TensorStore still completes the

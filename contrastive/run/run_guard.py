@@ -54,13 +54,13 @@ __all__ = ["MetricsLog", "StopNow", "StopSignals", "WorkdirLock", "WorkdirLocked
 log = logging.getLogger(__name__)
 
 
-def _process_index() -> int:
+def current_process_index() -> int:
     import jax
 
     return jax.process_index()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     # A rename is durable only once the directory holding it is synced.
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -119,7 +119,7 @@ class WorkdirLock:
         """Take the lock; raises :class:`WorkdirLockedError` when a live process holds it."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this WorkdirLock")
-        index = _process_index() if self.process_index is None else self.process_index
+        index = current_process_index() if self.process_index is None else self.process_index
         os.makedirs(self.workdir, exist_ok=True)
         self.path = os.path.join(self.workdir, f"run.lock.{index}")
         while True:
@@ -263,7 +263,7 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
 
     def append(self, record: dict[str, Any]) -> None:
         """Add ``record`` (a JSON-serialisable dict with an int ``"step"``) as one line."""

@@ -23,7 +23,7 @@ from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import DATA_AXIS, batch_sharding, replicated, scatter_axes
 from contrastive.step import gradcache
 from contrastive.step.optim import make_schedule
-from contrastive.step.streamed.sources import _local_devices
+from contrastive.step.streamed.sources import local_device_positions
 from contrastive.step.train_step import (
     TrainState,
     all_finite,
@@ -87,7 +87,7 @@ class _Programs(NamedTuple):
 # Cached so that steps made again for the same model, config and mesh (a second step with
 # or without donation, prefetch on or off) reuse the compiled programs.
 @functools.lru_cache(maxsize=16)
-def _chunk_programs(graphdef, config: TrainConfig, mesh: Mesh) -> _Programs:
+def chunk_programs(graphdef, config: TrainConfig, mesh: Mesh) -> _Programs:
     n = mesh.shape[DATA_AXIS]
     cl = local_chunk_size(config.chunk_size, n)
     towers = tower_fns(graphdef)
@@ -193,7 +193,7 @@ def _chunk_programs(graphdef, config: TrainConfig, mesh: Mesh) -> _Programs:
 
 
 @functools.lru_cache(maxsize=16)
-def _update_programs(graphdef, config: TrainConfig, mesh: Mesh, tx, donate: bool):
+def update_programs(graphdef, config: TrainConfig, mesh: Mesh, tx, donate: bool):
     """``update_for(state)``: the jitted ``(state, acc) -> (state, metrics)`` for a state of
     that structure (its shardings follow the structure, as in ``make_train_step``)."""
     del graphdef  # part of the cache key only: one model's update per entry
@@ -233,11 +233,11 @@ def _zeros_program(shape: tuple, dtype: Any, sharding: NamedSharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
-def _zeros(shape, dtype, sharding):
+def sharded_zeros(shape, dtype, sharding):
     return _zeros_program(tuple(shape), jnp.dtype(dtype), sharding)()
 
 
-def _place(tree: Any, mesh: Mesh, global_rows: int) -> Any:
+def place_rows(tree: Any, mesh: Mesh, global_rows: int) -> Any:
     """Host rows of a chunk -> global arrays split over ``"data"`` (any process count)."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
@@ -250,11 +250,11 @@ def _place(tree: Any, mesh: Mesh, global_rows: int) -> Any:
     )
 
 
-def _hosts_agree(ok: bool, mesh: Mesh) -> bool:
+def hosts_agree(ok: bool, mesh: Mesh) -> bool:
     """True when every process says ``ok`` (one tiny collective; for several processes,
     so that a host whose read failed and the others all stop before the next collective)."""
-    n_local = len(_local_devices(mesh))
-    flags = _place(np.full((n_local,), 0 if ok else 1, np.int32), mesh, mesh.shape[DATA_AXIS])
+    n_local = len(local_device_positions(mesh))
+    flags = place_rows(np.full((n_local,), 0 if ok else 1, np.int32), mesh, mesh.shape[DATA_AXIS])
     total = jax.jit(jnp.sum, out_shardings=replicated(mesh))(flags)
     return int(total) == 0
 
@@ -273,18 +273,18 @@ def _used_leaves(tower, params: Any, inputs: Any) -> set[int]:
     return {i for i, v in enumerate(invars) if id(v) in read}
 
 
-def _towers_share_params(towers, params: Any, specs: Sequence[Any]) -> bool:
+def towers_share_params(towers, params: Any, specs: Sequence[Any]) -> bool:
     """True when both towers read some parameter (one tower on two views, a shared trunk)."""
     used = [_used_leaves(f, params, spec) for f, spec in zip(towers, specs, strict=True)]
     return bool(used[0] & used[1])
 
 
-class _TowerInfo(NamedTuple):
+class TowerInfo(NamedTuple):
     embeddings: tuple[Any, Any]  # ShapeDtypeStruct of each tower's embeddings of a chunk
     shared: bool  # the towers read common parameters
 
 
-def _signature_of_specs(tree: Any) -> tuple:
+def signature_of_specs(tree: Any) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((a.shape, jnp.dtype(a.dtype)) for a in leaves)
 

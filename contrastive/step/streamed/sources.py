@@ -105,7 +105,7 @@ class _Layout(NamedTuple):
         )
 
 
-def _local_devices(mesh: Mesh) -> list[int]:
+def local_device_positions(mesh: Mesh) -> list[int]:
     me = jax.process_index()
     return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
 
@@ -138,7 +138,7 @@ def chunk_layout(batch_sizes: tuple[int, int], mesh: Mesh, *, chunk_size: int) -
         )
     rows = (b // n, m // n)
     chunks = tuple(-(-r // cl) for r in rows)
-    return _Layout(n, _local_devices(mesh), cl, rows, chunks)
+    return _Layout(n, local_device_positions(mesh), cl, rows, chunks)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -253,7 +253,7 @@ def example_rows(
 # ------------------------------------------------------------------ reading with checks
 
 
-def _checksum(chunk: Chunk) -> int:
+def chunk_checksum(chunk: Chunk) -> int:
     """crc32 of every array's dtype, shape and bytes, in tree order (None counts too)."""
     crc = 0
     for part in chunk:
@@ -266,7 +266,9 @@ def _checksum(chunk: Chunk) -> int:
     return crc
 
 
-def _chunks(read: Callable[[int], Any], count: int, prefetch: bool) -> Iterator[tuple[int, Any]]:
+def read_chunks(
+    read: Callable[[int], Any], count: int, prefetch: bool
+) -> Iterator[tuple[int, Any]]:
     """``(k, read(k))`` for k < count; with ``prefetch`` one thread reads ``k + 1`` while
     the caller works on ``k``: at most two chunks are alive. Errors surface in order."""
     if not prefetch:
@@ -287,12 +289,12 @@ class _Signature(NamedTuple):
     trailing: tuple  # (shape[1:], dtype) per leaf
 
 
-def _signature(tree: Any) -> _Signature:
+def tree_signature(tree: Any) -> _Signature:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return _Signature(treedef, tuple((np.shape(a)[1:], np.result_type(a)) for a in leaves))
 
 
-def _check_part(tree, what, rows, signature, where) -> None:
+def check_part(tree, what, rows, signature, where) -> None:
     """ValueError unless ``tree`` has ``rows`` rows per leaf (None for 0) and the layout of
     the step's first chunk."""
     if rows == 0:
@@ -307,8 +309,8 @@ def _check_part(tree, what, rows, signature, where) -> None:
             f"{where}: {what} has leading sizes {sorted(got, key=str)}, expected {rows} rows "
             "(this host's rows of the chunk; see chunk_layout)."
         )
-    if signature is not None and _signature(tree) != signature:
+    if signature is not None and tree_signature(tree) != signature:
         raise ValueError(
             f"{where}: {what} differs in structure, trailing shapes or dtypes from chunk 0 "
-            f"({_signature(tree).trailing} vs {signature.trailing})."
+            f"({tree_signature(tree).trailing} vs {signature.trailing})."
         )

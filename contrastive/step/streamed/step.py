@@ -76,28 +76,28 @@ from contrastive.mesh import DATA_AXIS, batch_sharding, replicated
 from contrastive.step import gradcache
 from contrastive.step.optim import make_optimizer
 from contrastive.step.streamed.programs import (
-    _chunk_programs,
-    _hosts_agree,
-    _place,
-    _signature_of_specs,
-    _TowerInfo,
-    _towers_share_params,
-    _update_programs,
-    _zeros,
+    TowerInfo,
+    chunk_programs,
+    hosts_agree,
+    place_rows,
+    sharded_zeros,
+    signature_of_specs,
     streamed_footprint,
+    towers_share_params,
+    update_programs,
 )
 from contrastive.step.streamed.sources import (
     Chunk,
     ChunkReadError,
     ChunkSource,
-    _check_part,
-    _checksum,
-    _chunks,
-    _signature,
     batch_source,
+    check_part,
+    chunk_checksum,
     chunk_layout,
     example_rows,
+    read_chunks,
     rows_source,
+    tree_signature,
 )
 from contrastive.step.train_step import (
     TrainState,
@@ -163,21 +163,21 @@ def make_streamed_step(
         )
     local_chunk_size(config.chunk_size, mesh.shape[DATA_AXIS])
     tx = make_optimizer(config.optim) if tx is None else tx
-    prog = _chunk_programs(graphdef, config, mesh)
-    update_for = _update_programs(graphdef, config, mesh, tx, donate)
+    prog = chunk_programs(graphdef, config, mesh)
+    update_for = update_programs(graphdef, config, mesh, tx, donate)
     towers = tower_fns(graphdef)
     rows_sharding = batch_sharding(mesh)
     multi = jax.process_count() > 1
-    infos: dict[Any, _TowerInfo] = {}
+    infos: dict[Any, TowerInfo] = {}
 
-    def tower_info(params: Any, specs: tuple[Any, Any]) -> _TowerInfo:
+    def tower_info(params: Any, specs: tuple[Any, Any]) -> TowerInfo:
         # Traced once per input layout, not once per step.
-        sig = (jax.tree_util.tree_structure(params), tuple(map(_signature_of_specs, specs)))
+        sig = (jax.tree_util.tree_structure(params), tuple(map(signature_of_specs, specs)))
         if sig not in infos:
             embeddings = tuple(
                 jax.eval_shape(f, params, spec, None) for f, spec in zip(towers, specs, strict=True)
             )
-            infos[sig] = _TowerInfo(embeddings, _towers_share_params(towers, params, specs))
+            infos[sig] = TowerInfo(embeddings, towers_share_params(towers, params, specs))
         return infos[sig]
 
     def run(state, source, step_index, key):
@@ -215,7 +215,7 @@ def make_streamed_step(
                 ) from e
             if not isinstance(chunk, Chunk):
                 chunk = Chunk(*chunk)
-            return chunk, _checksum(chunk)
+            return chunk, chunk_checksum(chunk)
 
         def check(chunk: Chunk, k: int) -> None:
             where = f"step {step_index}, chunk {k}"
@@ -228,9 +228,9 @@ def make_streamed_step(
                     )
                 if optional and part is None:
                     continue
-                _check_part(part, Chunk._fields[i], r, signatures[i], where)
+                check_part(part, Chunk._fields[i], r, signatures[i], where)
                 if k == 0:
-                    signatures[i] = _signature(part)
+                    signatures[i] = tree_signature(part)
 
         def guarded(pass_no: int, body: Callable[[], None]) -> None:
             # With several processes a failure on one host must not leave the others
@@ -241,9 +241,9 @@ def make_streamed_step(
             try:
                 body()
             except Exception:
-                _hosts_agree(False, mesh)
+                hosts_agree(False, mesh)
                 raise
-            if not _hosts_agree(True, mesh):
+            if not hosts_agree(True, mesh):
                 raise ChunkReadError(
                     f"step {step_index}: another process failed in pass {pass_no}; no update "
                     "was applied"
@@ -253,7 +253,7 @@ def make_streamed_step(
 
         def pass_one() -> None:
             token = None
-            gen = _chunks(lambda k: read(1, k), lay.num_chunks, prefetch)
+            gen = read_chunks(lambda k: read(1, k), lay.num_chunks, prefetch)
             with contextlib.closing(gen):
                 for k, (chunk, crc) in gen:
                     check(chunk, k)
@@ -264,11 +264,11 @@ def make_streamed_step(
                         r = lay.chunk_rows(t, k)
                         if r == 0:
                             continue
-                        inputs = _place(chunk[t], mesh, r * n)
+                        inputs = place_rows(chunk[t], mesh, r * n)
                         side = {}
                         if t == 1:
                             side = {
-                                name: _place(v, mesh, r * n)
+                                name: place_rows(v, mesh, r * n)
                                 for name, v in (("ids", chunk.ids), ("valid", chunk.valid))
                                 if v is not None
                             }
@@ -299,11 +299,11 @@ def make_streamed_step(
             )
             bufs["info"] = info = tower_info(params, specs)
             for t, out in enumerate(info.embeddings):
-                bufs[f"emb{t}"] = _zeros(
+                bufs[f"emb{t}"] = sharded_zeros(
                     (lay.rows[t] * n, *out.shape[1:]), out.dtype, rows_sharding
                 )
             bufs["side"] = {
-                name: _zeros(
+                name: sharded_zeros(
                     (lay.rows[1] * n,),
                     jax.dtypes.canonicalize_dtype(np.result_type(v)),
                     rows_sharding,
@@ -332,7 +332,7 @@ def make_streamed_step(
             for sweep in sweeps:
                 token = None
                 count = max(lay.chunks[t] for t in sweep)
-                gen = _chunks(lambda k: read(2, k), count, prefetch)
+                gen = read_chunks(lambda k: read(2, k), count, prefetch)
                 with contextlib.closing(gen):
                     for k, (chunk, crc) in gen:
                         if crc != sums[k]:
@@ -346,7 +346,7 @@ def make_streamed_step(
                             r = lay.chunk_rows(t, k)
                             if r == 0:
                                 continue
-                            inputs = _place(chunk[t], mesh, r * n)
+                            inputs = place_rows(chunk[t], mesh, r * n)
                             out["acc"], token = prog.pull[t](
                                 params, out["acc"], g_emb[t], inputs, keys[t], np.int32(k)
                             )
