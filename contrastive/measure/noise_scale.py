@@ -41,9 +41,11 @@ with mean ``V``, uncorrelated) give its standard error. Cost: ``m`` extra gradie
 computations of batch ``B`` per measurement (each through the run's own machinery: gradient
 cache, ring, one reduction across devices each), no parameter update.
 
-**The per-example estimator** (:func:`per_example_noise_scale`): one batch, split into
-per-example contributions ``c_i`` with ``sum_i c_i = g_B`` exactly
-(:func:`per_example_grads`): example ``i``'s two embedding gradients ``dL/dx_i``,
+**The per-example estimator**
+(:func:`~contrastive.measure.per_example_noise.per_example_noise_scale`): one batch, split
+into per-example contributions ``c_i`` with ``sum_i c_i = g_B`` exactly
+(:func:`~contrastive.measure.per_example_noise.per_example_grads`): example ``i``'s two
+embedding gradients ``dL/dx_i``,
 ``dL/dy_i`` (which include its role as a negative of every other anchor) pulled back through
 its own towers, plus ``1/B`` of the temperature's and bias's gradient. ``B c_i`` is meant to
 play the role of a per-example gradient, and
@@ -70,12 +72,14 @@ to 512 (539 against 414 +- 14 at 32, 583 against 433 +- 13 at 512), while a jack
 single batches of 64, which does include the cross part, agreed with the fixed-batch value
 (405 +- 25 against 427 +- 13; the per-example estimate 511 +- 25). They agree only where
 the cross part is negligible (a loss without negatives); the split is kept as a diagnostic
-whose exact sum is tested, and the meter and :func:`measure_checkpoint` use the fixed-batch
+whose exact sum is tested, and the meter and
+:func:`~contrastive.run.checkpoint_noise.measure_checkpoint` use the fixed-batch
 estimator.
 
 Example, at a checkpoint of a run (its own batches, no update)::
 
-    est = measure_checkpoint(cfg, num_batches=32)       # cfg: the run's Config
+    # measure_checkpoint: contrastive.run.checkpoint_noise; cfg: the run's Config
+    est = measure_checkpoint(cfg, num_batches=32)
     est.b_simple, est.variance, est.g2, est.variance_se
     combine([est_seed0, est_seed1, est_seed2]).b_simple  # averaged before dividing
 """
@@ -83,31 +87,26 @@ Example, at a checkpoint of a run (its own batches, no update)::
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 __all__ = [
     "NoiseEstimate",
     "CombinedNoiseScale",
-    "PerExampleEstimate",
     "sq_norm",
+    "wide_dtype",
     "fixed_batch_noise_scale",
     "combine",
     "make_gradient_fn",
-    "per_example_grads",
-    "per_example_noise_scale",
-    "measure_checkpoint",
 ]
 
 
-def _wide(dtype: Any) -> jnp.dtype:
+def wide_dtype(dtype: Any) -> jnp.dtype:
     """float32 at least: squares of bfloat16 gradients summed in bfloat16 would lose digits."""
     return jnp.promote_types(jnp.result_type(dtype), jnp.float32)
 
@@ -121,7 +120,7 @@ def sq_norm(tree: Any) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.float32(0)
-    parts = [jnp.sum(jnp.square(g.astype(_wide(g.dtype)))) for g in leaves]
+    parts = [jnp.sum(jnp.square(g.astype(wide_dtype(g.dtype)))) for g in leaves]
     return sum(parts[1:], parts[0])
 
 
@@ -250,7 +249,7 @@ def fixed_batch_noise_scale(
             ) from None
         g = grad_fn(batch)
         if mean is None:
-            mean = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, _wide(a.dtype)), g)
+            mean = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, wide_dtype(a.dtype)), g)
         mean, term = _welford(mean, g, jnp.float32(k))
         if k > 1:
             terms.append(term)
@@ -285,270 +284,3 @@ def make_gradient_fn(graphdef: Any, config: Any, mesh: Mesh) -> Callable[..., An
         return jitted(params, batch, key, queue)
 
     return call
-
-
-# ------------------------------------------------------------------- the per-example split
-
-
-class PerExampleEstimate(NamedTuple):
-    """One batch's per-example measurement (see :func:`per_example_noise_scale`)."""
-
-    batch_size: int
-    sq_dev_sum: float  # sum_i |B c_i - g_B|^2
-    batch_sq_norm: float  # |g_B|^2
-
-    @property
-    def trace(self) -> float:
-        """``tr(Sigma) ~ sum_i |B c_i - g_B|^2 / (B - 1)``."""
-        return self.sq_dev_sum / (self.batch_size - 1)
-
-    @property
-    def variance(self) -> float:
-        """``V ~ tr(Sigma) / B``: comparable with :attr:`NoiseEstimate.variance`."""
-        return self.trace / self.batch_size
-
-    @property
-    def g2(self) -> float:
-        """``|G|^2 ~ |g_B|^2 - tr(Sigma) / B``."""
-        return self.batch_sq_norm - self.variance
-
-    @property
-    def b_simple(self) -> float:
-        return self.trace / self.g2 if self.g2 != 0 else math.nan
-
-
-def _per_example_parts(params, batch, *, graphdef, config, axis_name, devices):
-    """Inside ``shard_map`` (or whole with ``axis_name=None``): ``contrib(rows) -> [c, ...]``
-    per-example contributions of the local rows ``rows = (x, y, dL/dx, dL/dy)``, and the local
-    ``(x, y, dL/dx, dL/dy)`` themselves."""
-    from contrastive.configs import local_chunk_size
-    from contrastive.step import gradcache
-    from contrastive.step.step_loss import make_loss_fn
-    from contrastive.step.train_step import tower_fns
-
-    towers = tower_fns(graphdef)
-    loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
-    chunk = local_chunk_size(config.chunk_size, devices)
-    frozen = lax.stop_gradient(params)
-    inputs = (batch.x, batch.y)
-    if chunk is None:
-        emb = tuple(f(frozen, a, None) for f, a in zip(towers, inputs, strict=True))
-    else:  # the gradient cache's chunks: the same embeddings, one chunk's activations alive
-        emb = gradcache.encode_towers_in_chunks(towers, frozen, inputs, None, chunk_size=chunk)
-    emb = lax.stop_gradient(emb)
-    # The full-batch loss (the ring across devices): dL/d(temperature, bias) and dL/d(emb).
-    _, (g_loss, (gx, gy)) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, emb)
-    b_local = jax.tree_util.tree_leaves(batch.x)[0].shape[0]
-    total = b_local * devices
-    if axis_name is not None:  # every device holds its share of the temperature's gradient
-        g_loss = lax.psum(g_loss, axis_name)
-    # The temperature and bias terms, split evenly over the B examples.
-    share = jax.tree_util.tree_map(lambda g: g.astype(_wide(g.dtype)) / total, g_loss)
-
-    def contrib(xs, ys, gxs, gys):
-        def one(xi, yi, gxi, gyi):
-            add1 = lambda a: jax.tree_util.tree_map(lambda v: v[None], a)
-            _, vjp_x = jax.vjp(lambda p: towers[0](p, add1(xi), None), params)
-            _, vjp_y = jax.vjp(lambda p: towers[1](p, add1(yi), None), params)
-            (px,), (py,) = vjp_x(gxi[None]), vjp_y(gyi[None])
-            return jax.tree_util.tree_map(
-                lambda a, b, s: a.astype(s.dtype) + b.astype(s.dtype) + s, px, py, share
-            )
-
-        return jax.vmap(one)(xs, ys, gxs, gys)
-
-    return contrib, (batch.x, batch.y, gx, gy), b_local
-
-
-def _check_pairs(batch: Any) -> None:
-    bx = jax.tree_util.tree_leaves(batch.x)[0].shape[0]
-    by = jax.tree_util.tree_leaves(batch.y)[0].shape[0]
-    if bx != by:
-        raise ValueError(
-            f"the per-example split needs y with as many rows as x ({bx}), got {by}: extra "
-            "negatives belong to no example; use the fixed-batch estimator"
-        )
-
-
-def per_example_grads(params: Any, batch: Any, *, graphdef: Any, config: Any, mesh: Mesh) -> Any:
-    """The per-example contributions ``c_i`` of the batch gradient: a pytree like ``params``
-    with a leading axis of ``B`` rows (sharded over the data axis), ``sum_i c_i = g_B``.
-
-    ``c_i = J_x(x_i)^T dL/dx_i + J_y(y_i)^T dL/dy_i + (1/B) dL/d(temperature, bias)``, where
-    ``J`` are example ``i``'s own towers' Jacobians and ``dL/dy_i`` holds its gradient as the
-    positive of ``x_i`` and as a negative of every other anchor (likewise ``dL/dx_i`` for a
-    symmetric loss). The loss gradient is the train step's (ring over the mesh, embeddings in
-    the gradient cache's chunks when ``config.chunk_size`` is set), so the sum equals
-    :func:`make_gradient_fn`'s gradient up to float rounding. No dropout. Holds ``B`` copies
-    of the parameters: for tests and small models; :func:`per_example_noise_scale` reduces
-    chunk by chunk instead. Refuses extra negatives (``y`` longer than ``x``).
-    """
-    from contrastive.mesh import DATA_AXIS
-    from contrastive.step.train_step import as_batch
-
-    batch = as_batch(batch)
-    _check_pairs(batch)
-    n = mesh.shape[DATA_AXIS]
-
-    def local(params, batch):
-        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
-        contrib, rows, _ = _per_example_parts(
-            params, batch, graphdef=graphdef, config=config, axis_name=DATA_AXIS, devices=n
-        )
-        return contrib(*rows)
-
-    return jax.jit(
-        jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
-            out_specs=PartitionSpec(DATA_AXIS),
-        )
-    )(params, batch)
-
-
-def per_example_noise_scale(
-    params: Any,
-    batch: Any,
-    *,
-    graphdef: Any,
-    config: Any,
-    mesh: Mesh,
-    rows_per_pass: int | None = None,
-) -> PerExampleEstimate:
-    """``tr(Sigma)``, ``|G|^2`` and ``B_simple`` from the spread of ``B c_i`` over one batch.
-
-    Two passes: the batch gradient ``g_B`` (:func:`make_gradient_fn`), then the per-example
-    contributions ``c_i`` (:func:`per_example_grads`'s split) ``rows_per_pass`` rows per
-    device at a time (default: the gradient cache's chunk, or all local rows), each reduced
-    at once to ``|B c_i - g_B|^2`` in float32 (the deviation from a known mean: no
-    cancellation). ``tr(Sigma) = sum_i |B c_i - g_B|^2 / (B - 1)``,
-    ``|G|^2 = |g_B|^2 - tr(Sigma) / B``. Cost: about two batch gradients.
-
-    Biased for contrastive losses: the split leaves out how example ``i`` changes the other
-    examples' embedding gradients (its role as their negative), an ``O(1)`` error (20-35 %
-    high on a small InfoNCE model at every B from 32 to 512; module docstring). Use
-    :func:`fixed_batch_noise_scale` for B_simple; this is a diagnostic.
-    """
-    from contrastive.configs import local_chunk_size
-    from contrastive.mesh import DATA_AXIS
-    from contrastive.step.train_step import as_batch
-
-    batch = as_batch(batch)
-    _check_pairs(batch)
-    n = mesh.shape[DATA_AXIS]
-    total = jax.tree_util.tree_leaves(batch.x)[0].shape[0]
-    b_local = total // n
-    c = rows_per_pass or local_chunk_size(config.chunk_size, n) or b_local
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1 or b_local % c:
-        raise ValueError(
-            f"rows_per_pass {c!r} must be a positive divisor of the {b_local} rows per device"
-        )
-    g_batch = make_gradient_fn(graphdef, config, mesh)(params, batch)
-
-    def local(params, batch, g_ref):
-        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
-        contrib, rows, _ = _per_example_parts(
-            params, batch, graphdef=graphdef, config=config, axis_name=DATA_AXIS, devices=n
-        )
-        split = jax.tree_util.tree_map(lambda a: a.reshape(b_local // c, c, *a.shape[1:]), rows)
-
-        def dev(part):
-            ci = contrib(*part)  # [c, ...] per leaf
-            d = jax.tree_util.tree_map(lambda a, g: total * a - g.astype(a.dtype)[None], ci, g_ref)
-            return jnp.sum(jax.vmap(sq_norm)(d))
-
-        return lax.psum(jnp.sum(lax.map(dev, split)), DATA_AXIS)
-
-    sq_dev = jax.jit(
-        jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS), PartitionSpec()),
-            out_specs=PartitionSpec(),
-        )
-    )(params, batch, g_batch)
-    return PerExampleEstimate(total, float(sq_dev), float(sq_norm(g_batch)))
-
-
-# ------------------------------------------------------------------------ at a checkpoint
-
-
-def measure_checkpoint(
-    cfg: Any,
-    *,
-    num_batches: int = 32,
-    step: int | None = None,
-    batch_size: int | None = None,
-) -> NoiseEstimate:
-    """The fixed-batch noise scale of the run ``cfg`` at one of its checkpoints.
-
-    Restores checkpoint ``step`` of ``cfg.run.workdir`` (default: the newest; the run's
-    settings must match ``cfg``, as for a resume), draws the ``num_batches`` batches the run
-    would train on at the steps after it (``step + 1 .. step + m``: examples the checkpoint
-    has not trained on in this epoch, from the run's own input pipeline and seed), and
-    measures :func:`fixed_batch_noise_scale` with the run's gradient (cache, ring, loss,
-    negative queue). Nothing is written. ``batch_size``: measure at another ``B`` (the same
-    data, cut into batches of that size; e.g. ``B/4`` and ``4B`` to check that ``B V`` does
-    not move with ``B``). Cost: ``num_batches`` gradients of a batch.
-
-    Example (from the study, per run and checkpoint; then :func:`combine` over seeds)::
-
-        est = measure_checkpoint(run_config, step=200, num_batches=32)
-    """
-    from contrastive.configs import ConfigError, differences
-    from contrastive.run.assemble import setup
-    from contrastive.run.checkpoint import Checkpointer
-
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
-        raise ValueError(f"num_batches must be an integer >= 2, got {num_batches!r}")
-    if not os.path.isdir(os.path.join(cfg.run.workdir, "checkpoints")):
-        raise ConfigError(f"{cfg.run.workdir} holds no checkpoint to measure")
-    if batch_size is not None and batch_size != cfg.run.batch_size:
-        if cfg.train.negative_queue:
-            raise ConfigError(
-                "batch_size: a run with a negative queue is measured at its own batch size only"
-            )
-        probe_cfg = cfg.with_updates(batch_size=batch_size)
-    else:
-        probe_cfg = cfg
-    if probe_cfg.train.stream or probe_cfg.data.hard_batches:
-        raise ConfigError(
-            "measure_checkpoint draws whole random batches: not for --stream or --hard-batches"
-        )
-    ckpt = Checkpointer(cfg.run.workdir, every=1)
-    try:  # the checkpoint and its settings are checked before the run is built
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ConfigError(f"{cfg.run.workdir} holds no checkpoint to measure")
-        at = steps[-1] if step is None else step
-        if at not in steps:
-            raise ConfigError(f"{cfg.run.workdir} has no checkpoint {at} (it has {steps})")
-        changed = differences(ckpt.read_meta(at).get("config") or {}, cfg.identity())
-        if changed:
-            raise ConfigError(
-                f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)})"
-            )
-        s = setup(probe_cfg)
-        restored, meta = ckpt.restore(at, {"train": s.state, "key": s.key})
-    finally:
-        ckpt.close()
-    state, key = restored["train"], restored["key"]
-    grad = make_gradient_fn(s.graphdef, probe_cfg.train, s.mesh)
-    inputs = s.make_inputs()
-    try:
-        first = int(meta.get("step", at)) + 1
-        b = probe_cfg.run.batch_size
-
-        def batches():
-            for t in range(first, first + num_batches):
-                yield t, inputs.for_step(t, state.params)[0]
-
-        def grad_fn(item):
-            t, batch = item
-            # The key the step would use for this batch (dropout), as train_step folds it.
-            return grad(state.params, batch, jax.random.fold_in(key, t - 1), state.queue)
-
-        return fixed_batch_noise_scale(grad_fn, batches(), batch_size=b, num_batches=num_batches)
-    finally:
-        inputs.close()

@@ -401,7 +401,7 @@ class _NoiseMeter:
     ``V = sum_j |g_j - gbar|^2 / (m - 1)``, ``|G|^2 = |gbar|^2 - V/m`` and
     ``B_simple = B V / |G|^2``. Each measurement stands alone (a pure function of the step's
     parameters, seed and step: a resumed run logs the same values, and
-    :func:`contrastive.measure.noise_scale.measure_checkpoint` at checkpoint ``s`` gives them too);
+    :func:`contrastive.run.checkpoint_noise.measure_checkpoint` at checkpoint ``s`` gives them too);
     average ``noise_trace`` and ``noise_g2`` over measurements before dividing
     (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
     batch per measurement.
