@@ -46,25 +46,38 @@ Five guarantees:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import re
 import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
-from contrastive.run.orbax_logs import one_line, quiet, silence_restore_stragglers
-from contrastive.run.state_digest import digests_and_nonfinite, is_key, keys_to_data, meta_digest
+from contrastive.run.checkpoint_disk import (
+    ADVICE,
+    ORBAX_TMP,
+    CheckpointCorruptError,
+    CheckpointWriteError,
+    drop_unretrieved_disk_faults,
+    join_orbax_threads,
+    logs_held_back,
+    os_error,
+    remove_settled,
+    unreferenced_files,
+)
+from contrastive.run.hosts import all_processes, sync
+from contrastive.run.orbax_logs import one_line, quiet
+from contrastive.run.state_digest import (
+    abstract_of,
+    digests_and_nonfinite,
+    keys_to_data,
+    meta_digest,
+    rewrap_keys,
+)
 
 __all__ = [
     "CheckpointCorruptError",
@@ -84,290 +97,8 @@ class NonFiniteStateError(ValueError):
     """A save was refused because the state holds NaN or Inf (one-line message)."""
 
 
-class CheckpointCorruptError(RuntimeError):
-    """One checkpoint cannot be used: unreadable, incomplete or its digest differs."""
-
-
 class NoUsableCheckpointError(RuntimeError):
     """The work dir holds checkpoints but none of them can be restored (one-line message)."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written because of a disk fault (one-line message).
-
-    The message names the step, the directory, the OS reason and the newest checkpoint left
-    on disk, e.g. ``step 8: writing the checkpoint to /w/checkpoints failed (No space left on
-    device); checkpoint 4 is intact: free space and run the same command to resume``. Nothing
-    of the failed write is left where orbax would find it.
-    """
-
-
-# --- PRNG keys -----------------------------------------------------------------------------
-
-
-def _abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings where known) describing the stored form of ``tree``."""
-
-    def one(x: Any) -> Any:
-        if is_key(x):
-            x = jax.eval_shape(jax.random.key_data, x)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)
-        sharding = getattr(x, "sharding", None)
-        if isinstance(x, jax.Array | jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-
-    return jax.tree_util.tree_map(one, tree)
-
-
-def _rewrap_keys(restored: Any, template: Any) -> Any:
-    def one(r: Any, t: Any) -> Any:
-        if is_key(t):
-            key = jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
-            sharding = getattr(t, "sharding", None)
-            return jax.device_put(key, sharding) if sharding is not None else key
-        return r
-
-    return jax.tree_util.tree_map(one, restored, template)
-
-
-# --- multi-process agreement ---------------------------------------------------------------
-
-
-def _all_processes(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-# --- disk faults during a write ------------------------------------------------------------
-
-# TensorStore reports a failed file write as a ValueError whose text ends in
-# "[os_error_code='28']"; orbax's Python writes raise OSError, and wrappers may keep only
-# its text ("[Errno 28] No space left on device").
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
-
-# What the user can do about each kind of fault, for the last clause of the message.
-_ADVICE = {
-    errno.ENOSPC: "free space",
-    errno.EDQUOT: "free space (or raise the quota)",
-    errno.EROFS: "make the file system writable",
-    errno.EACCES: "make the directory writable",
-    errno.EPERM: "make the directory writable",
-}
-
-_ORBAX_TMP = ".orbax-checkpoint-tmp"
-
-
-def _remove_settled(path: str, *, settle_s: float = 0.2, limit_s: float = 5.0) -> None:
-    """Remove the folder ``path`` and keep removing it until it stays away for ``settle_s``.
-
-    When a write fails orbax closes its event loop, but TensorStore still completes the writes
-    already under way, re-creating files in the folder for a moment. What appears later than
-    ``limit_s`` is left to orbax, which ignores temporary folders and removes them when the
-    next run starts.
-    """
-    start = time.monotonic()
-    gone_since: float | None = None
-    while time.monotonic() - start < limit_s:
-        if os.path.lexists(path):
-            shutil.rmtree(path, ignore_errors=True)
-            gone_since = None
-        elif gone_since is None:
-            gone_since = time.monotonic()
-        elif time.monotonic() - gone_since >= settle_s:
-            return
-        time.sleep(0.02)
-
-
-def _join_orbax_threads(*, timeout_s: float) -> None:
-    """Wait (at most ``timeout_s``) for orbax's worker threads of a failed write to end."""
-    deadline = time.monotonic() + timeout_s
-    for t in threading.enumerate():
-        # orbax's `_SignalingThread` (a private class, so matched by name) runs each handler's
-        # part of a write and logs the error it ends with. Its own `join` re-raises that
-        # error; the plain Thread.join only waits.
-        if type(t).__name__ == "_SignalingThread" and t is not threading.current_thread():
-            threading.Thread.join(t, max(deadline - time.monotonic(), 0.0))
-
-
-def _os_error(e: BaseException | None) -> tuple[int | None, str] | None:
-    """``(errno, reason)`` when ``e`` (or an exception it was raised from) is an OS error.
-
-    >>> _os_error(OSError(errno.ENOSPC, "No space left on device", "/w/d/1f"))
-    (28, 'No space left on device')
-    >>> _os_error(ValueError("RESOURCE_EXHAUSTED: Failed writing ... [os_error_code='122']"))
-    (122, 'Disk quota exceeded')
-    >>> _os_error(KeyError("w")) is None
-    True
-    """
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and (e.errno or e.strerror):
-            return e.errno, e.strerror or os.strerror(e.errno)
-        m = _OS_ERROR_CODE.search(str(e))
-        if m:
-            code = int(m.group(1) or m.group(2))
-            return code, os.strerror(code)
-        e = e.__cause__ or e.__context__
-    return None
-
-
-_ORBAX_LOGGERS = ("absl", "orbax", "asyncio", "jax._src.distributed")
-
-
-class _Hold(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
-        return False
-
-
-class _DropUnretrievedDiskFaults(logging.Filter):
-    """Drops asyncio's "exception was never retrieved" reports of an OS error: after a failed
-    write, the tasks that orbax left with the same fault report it again when collected,
-    possibly as late as the interpreter's exit."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "exception was never retrieved" not in record.getMessage():
-            return True
-        return _os_error(record.exc_info[1] if record.exc_info else None) is None
-
-
-def _drop_unretrieved_disk_faults() -> None:
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropUnretrievedDiskFaults) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_DropUnretrievedDiskFaults())
-
-
-@contextlib.contextmanager
-def _logs_held_back() -> Iterator[None]:
-    """Hold orbax's log records during a write: replayed if it succeeds, dropped if it fails.
-
-    A failed TensorStore write makes orbax log the same traceback from each of its threads
-    (pages of text); the caller raises one line instead. The "Event loop is closed" reports
-    that TensorStore's late callbacks leave are dropped by the hook of
-    :mod:`contrastive.run.orbax_logs`.
-    """
-    silence_restore_stragglers()
-    hold = _Hold()
-    loggers = [logging.getLogger(n) for n in _ORBAX_LOGGERS]
-    for lg in loggers:
-        lg.addFilter(hold)
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        for lg in loggers:
-            lg.removeFilter(hold)
-        if ok:
-            for record in hold.records:
-                logging.getLogger(record.name).handle(record)
-
-
-# --- files no checkpoint references ---------------------------------------------------------
-#
-# An OCDBT database (TensorStore's key-value store that orbax writes arrays into) is a
-# directory: ``manifest.ocdbt`` lists the versions (a root b-tree node each, older ones in
-# version-tree nodes), and b-tree nodes and values lie at (file, offset, length) in data files
-# under ``d/``. A location reads ``<kind>:<base path>:<relative path>:<offset>:<length>``, the
-# file being ``<database>/<base path><relative path>``; the root database that orbax merges
-# the per-process ones into refers to their value files with the base path
-# ``ocdbt.process_<i>/``. Everything a restore can read is reachable from the root manifest.
-
-_LOCATION = re.compile(r"^(btreenode|versionnode|value):(.*):(\d+):(\d+)$")
-
-
-def _referenced_files(db: str) -> set[str]:
-    """Every file that the OCDBT database in directory ``db`` refers to, by walking its
-    manifest, version-tree nodes, b-tree nodes and value references (all of its versions)."""
-    base = ts.KvStore.open({"driver": "file", "path": db.rstrip("/") + "/"}).result()
-    files: set[str] = set()
-    seen: set[str] = set()
-    todo: list[Any] = [ts.ocdbt.dump(base).result()]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, dict):
-            todo.extend(node.values())
-        elif isinstance(node, list):
-            todo.extend(node)
-        elif isinstance(node, str):
-            m = _LOCATION.match(node)
-            if m is None or node in seen:
-                continue
-            seen.add(node)
-            kind, file_id = m.group(1), m.group(2)
-            base_path, _, relative = file_id.partition(":")
-            files.add(os.path.normpath(os.path.join(db, base_path + relative)))
-            if kind != "value":  # a node: what it points at is referenced too
-                todo.append(ts.ocdbt.dump(base, node).result())
-    return files
-
-
-def _ocdbt_databases(step_dir: str) -> list[str]:
-    """The root OCDBT databases of a checkpoint: its item folders with a ``manifest.ocdbt``."""
-    return [
-        os.path.join(step_dir, item)
-        for item in sorted(os.listdir(step_dir))
-        if os.path.isfile(os.path.join(step_dir, item, "manifest.ocdbt"))
-    ]
-
-
-def _files_in(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    return [
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if os.path.isfile(os.path.join(folder, f))
-    ]
-
-
-def unreferenced_files(step_dir: str | os.PathLike) -> list[str]:
-    """The files of checkpoint folder ``step_dir`` that no restore of it can read, sorted.
-
-    These are, in each root OCDBT database (``<step>/state``), the data files under ``d/``
-    and ``ocdbt.process_<i>/d/`` that no location reachable from the root manifest names, and
-    the per-process manifests ``ocdbt.process_<i>/manifest.ocdbt`` that the merge superseded.
-    Only files in those ``d/`` folders and those manifests are ever listed.
-
-    Raises (and so lists nothing) when a database cannot be walked, or when a file it refers
-    to is missing: a damaged checkpoint is left exactly as it is, for
-    :meth:`Checkpointer.restore_latest` to report.
-    """
-    step_dir = os.fspath(step_dir)
-    out: list[str] = []
-    for db in _ocdbt_databases(step_dir):
-        if any(f.startswith("manifest.") and f != "manifest.ocdbt" for f in os.listdir(db)):
-            continue  # numbered manifests: a layout orbax does not write; leave it alone
-        referenced = _referenced_files(db)
-        missing = sorted(f for f in referenced if not os.path.isfile(f))
-        if missing:
-            raise CheckpointCorruptError(f"{missing[0]} is referenced but missing")
-        candidates = _files_in(os.path.join(db, "d"))
-        for sub in sorted(os.listdir(db)):
-            if sub.startswith("ocdbt.process_") and os.path.isdir(os.path.join(db, sub)):
-                candidates += _files_in(os.path.join(db, sub, "d"))
-                manifest = os.path.join(db, sub, "manifest.ocdbt")
-                if os.path.isfile(manifest):
-                    candidates.append(manifest)
-        out += [f for f in candidates if os.path.normpath(f) not in referenced]
-    return sorted(out)
 
 
 # --- the checkpointer ----------------------------------------------------------------------
@@ -487,16 +218,16 @@ class Checkpointer:
         after what it left on disk is removed. Other errors propagate, after the same cleanup."""
         # The clean-up runs while the logs are still held: orbax's other threads of this write
         # log their own copy of the error as they end, which is after `write()` has raised.
-        with _logs_held_back():
+        with logs_held_back():
             try:
                 return write()
             except Exception as e:
-                _join_orbax_threads(timeout_s=10.0)
-                fault = _os_error(e)
+                join_orbax_threads(timeout_s=10.0)
+                fault = os_error(e)
                 self._discard(step)
                 if fault is None:
                     raise
-                _drop_unretrieved_disk_faults()
+                drop_unretrieved_disk_faults()
                 self._write_failed = True
                 raise CheckpointWriteError(self._write_failure(step, *fault)) from None
 
@@ -512,13 +243,13 @@ class Checkpointer:
         """
         if jax.process_index() == 0:
             for name in os.listdir(self.directory):
-                if name.startswith(f"{step}{_ORBAX_TMP}"):
-                    _remove_settled(os.path.join(self.directory, name))
+                if name.startswith(f"{step}{ORBAX_TMP}"):
+                    remove_settled(os.path.join(self.directory, name))
         self._manager.reload()
 
     def _write_failure(self, step: int, code: int | None, reason: str) -> str:
         previous = self._manager.latest_step()
-        advice = _ADVICE.get(code, "check the disk")
+        advice = ADVICE.get(code, "check the disk")
         head = f"step {step}: writing the checkpoint to {self.directory} failed ({reason}); "
         if previous is None:
             return head + f"no earlier checkpoint exists: {advice} and run the same command"
@@ -556,10 +287,11 @@ class Checkpointer:
 
         Not through ``CheckpointManager.restore``, which ends in a barrier (a collective): a
         process whose read raised (a damaged file that only its shards live in) would skip that
-        barrier while its peers wait in it, and its next collective (:func:`_all_processes`)
-        would meet their barrier; gloo aborts on the mismatch ("Received data size doesn't
-        match expected size"). A handler holds no barrier, so every process reaches the
-        agreement that follows each read, whatever its own read did.
+        barrier while its peers wait in it, and its next collective
+        (:func:`~contrastive.run.hosts.all_processes`) would meet their barrier; gloo aborts on
+        the mismatch ("Received data size doesn't match expected size"). A handler holds no
+        barrier, so every process reaches the agreement that follows each read, whatever its
+        own read did.
         """
         if isinstance(args, ocp.args.StandardRestore):
             handler = ocp.StandardCheckpointHandler()
@@ -601,14 +333,14 @@ class Checkpointer:
         try:
             with quiet():
                 stored = self._read_item(
-                    step, "state", ocp.args.StandardRestore(_abstract(template))
+                    step, "state", ocp.args.StandardRestore(abstract_of(template))
                 )
             if stored is None:
                 reason = "state item missing"
         except Exception as e:
             reason = f"state unreadable: {one_line(e)}"
         # Every process must take the same branch before the (collective) digest.
-        if not _all_processes(not reason):
+        if not all_processes(not reason):
             raise CheckpointCorruptError(reason or "state unreadable on another process")
         try:
             got, _ = digests_and_nonfinite(stored)
@@ -625,7 +357,7 @@ class Checkpointer:
             raise CheckpointCorruptError(
                 f"digest of state{bad[0]}{more} differs from the saved one"
             )
-        return _rewrap_keys(stored, template)
+        return rewrap_keys(stored, template)
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
         """Checkpoint ``step`` restored with the structure, dtypes and shardings of ``template``,
@@ -662,7 +394,7 @@ class Checkpointer:
                 ok = True
             except CheckpointCorruptError as e:
                 reason, ok = str(e), False
-            if _all_processes(ok):
+            if all_processes(ok):
                 if check_meta is not None:
                     check_meta(meta)
                 try:
@@ -705,7 +437,7 @@ class Checkpointer:
             log.warning(
                 "moved the unusable checkpoints %s to %s", ", ".join(moved), self.unusable_directory
             )
-        _sync("contrastive.run.checkpoint.set_aside")
+        sync("contrastive.run.checkpoint.set_aside")
         self._manager.reload()
 
     def close(self) -> None:
@@ -715,7 +447,7 @@ class Checkpointer:
         try:
             self._wait_for_write_in_flight()
             if self._write_failed:
-                with contextlib.suppress(Exception), _logs_held_back():
+                with contextlib.suppress(Exception), logs_held_back():
                     self._manager.wait_until_finished()
             else:
                 self._manager.wait_until_finished()

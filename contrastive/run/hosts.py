@@ -18,6 +18,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 
 __all__ = ["start", "Watchdog"]
 
@@ -104,3 +105,22 @@ class Watchdog:
                 )
                 sys.stderr.flush()
                 os._exit(3)
+
+
+# --- multi-process agreement ---------------------------------------------------------------
+
+
+def all_processes(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

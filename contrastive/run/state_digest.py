@@ -157,3 +157,32 @@ def state_digest(tree: Any) -> dict[str, str]:
 
 def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+# --- PRNG keys -----------------------------------------------------------------------------
+
+
+def abstract_of(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings where known) describing the stored form of ``tree``."""
+
+    def one(x: Any) -> Any:
+        if is_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        sharding = getattr(x, "sharding", None)
+        if isinstance(x, jax.Array | jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def rewrap_keys(restored: Any, template: Any) -> Any:
+    def one(r: Any, t: Any) -> Any:
+        if is_key(t):
+            key = jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+            sharding = getattr(t, "sharding", None)
+            return jax.device_put(key, sharding) if sharding is not None else key
+        return r
+
+    return jax.tree_util.tree_map(one, restored, template)
