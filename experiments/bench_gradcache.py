@@ -28,9 +28,9 @@ from flax import nnx
 
 from contrastive import mesh as mesh_lib
 from contrastive import models
-from contrastive.configs import LossConfig, TrainConfig
 from contrastive.loss_registry import LOSS_NAMES
 from contrastive.step import train_step as ts
+from contrastive.step_configs import LossConfig, TrainConfig
 from experiments.common import benchmarking as bm
 from experiments.common import run_dir
 from experiments.common.cli import OneLineParser, positive_int, run_main

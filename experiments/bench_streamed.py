@@ -116,10 +116,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     from contrastive import mesh as mesh_lib
     from contrastive import models
-    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
     from contrastive.step import optim
     from contrastive.step import train_step as ts
     from contrastive.step.streamed.step import batch_source, make_streamed_step
+    from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
     mesh = mesh_lib.make_mesh(num_devices=args.devices)
     rng = np.random.default_rng(0)

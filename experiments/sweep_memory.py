@@ -101,10 +101,10 @@ def train_method(name: str, loss: str, dim: int, mesh, args) -> Method:
 
     from contrastive import mesh as mesh_lib
     from contrastive import models
-    from contrastive.configs import LossConfig, TrainConfig
     from contrastive.loss_registry import LOSSES
     from contrastive.step import optim
     from contrastive.step import train_step as ts
+    from contrastive.step_configs import LossConfig, TrainConfig
 
     chunk = args.train_chunk if name == "train_cached" else None
     model = models.DualEncoder(

@@ -311,9 +311,9 @@ def test_queued_loss_fn_wraps_the_train_step_loss():
     with the model's temperature and bias, and aux carries this device's positives."""
     from flax import nnx
 
-    from contrastive.configs import LossConfig
     from contrastive.models import DualEncoder, MLPEncoder
     from contrastive.step.train_step import make_loss_fn
+    from contrastive.step_configs import LossConfig
 
     n, b, steps, dim = 2, 3, 2, 6
     mesh = make_mesh(num_devices=n)

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from contrastive import configs, models
 from contrastive import mesh as mesh_lib
-from contrastive.configs import OptimConfig
 from contrastive.step import train_step as ts
 from contrastive.step.optim import make_optimizer
 from contrastive.step.streamed import step as ss
+from contrastive.step_configs import OptimConfig
 from tests.loss_cases import assert_close
 
 D_IN = 12

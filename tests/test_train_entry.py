@@ -347,8 +347,8 @@ def test_bad_paths_are_one_line(make, flags, message, tmp_path, capsys):
 
 
 def test_warmup_as_long_as_the_run_is_a_valid_schedule():
-    from contrastive.configs import OptimConfig
     from contrastive.step.optim import make_schedule
+    from contrastive.step_configs import OptimConfig
 
     sched = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=20, total_steps=20))
     np.testing.assert_allclose([sched(0), sched(10), sched(20)], [0.0, 0.5, 1.0], atol=1e-6)

@@ -55,10 +55,10 @@ def _per_example_parts(params, batch, *, graphdef, config, axis_name, devices):
     """Inside ``shard_map`` (or whole with ``axis_name=None``): ``contrib(rows) -> [c, ...]``
     per-example contributions of the local rows ``rows = (x, y, dL/dx, dL/dy)``, and the local
     ``(x, y, dL/dx, dL/dy)`` themselves."""
-    from contrastive.configs import local_chunk_size
     from contrastive.step import gradcache
     from contrastive.step.step_loss import make_loss_fn
     from contrastive.step.train_step import tower_fns
+    from contrastive.step_configs import local_chunk_size
 
     towers = tower_fns(graphdef)
     loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
@@ -164,9 +164,9 @@ def per_example_noise_scale(
     high on a small InfoNCE model at every B from 32 to 512; module docstring). Use
     :func:`fixed_batch_noise_scale` for B_simple; this is a diagnostic.
     """
-    from contrastive.configs import local_chunk_size
     from contrastive.mesh import DATA_AXIS
     from contrastive.step.train_step import as_batch
+    from contrastive.step_configs import local_chunk_size
 
     batch = as_batch(batch)
     _check_pairs(batch)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from contrastive.configs import OptimConfig
+from contrastive.step_configs import OptimConfig
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask"]
 

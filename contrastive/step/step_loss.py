@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from contrastive.configs import LossConfig
+from contrastive.step_configs import LossConfig
 from losses._common import global_sum
 
 __all__ = ["contrastive_loss", "make_loss_fn"]

@@ -43,7 +43,6 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import (
     DATA_AXIS,
     batch_sharding,
@@ -64,6 +63,7 @@ from contrastive.step.negative_queue import (
 )
 from contrastive.step.optim import make_optimizer, make_schedule
 from contrastive.step.step_loss import contrastive_loss, make_loss_fn
+from contrastive.step_configs import TrainConfig, local_chunk_size
 
 __all__ = [
     "TrainState",

@@ -18,8 +18,6 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
-from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import DATA_AXIS, batch_sharding, replicated, scatter_axes
 from contrastive.step import gradcache
 from contrastive.step.optim import make_schedule
@@ -32,6 +30,9 @@ from contrastive.step.train_step import (
     state_shardings,
     tower_fns,
 )
+
+# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
+from contrastive.step_configs import TrainConfig, local_chunk_size
 
 ROWS = PartitionSpec(DATA_AXIS)
 REP = PartitionSpec()

@@ -18,12 +18,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
-from contrastive.configs import local_chunk_size
 from contrastive.mesh import DATA_AXIS
 from contrastive.step.train_step import (
     as_batch,
 )
+
+# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
+from contrastive.step_configs import local_chunk_size
 
 
 class Chunk(NamedTuple):

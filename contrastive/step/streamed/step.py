@@ -70,8 +70,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
-from contrastive.configs import TrainConfig, local_chunk_size
 from contrastive.mesh import DATA_AXIS, batch_sharding, replicated
 from contrastive.step import gradcache
 from contrastive.step.optim import make_optimizer
@@ -103,6 +101,9 @@ from contrastive.step.train_step import (
     TrainState,
     tower_fns,
 )
+
+# The in-memory step's own reduction rule, finiteness check and state shardings: one of each.
+from contrastive.step_configs import TrainConfig, local_chunk_size
 
 __all__ = [
     "Chunk",
