@@ -334,15 +334,15 @@ def _own_tokens(spec: Any) -> bool:
 
 def _batch_reader(spec: Any, source: Any, *, seed: int, tokenizer: Any = None) -> Reader:
     """(examples, stream positions) -> host dict, transformed as by ``train_dataset``."""
-    from contrastive.data import pipeline
+    from contrastive.data import examples as per_example
 
     if _own_tokens(spec):  # shapes, locked features: as they are (no augmentation)
-        rows = pipeline.own_token_batch(spec, source)
+        rows = per_example.own_token_batch(spec, source)
         return lambda examples, positions: rows(examples)
     if spec.kind == "image":
-        one = pipeline.two_views_transform(spec)
+        one = per_example.two_views_transform(spec)
     else:
-        one = pipeline.image_text_transform(spec, tokenizer)
+        one = per_example.image_text_transform(spec, tokenizer)
     seed = seed + 1  # the random pipeline's augmentation seed
 
     def read(examples: np.ndarray, positions: np.ndarray) -> dict:
@@ -357,7 +357,7 @@ def _batch_reader(spec: Any, source: Any, *, seed: int, tokenizer: Any = None) -
 
 def _cluster_reader(spec: Any, source: Any, tower: str, tokenizer: Any = None):
     """examples -> the cluster tower's inputs, un-augmented (as evaluation reads them)."""
-    from contrastive.data import pipeline
+    from contrastive.data import examples as per_example
     from contrastive.data.augment import eval_view
 
     key = "image" if tower == "image" else "text"
@@ -365,15 +365,15 @@ def _cluster_reader(spec: Any, source: Any, tower: str, tokenizer: Any = None):
         tokens = _shapes_tokens(source) if key == "text" else None
         if tokens is not None:  # generated captions: no image rendered for nothing
             return lambda examples: tokens[examples]
-        rows = pipeline.own_token_batch(spec, source)
+        rows = per_example.own_token_batch(spec, source)
         return lambda examples: rows(examples)[key]
     if key == "image":
         size = spec.image_size
         return lambda examples: np.stack(
-            [eval_view(pipeline.to_float(source[int(i)]["image"]), size) for i in examples]
+            [eval_view(per_example.to_float(source[int(i)]["image"]), size) for i in examples]
         ).astype(np.float32)
     return lambda examples: np.stack(
-        [tokenizer(pipeline.first_caption(source[int(i)])) for i in examples]
+        [tokenizer(per_example.first_caption(source[int(i)])) for i in examples]
     )
 
 
