@@ -45,7 +45,7 @@ def test_the_examples_are_found():
     for name in (
         "losses",
         "losses.infonce",
-        "contrastive.run.checkpoint",
+        "contrastive.run.checkpoint_disk",
         "experiments.common.cli",
     ):
         assert name in MODULES, name
