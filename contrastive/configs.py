@@ -20,8 +20,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from contrastive.data.pipeline import DATASETS, get_spec, metric_names
-from contrastive.loss_registry import LOSS_NAMES, loss_spec
+from contrastive.config_checks import check_config, parse_stop_at
+from contrastive.data.pipeline import DATASETS, get_spec
 from contrastive.models import IMAGE_ENCODERS
 from contrastive.settings import (
     ConfigError,
@@ -33,6 +33,13 @@ from contrastive.settings import (
     setting,
     tree_values,
     walk,
+)
+from contrastive.step_configs import (
+    OPTIMIZERS,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    local_chunk_size,
 )
 
 __all__ = [
@@ -52,177 +59,7 @@ __all__ = [
     "parse_config",
 ]
 
-OPTIMIZERS = ("adamw", "lamb", "lars")
 TEXT_TOWERS = ("transformer", "bag-of-words")
-DEFAULT_WARMUP_STEPS = 20  # capped at the run's length: a short run needs no flag
-
-
-# ------------------------------------------------------------------ the train step
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Which loss and its options (see ``losses``)."""
-
-    name: str = setting(
-        "infonce",
-        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP) or decoupled (DCL/DCLW)",
-        flag="loss",
-        choices=LOSS_NAMES,
-    )
-    symmetric: bool = setting(True, "average both directions of the softmax losses")
-    intra_view: bool = setting(
-        False, "same-view negatives in the softmax losses (SimCLR's NT-Xent)"
-    )
-    sigma: float | None = setting(
-        None, "DCLW weighting of the decoupled loss; none: plain DCL", positive=True
-    )
-    block_size: int | None = setting(
-        None, "similarity tile edge of the tiled losses; none: automatic", at_least=1
-    )
-
-    def __post_init__(self):
-        check_fields(self)
-        spec = loss_spec(self.name)
-        for option in ("sigma", "intra_view"):
-            value = getattr(self, option)
-            if value and option not in spec.options:
-                owners = [n for n in LOSS_NAMES if option in loss_spec(n).options]
-                what = (
-                    f"is an option of the {owners[0]} loss"
-                    if len(owners) == 1
-                    else "is for the softmax losses"
-                )
-                shown = f" {value!r}" if option == "sigma" else ""
-                raise ValueError(
-                    f"{field_name(self, option)}{shown} {what}: drop it or set "
-                    f"{field_name(self, 'name')} {owners[0]}"
-                )
-
-    @property
-    def spec(self):
-        """The loss's :class:`~contrastive.loss_registry.LossSpec`."""
-        return loss_spec(self.name)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """The optimiser and its schedule: linear warm-up, then cosine decay over the run."""
-
-    name: str = setting("adamw", "optimiser", flag="optimizer", choices=OPTIMIZERS)
-    learning_rate: float = setting(
-        2e-3, "peak learning rate (linear warm-up, then cosine decay)", positive=True
-    )
-    total_steps: int = setting(
-        300, "training steps (the schedule runs over all of them)", flag="steps", at_least=1
-    )
-    warmup_steps: int | None = setting(
-        None,
-        f"linear warm-up steps from 0; none: {DEFAULT_WARMUP_STEPS}, or the whole run if it "
-        "is shorter",
-        at_least=0,
-    )
-    end_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak", at_least=0)
-    weight_decay: float = setting(1e-4, "decoupled weight decay on weight matrices", at_least=0)
-    b1: float = setting(0.9, "Adam/LAMB first-moment decay, in [0, 1)", at_least=0)
-    b2: float = setting(0.999, "Adam/LAMB second-moment decay, in [0, 1)", at_least=0)
-    eps: float = setting(1e-8, "Adam/LAMB epsilon", positive=True)
-    momentum: float = setting(0.9, "LARS momentum, in [0, 1)", at_least=0)
-    trust_coefficient: float = setting(1e-3, "LARS trust coefficient", positive=True)
-    clip_norm: float | None = setting(
-        1.0, "clip the global gradient norm to this value first; none: no clipping", positive=True
-    )
-
-    def __post_init__(self):
-        check_fields(self)
-        for name in ("b1", "b2", "momentum"):
-            if not getattr(self, name) < 1:
-                raise ValueError(
-                    f"{field_name(self, name)} must be in [0, 1), got {getattr(self, name)}"
-                )
-        if self.end_lr_ratio > 1:
-            raise ValueError(
-                f"{field_name(self, 'end_lr_ratio')} must be in [0, 1] (a fraction of the peak), "
-                f"got {self.end_lr_ratio}"
-            )
-        if self.warmup_steps is not None and self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"{field_name(self, 'warmup_steps')} ({self.warmup_steps}) must not exceed the "
-                f"run's {field_name(self, 'total_steps')} {self.total_steps}: lower it"
-            )
-
-    @property
-    def warmup(self) -> int:
-        """The warm-up steps in force (the default rule applied)."""
-        if self.warmup_steps is None:
-            return min(DEFAULT_WARMUP_STEPS, self.total_steps)
-        return self.warmup_steps
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Train step settings: loss, optimiser, gradient-cache chunk, optimiser sharding."""
-
-    loss: LossConfig = setting(default_factory=LossConfig)
-    optim: OptimConfig = setting(default_factory=OptimConfig)
-    chunk_size: int | None = setting(
-        None,
-        "gradient caching: encode the global batch in chunks of this many rows (a multiple "
-        "of the device count; each device encodes chunk/devices rows at a time); none: "
-        "encode the whole batch at once",
-        at_least=1,
-    )
-    shard_optimizer: bool = setting(
-        False,
-        "shard the optimiser state (and reduce-scatter the gradients) along the data axis "
-        "(ZeRO-1/2); parameters stay replicated",
-    )
-    negative_queue: int = setting(
-        0,
-        "keep the second tower's embeddings of the last K steps in a queue on the devices and "
-        "give them to the loss as extra negatives (MoCo's queue without the momentum "
-        "encoder; no gradient flows into them); 0: off",
-        at_least=0,
-    )
-    stream: bool = setting(
-        False,
-        "streamed gradient cache: read each chunk of raw inputs from the data set twice "
-        "(embed, then re-encode under vjp) instead of holding the step's whole batch; use it "
-        "when the raw batch does not fit in host or device memory (needs --chunk-size; the "
-        "in-memory step is faster when it fits)",
-    )
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.stream and self.chunk_size is None:
-            raise ValueError(
-                f"{field_name(self, 'stream')} reads the batch chunk by chunk: set "
-                f"{field_name(self, 'chunk_size')} too"
-            )
-        if self.stream and self.negative_queue:
-            raise ValueError(
-                f"{field_name(self, 'stream')} does not combine with "
-                f"{field_name(self, 'negative_queue')} yet: drop one"
-            )
-        if self.negative_queue and self.loss.intra_view:
-            raise ValueError(
-                f"{field_name(self, 'negative_queue')} gives extra negatives of the second "
-                f"view; it does not combine with {field_name(self.loss, 'intra_view')}: drop one"
-            )
-
-
-def local_chunk_size(chunk_size: int | None, devices: int) -> int | None:
-    """Rows per chunk on each device; ValueError unless the devices split the chunk evenly."""
-    if chunk_size is None:
-        return None
-    if chunk_size % devices:
-        raise ValueError(
-            f"chunk_size={chunk_size} does not split over the {devices} devices: use a multiple "
-            f"of {devices} (e.g. {max(devices, chunk_size - chunk_size % devices)})."
-        )
-    return chunk_size // devices
-
-
 # ------------------------------------------------------------------ data, model, run, hosts
 
 
@@ -452,23 +289,6 @@ class RunConfig:
             raise ValueError(str(e).replace("--stop-at", field_name(self, "stop_at"))) from None
 
 
-def parse_stop_at(text: str | None) -> tuple[str, float] | None:
-    """``"val_zero_shot_top1=0.3"`` -> ``("val_zero_shot_top1", 0.3)``; ValueError if bad."""
-    if text is None:
-        return None
-    metric, sep, value = text.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not sep or not metric.strip() or not math.isfinite(number):
-        raise ValueError(
-            f"--stop-at {text!r}: give METRIC=VALUE with a finite number, e.g. "
-            "val_zero_shot_top1=0.3"
-        )
-    return metric.strip(), number
-
-
 @dataclasses.dataclass(frozen=True)
 class HostsConfig:
     """Several processes (hosts) on one global mesh: ``jax.distributed.initialize``.
@@ -535,82 +355,7 @@ class Config:
     hosts: HostsConfig = setting(default_factory=HostsConfig)
 
     def __post_init__(self):
-        r, t = self.run, self.train
-        if t.chunk_size is not None and t.chunk_size > r.batch_size:
-            raise ValueError(
-                f"{field_name(t, 'chunk_size')} {t.chunk_size} is larger than "
-                f"{field_name(r, 'batch_size')} {r.batch_size}: use a chunk size <= the batch "
-                "size, or drop it"
-            )
-        if r.stop_after is not None and r.stop_after > self.steps:
-            raise ValueError(
-                f"{field_name(r, 'stop_after')} must be between 1 and "
-                f"{field_name(t.optim, 'total_steps')}={self.steps}"
-            )
-        if get_spec(self.data.dataset).kind == "image_text" and t.loss.intra_view:
-            raise ValueError(
-                f"{field_name(t.loss, 'intra_view')} needs two views of one image, not "
-                "image-text pairs"
-            )
-        spec = get_spec(self.data.dataset)
-        d, m = self.data, self.model
-        if d.validation_examples and not spec.class_captions:
-            raise ValueError(
-                f"{field_name(d, 'validation_examples')} needs a data set whose validation "
-                "metric does not depend on the batch (zero-shot over its captions): use "
-                "--dataset shapes"
-            )
-        if m.locked_image is not None and not (spec.kind == "image_text" and spec.vocab_size):
-            raise ValueError(
-                f"{field_name(m, 'locked_image')} needs an image-text data set with its own "
-                "caption tokens: use --dataset shapes"
-            )
-        target = parse_stop_at(r.stop_at)
-        if target is not None:
-            known = metric_names(spec, validation=bool(d.validation_examples))
-            if target[0] not in known and target[0] in metric_names(spec, validation=True):
-                raise ValueError(
-                    f"{field_name(r, 'stop_at')}: {target[0]!r} is measured on a validation "
-                    f"split, and this run has none: add {field_name(d, 'validation_examples')} "
-                    "V (examples carved from the training split after --train-examples)"
-                )
-            if target[0] not in known:
-                raise ValueError(
-                    f"{field_name(r, 'stop_at')}: unknown metric {target[0]!r} for "
-                    f"{d.dataset}: use one of {', '.join(known)}"
-                )
-        if d.hard_batches:
-            c = d.cluster_size
-            if c > r.batch_size or r.batch_size % c:
-                raise ValueError(
-                    f"{field_name(d, 'cluster_size')} {c} must divide "
-                    f"{field_name(r, 'batch_size')} {r.batch_size} (each batch is whole "
-                    "clusters): use a divisor of the batch size"
-                )
-        if t.stream and (d.hard_negatives or d.hard_batches):
-            flag = "hard_negatives" if d.hard_negatives else "hard_batches"
-            raise ValueError(
-                f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: "
-                "drop one"
-            )
-        tau, ceiling = self.init_temperature, m.max_inverse_temperature
-        if ceiling is not None and 1 / tau > ceiling * (1 + 1e-9):
-            # The clip would hold the temperature at 1/ceiling from the first step on.
-            given = (
-                f"{field_name(m, 'temperature')} {tau:g}"
-                if m.temperature is not None
-                else f"the {t.loss.name} loss's default temperature {tau:g}"
-            )
-            raise ValueError(
-                f"{given} is below 1/{field_name(m, 'max_inverse_temperature')} = "
-                f"{1 / ceiling:g}, so the run would train at {1 / ceiling:g}: raise "
-                f"--max-inverse-temperature to at least {1 / tau:g}, or raise --temperature"
-            )
-        if self.model.bias is not None and not t.loss.spec.has_bias:
-            raise ValueError(
-                f"{field_name(self.model, 'bias')} is for a loss with a bias (sigmoid), not "
-                f"{t.loss.name}: drop it or set {field_name(t.loss, 'name')} sigmoid"
-            )
+        check_config(self)
 
     @property
     def steps(self) -> int:

@@ -1,11 +1,11 @@
 """Balanced k-means on the device: time per Lloyd iteration, total time, compiled memory.
 
 Clusters ``--points`` random unit vectors of ``--dim`` dimensions into groups of
-``--cluster-size`` with :func:`contrastive.clustering.balanced_clusters` (k-means with
+``--cluster-size`` with :func:`contrastive.inputs.clustering.balanced_clusters` (k-means with
 ``k = ceil(N / c)``, then the balanced cut), the refresh step of NGAME-style hard-batch
 sampling (Dahiya et al. 2023). Reports:
 
-- the median wall time of one Lloyd iteration (:func:`contrastive.clustering.kmeans_step`,
+- the median wall time of one Lloyd iteration (:func:`contrastive.inputs.clustering.kmeans_step`,
   ``2·N·k·D`` multiply-adds: the chunked assignment matmul and the one-hot segment sum),
   over ``--iterations`` iterations run one by one;
 - the total wall time of the whole ``balanced_clusters`` call (compiled beforehand; the
@@ -81,7 +81,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from contrastive.clustering import balanced_clusters, kmeans, kmeans_step
+    from contrastive.inputs.clustering import balanced_clusters, kmeans, kmeans_step
     from experiments.common import benchmarking as bm
 
     n, d, c = args.points, args.dim, args.cluster_size

@@ -1,7 +1,7 @@
 """Time of the gradient-cached step against the plain step, side by side in one process.
 
 Both compute the loss and the parameter gradients of a dual encoder on the same batch
-(``contrastive.train_step.loss_and_grads``, no optimiser); the cached one runs the encoder
+(``contrastive.step.train_step.loss_and_grads``, no optimiser); the cached one runs the encoder
 in chunks: one extra forward pass, so about 4/3 of the plain time is the floor. Calls
 alternate (plain, cached, plain, ...) so that machine load hits both alike; medians and
 their ratio are printed, and written as ``bench_gradcache.json`` into a run directory
@@ -28,9 +28,9 @@ from flax import nnx
 
 from contrastive import mesh as mesh_lib
 from contrastive import models
-from contrastive import train_step as ts
-from contrastive.configs import LossConfig, TrainConfig
 from contrastive.loss_registry import LOSS_NAMES
+from contrastive.step import train_step as ts
+from contrastive.step_configs import LossConfig, TrainConfig
 from experiments.common import benchmarking as bm
 from experiments.common import run_dir
 from experiments.common.cli import OneLineParser, positive_int, run_main

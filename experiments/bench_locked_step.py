@@ -14,10 +14,10 @@ bag-of-words text tower (the mean of the caption's token embeddings, LayerNorm, 
 loss's bias). The step: both towers forward, the loss as a ring over the devices (a ring of
 one on one device), its gradient pulled back through both towers, one all-reduce of the
 parameter gradients, gradient clipping and AdamW (weight decay on matrices only). It is
-:func:`contrastive.train_step.train_step` without gradient caching, written out here: that
+:func:`contrastive.step.train_step.train_step` without gradient caching, written out here: that
 module (through :mod:`contrastive.configs`) imports the data pipeline, hence
 ``tensorflow_datasets`` and ``grain``, which the accelerator machine lacks; so does
-:mod:`contrastive.locked_tower`, whose two towers this file restates
+:mod:`contrastive.models.locked_tower`, whose two towers this file restates
 (``tests/test_study_runs.py`` checks both against the library: same parameters, same
 outputs, same step). Importing this script pulls in neither package.
 
@@ -79,7 +79,7 @@ __all__ = [
 
 class LockedRows(nnx.Module):
     """The locked image tower: its input is the cached feature row, L2-normalised, [B, F] ->
-    [B, F], no parameters (as :class:`contrastive.locked_tower.LockedFeatures`)."""
+    [B, F], no parameters (as :class:`contrastive.models.locked_tower.LockedFeatures`)."""
 
     def __init__(self, features: int):
         self.features = features
@@ -91,7 +91,8 @@ class LockedRows(nnx.Module):
 
 class BagOfWords(nnx.Module):
     """Mean of the real tokens' embeddings, LayerNorm, ``w -> 2w -> w`` MLP (as
-    :class:`contrastive.locked_tower.BagOfWordsText` without dropout): ``[B, L] -> [B, w]``."""
+    :class:`contrastive.models.locked_tower.BagOfWordsText` without dropout):
+    ``[B, L] -> [B, w]``."""
 
     def __init__(self, vocab_size: int, max_len: int, width: int = 64, *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(vocab_size, width, rngs=rngs)

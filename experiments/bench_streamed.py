@@ -4,11 +4,11 @@
 CPU devices, calls alternating round by round (:func:`experiments.common.benchmarking.
 alternating_times`):
 
-- in-memory: the gradient-cached step of :mod:`contrastive.train_step` (GradCache, Gao et
+- in-memory: the gradient-cached step of :mod:`contrastive.step.train_step` (GradCache, Gao et
   al. 2021), given the host batch (numpy) placed on the devices first, as the training
   loop places every batch;
-- streamed: the step of :mod:`contrastive.streamed_step`, which reads every chunk of the
-  same host batch twice from a :class:`contrastive.streamed_step.ChunkSource` (three times
+- streamed: the step of :mod:`contrastive.step.streamed.step`, which reads every chunk of the
+  same host batch twice from a :class:`contrastive.step.streamed.step.ChunkSource` (three times
   with ``--shared-tower``), with prefetch on (chunk ``k + 1`` read on a thread while chunk
   ``k`` computes) and off, at each ``--read-latency-ms`` (a sleep before every read,
   standing in for storage: without prefetch every read's latency adds to the step).
@@ -80,7 +80,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 class SlowSource:
-    """A :class:`contrastive.streamed_step.ChunkSource` over host arrays that waits
+    """A :class:`contrastive.step.streamed.step.ChunkSource` over host arrays that waits
     ``latency_s`` before every read (a stand-in for storage; the copy of the rows is real)."""
 
     def __init__(self, inner: Any, latency_s: float):
@@ -115,10 +115,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from flax import nnx
 
     from contrastive import mesh as mesh_lib
-    from contrastive import models, optim
-    from contrastive import train_step as ts
-    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
-    from contrastive.streamed_step import batch_source, make_streamed_step
+    from contrastive import models
+    from contrastive.step import optim
+    from contrastive.step import train_step as ts
+    from contrastive.step.streamed.step import batch_source, make_streamed_step
+    from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
     mesh = mesh_lib.make_mesh(num_devices=args.devices)
     rng = np.random.default_rng(0)

@@ -44,9 +44,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from flax import nnx
 
     from contrastive import mesh as mesh_lib
-    from contrastive import models, optim
-    from contrastive import train_step as ts
-    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
+    from contrastive import models
+    from contrastive.step import optim
+    from contrastive.step import train_step as ts
+    from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
     mesh = mesh_lib.make_mesh(num_devices=args.devices)
     k1, k2 = jax.random.split(jax.random.key(0))

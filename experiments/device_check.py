@@ -154,8 +154,8 @@ def check_planner(sizes: Sizes, limit_text: str, device: Any) -> dict:
 
     from contrastive import mesh as mesh_lib
     from contrastive import models
-    from contrastive import train_step as ts
     from contrastive.models.clip import clip_config
+    from contrastive.step import train_step as ts
     from experiments import plan
     from experiments.common.planning import abstract_clip, largest_batch, parse_bytes
 

@@ -1,7 +1,7 @@
 """The largest global batch of a CLIP train step that fits a per-device memory limit.
 
 Compile only, nothing runs and nothing is allocated: the full train step of
-``contrastive.train_step`` (the named two-tower CLIP model of ``contrastive.models``,
+``contrastive.step.train_step`` (the named two-tower CLIP model of ``contrastive.models``,
 bfloat16 compute with float32 parameters, AdamW, the ring InfoNCE loss, gradient caching
 or not) is lowered with ``jax.ShapeDtypeStruct`` inputs on ``--devices`` simulated CPU
 devices, and XLA's memory analysis of the partitioned program gives the bytes one device
@@ -104,7 +104,7 @@ def build_step(
     ``chunk_rows`` is the gradient-cache chunk per device (None: the plain step)."""
     from contrastive import mesh as mesh_lib
     from contrastive import models
-    from contrastive import train_step as ts
+    from contrastive.step import train_step as ts
     from experiments.common import benchmarking as bm
 
     s = abstract_clip(
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream",
         action="store_true",
-        help="size the streamed step (contrastive.streamed_step: raw inputs read from the "
+        help="size the streamed step (contrastive.step.streamed.step: raw inputs read from the "
         f"host chunk by chunk) instead; writes {streamed.STEM}.{{json,md}}",
     )
     p.add_argument(

@@ -381,7 +381,7 @@ def compare_event_files(ref: Path, soak: Path) -> tuple[list[str], int]:
         problems.append(f"event files in {len(soak_dirs)} directories, uninterrupted {len(dirs)}")
     if not dirs:
         return problems, 0
-    from contrastive.metric_writers import read_scalars
+    from contrastive.run.metric_writers import read_scalars
 
     for d in dirs:
         rel = d.relative_to(ref)

@@ -11,7 +11,7 @@ loss, ``dx``, ``dy``). Methods:
 - ``tiled``: ``losses.<loss>``, one device; tiles and a custom VJP.
 - ``ring``: ``losses.sharded(losses.<loss>, mesh, "data")`` over ``--devices`` devices.
 - ``gathered``: ``losses.gathered`` inside ``shard_map``, the all-gather baseline.
-- ``train_cached`` / ``train_plain``: the whole ``contrastive.train_step`` (shared MLP
+- ``train_cached`` / ``train_plain``: the whole ``contrastive.step.train_step`` (shared MLP
   encoder on ``[B, 64]`` inputs, ring loss, AdamW) with / without gradient caching.
 
 It also times the loss methods where that is quick (median of ``--repeats``; the simulated
@@ -100,10 +100,11 @@ def train_method(name: str, loss: str, dim: int, mesh, args) -> Method:
     from flax import nnx
 
     from contrastive import mesh as mesh_lib
-    from contrastive import models, optim
-    from contrastive import train_step as ts
-    from contrastive.configs import LossConfig, TrainConfig
+    from contrastive import models
     from contrastive.loss_registry import LOSSES
+    from contrastive.step import optim
+    from contrastive.step import train_step as ts
+    from contrastive.step_configs import LossConfig, TrainConfig
 
     chunk = args.train_chunk if name == "train_cached" else None
     model = models.DualEncoder(

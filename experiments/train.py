@@ -1,7 +1,7 @@
 """Train a contrastive dual encoder: ``python -m experiments.train --workdir DIR [flags]``.
 
 Parses the flags into the config tree (:func:`contrastive.configs.parse_config`), trains or
-resumes the run (:func:`contrastive.loop.train`) and prints one line: where the metrics are
+resumes the run (:func:`contrastive.run.loop.train`) and prints one line: where the metrics are
 and the final ones. Started again with the same ``--workdir`` it resumes. Defaults: the offline
 ``digits`` data set, a tiny GroupNorm ResNet, the InfoNCE loss, 300 steps of batch 256 (a few
 minutes on a laptop CPU). ``--help`` lists every flag.
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before the run's own signal handling is installed (reading the data,
         # pre-training a locked tower): nothing was trained or checkpointed, and a work dir
-        # this command created is gone again (contrastive.loop.train).
+        # this command created is gone again (contrastive.run.loop.train).
         return _interrupted()
 
 
@@ -51,8 +51,8 @@ def _main(argv: Sequence[str] | None) -> int:
         import jax
 
         from contrastive.configs import ConfigError, parse_config
-        from contrastive.loop import RunError, summary_line, train
-        from contrastive.run_guard import StopNow
+        from contrastive.run.loop import RunError, summary_line, train
+        from contrastive.run.run_guard import StopNow
     finally:
         _release_sigint(held)
     if seen:

@@ -35,8 +35,8 @@ def _in_memory_step(s, config, batch):
     ``batch`` (one jitted program; the state is not donated)."""
     import jax
 
-    from contrastive import train_step
-    from contrastive.optim import make_optimizer
+    from contrastive.step import train_step
+    from contrastive.step.optim import make_optimizer
 
     tx = make_optimizer(config.optim)
     common = dict(graphdef=s.graphdef, config=config, mesh=s.mesh)
@@ -53,19 +53,19 @@ def _in_memory_step(s, config, batch):
 
 def streamed_training_case(port: int, process_id: int, out: str, workdir: str) -> None:
     """One of two processes (2 CPU devices each, gloo): the first step of a run with and
-    without ``--stream`` on the same global batch (:func:`contrastive.assemble.setup`, the
+    without ``--stream`` on the same global batch (:func:`contrastive.run.assemble.setup`, the
     run's own inputs). Process 0 writes to ``out`` (.npz) ``{memory,stream}/loss``,
     ``.../grads/i`` (the reduced gradients), ``.../params/i`` and ``.../new_params/i``
     (before and after the update), leaves in tree order."""
     import jax
 
-    from contrastive import hosts
+    from contrastive.run import hosts
 
     hosts.start(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    from contrastive import assemble
     from contrastive.configs import parse_config
+    from contrastive.run import assemble
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
     args = [*STREAMED_RUN, "--workdir", workdir]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from contrastive.checkpoint import Checkpointer
+from contrastive.run.checkpoint import Checkpointer
 
 
 def _state(mesh=None):
@@ -227,7 +227,7 @@ def test_corrupt_latest_falls_back_to_older(tmp_path, corrupt, reason, caplog, c
 
 
 def test_all_corrupt_raises_one_line_and_deletes_nothing(tmp_path):
-    from contrastive.checkpoint import NoUsableCheckpointError
+    from contrastive.run.checkpoint import NoUsableCheckpointError
 
     mesh = _mesh()
     with Checkpointer(tmp_path, every=1) as ckpt:
@@ -244,7 +244,7 @@ def test_all_corrupt_raises_one_line_and_deletes_nothing(tmp_path):
 
 
 def test_non_finite_state_is_refused_and_older_checkpoints_kept(tmp_path):
-    from contrastive.checkpoint import NonFiniteStateError
+    from contrastive.run.checkpoint import NonFiniteStateError
 
     state = _state()
     with Checkpointer(tmp_path, every=1, keep=2) as ckpt:
@@ -261,7 +261,7 @@ def test_non_finite_state_is_refused_and_older_checkpoints_kept(tmp_path):
 
 
 def test_digest_is_independent_of_sharding_and_survives_save_restore(tmp_path):
-    from contrastive.state_digest import state_digest
+    from contrastive.run.state_digest import state_digest
 
     mesh = _mesh()
     state = _big_state(mesh, 3)
@@ -283,7 +283,7 @@ def test_digest_is_independent_of_sharding_and_survives_save_restore(tmp_path):
 
 
 def test_digest_changes_with_one_bit_or_a_swap():
-    from contrastive.state_digest import state_digest
+    from contrastive.run.state_digest import state_digest
 
     w = np.arange(64, dtype=np.float32).reshape(8, 8)
     one_bit = w.copy()
@@ -297,7 +297,7 @@ def test_digest_changes_with_one_bit_or_a_swap():
 
 
 def test_read_meta_and_check_meta(tmp_path):
-    from contrastive.checkpoint import CheckpointCorruptError
+    from contrastive.run.checkpoint import CheckpointCorruptError
 
     with Checkpointer(tmp_path, every=1) as ckpt:
         ckpt.save(1, _state(), {"step": 1, "config": "a"})
@@ -345,9 +345,9 @@ jax.distributed.initialize(
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from contrastive.checkpoint import Checkpointer
-from contrastive.state_digest import state_digest
-from contrastive.run_guard import StopSignals, WorkdirLock
+from contrastive.run.checkpoint import Checkpointer
+from contrastive.run.state_digest import state_digest
+from contrastive.run.run_guard import StopSignals, WorkdirLock
 from tests.test_checkpoint import _flip_middle
 
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -400,7 +400,7 @@ def test_two_hosts_agree_on_digests_and_fallback(tmp_path):
     import os
     import sys
 
-    from contrastive.state_digest import state_digest
+    from contrastive.run.state_digest import state_digest
     from tests import processes
 
     env = {**os.environ, "PYTHONPATH": str(processes.REPO)}

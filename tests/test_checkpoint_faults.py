@@ -31,13 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.path import async_path
 from orbax.checkpoint._src.serialization import ocdbt_utils, serialization
 
-from contrastive.checkpoint import (
+from contrastive.run.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
     CheckpointWriteError,
     unreferenced_files,
 )
-from contrastive.state_digest import state_digest
+from contrastive.run.state_digest import state_digest
 from tests.test_checkpoint import _big_state, _mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,8 +242,8 @@ import json, os, shutil, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
-from contrastive.checkpoint import Checkpointer, CheckpointWriteError
-from contrastive.state_digest import state_digest
+from contrastive.run.checkpoint import Checkpointer, CheckpointWriteError
+from contrastive.run.state_digest import state_digest
 
 mnt = sys.argv[1]
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -443,7 +443,7 @@ jax.distributed.initialize(
 )
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from contrastive.checkpoint import Checkpointer
+from contrastive.run.checkpoint import Checkpointer
 
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 def state(scale):

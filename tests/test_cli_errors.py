@@ -62,7 +62,7 @@ def _trap(*args, **kwargs):
 
 def _traps(module, monkeypatch) -> None:
     """Replace the first step of real work, wherever a command reaches it."""
-    import contrastive.loop as loop
+    import contrastive.run.loop as loop
 
     real = {run_dir.create, loop.setup, loop._train_on_hosts}
     monkeypatch.setattr(run_dir, "create", _trap)

@@ -1,4 +1,4 @@
-"""Chunked spherical k-means and the balanced partition (contrastive.clustering).
+"""Chunked spherical k-means and the balanced partition (contrastive.inputs.clustering).
 
 Truth is a NumPy float64 Lloyd iteration written out below, started from the same indices;
 chunking must not change any result; memory is checked by compiling at N = 1M, k = 4096.
@@ -15,7 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive.clustering import assign, balanced_clusters, initial_indices, kmeans, kmeans_step
+from contrastive.inputs.clustering import (
+    assign,
+    balanced_clusters,
+    initial_indices,
+    kmeans,
+    kmeans_step,
+)
 
 SEEDS = st.integers(0, 2**31 - 1)
 

@@ -42,7 +42,12 @@ MODULES = modules_with_examples()
 
 def test_the_examples_are_found():
     # The finder itself: modules known to hold examples, and one whose only one is skipped.
-    for name in ("losses", "losses.infonce", "contrastive.checkpoint", "experiments.common.cli"):
+    for name in (
+        "losses",
+        "losses.infonce",
+        "contrastive.run.checkpoint_disk",
+        "experiments.common.cli",
+    ):
         assert name in MODULES, name
     assert "contrastive.data.pipeline" not in MODULES  # its one example is `+SKIP`
 

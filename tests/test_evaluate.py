@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive.evaluate import (
+from contrastive.measure.evaluate import (
     embed,
     knn_accuracy,
     linear_probe,

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contrastive import feature_cache as fc
-from contrastive import locked_tower as lt
-from contrastive import loop
+from contrastive.data import feature_cache as fc
 from contrastive.data import prepare_digits
-from contrastive.data.hard_batches import HardBatchOrder, first_hard_step
+from contrastive.inputs.hard_batches import HardBatchOrder, first_hard_step
+from contrastive.models import locked_tower as lt
+from contrastive.run import loop
 from experiments import train
 
 # A locked-tower run on a user's own features: 64 training examples, 3 steps of 16.

@@ -29,13 +29,13 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive import loop
-from contrastive import streamed_sources as ss
-from contrastive.checkpoint import Checkpointer
 from contrastive.configs import ConfigError, parse_config
-from contrastive.data.hard_batches import HardBatchOrder
+from contrastive.inputs.hard_batches import HardBatchOrder
 from contrastive.mesh import DATA_AXIS
-from contrastive.metric_writers import TensorBoardWriter, read_events, read_scalars
+from contrastive.run import loop
+from contrastive.run.checkpoint import Checkpointer
+from contrastive.run.metric_writers import TensorBoardWriter, read_events, read_scalars
+from contrastive.step.streamed import sources as ss
 from experiments import train
 from tests.test_checkpoint import _big_state, _flip_middle, _mesh
 from tests.test_faults_inputs import _one_line_error

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import losses
-from contrastive import gradcache
+from contrastive.step import gradcache
 from tests.loss_cases import assert_close
 
 RTOL_VALUE, RTOL_GRAD = 1e-5, 1e-4

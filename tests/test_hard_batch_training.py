@@ -1,4 +1,4 @@
-"""Hard batches (NGAME) in training, through contrastive.loop.train on generated captions.
+"""Hard batches (NGAME) in training, through contrastive.run.loop.train on generated captions.
 
 A locked-tower run (LiT: features of the locked image tower in a .npy file, written here from
 the caption attributes) and a two-tower run, both with ``--hard-batches``: after the first
@@ -24,13 +24,13 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import contrastive.hard_batch_inputs as hbi
-from contrastive import loop
+import contrastive.inputs.hard_batch_inputs as hbi
 from contrastive.configs import ConfigError, parse_config
 from contrastive.data.captioned_shapes import ATTRIBUTES, caption_attributes
-from contrastive.data.hard_batches import HardBatchOrder, hard_negative_count
-from contrastive.hard_batch_inputs import HardBatchInputs
-from contrastive.locked_tower import shapes_captions
+from contrastive.inputs.hard_batch_inputs import HardBatchInputs
+from contrastive.inputs.hard_batches import HardBatchOrder, hard_negative_count
+from contrastive.models.locked_tower import shapes_captions
+from contrastive.run import loop
 from losses import _reference
 
 N, B, C, EVERY, STEPS = 256, 64, 8, 4, 12  # 4 steps an epoch: refreshes before steps 5 and 9
@@ -350,9 +350,9 @@ def test_order_state_survives_json_exactly(n, c, refreshes, seed):
 def test_random_batches_log_the_same_metric(features):
     """BatchInputs (random batches) logs hard_negatives too: the direct count of its batch."""
     from contrastive.data.pipeline import TableSource, train_dataset
+    from contrastive.inputs.step_inputs import BatchInputs
     from contrastive.mesh import make_mesh
-    from contrastive.step_inputs import BatchInputs
-    from contrastive.train_step import Batch
+    from contrastive.step.train_step import Batch
 
     tokens, ids = shapes_captions("train", N)
     table = TableSource(image=attribute_features("train", N), text=tokens, caption_id=ids)
@@ -384,11 +384,11 @@ def fake_source(kind: str, n: int = 40) -> list[dict]:
 def test_image_examples_are_read_as_the_random_pipeline_makes_them(dataset):
     """Augmented views from a per-position generator, with the pipeline's keys, shapes and
     dtypes; the cluster tower's inputs un-augmented; the loss's ids are the example indices."""
-    from contrastive.assemble import run_tokenizer
     from contrastive.data.augment import eval_view
     from contrastive.data.pipeline import get_spec, train_dataset
     from contrastive.data.text import HashTokenizer
-    from contrastive.train_step import Batch
+    from contrastive.run.assemble import run_tokenizer
+    from contrastive.step.train_step import Batch
 
     cfg = parse_config(["--workdir", "x", "--dataset", dataset, "--image-size", "16"])
     spec, source = get_spec(dataset, 16), fake_source(dataset)

@@ -1,4 +1,4 @@
-"""The hard-batch sampler (contrastive.data.hard_batches): coverage, whole clusters, hosts,
+"""The hard-batch sampler (contrastive.inputs.hard_batches): coverage, whole clusters, hosts,
 determinism, resume, and the hardness metrics against brute force."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive.clustering import balanced_clusters
 from contrastive.data.captioned_shapes import (
     ATTRIBUTES,
     NUM_CAPTIONS,
@@ -18,7 +17,8 @@ from contrastive.data.captioned_shapes import (
     caption_id,
     expected_neighbours,
 )
-from contrastive.data.hard_batches import (
+from contrastive.inputs.clustering import balanced_clusters
+from contrastive.inputs.hard_batches import (
     HardBatchOrder,
     hard_negative_count,
     nearest_negative_rank,

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import contrastive.feature_cache as fc
-import contrastive.locked_tower as lt
-from contrastive.configs import LossConfig, OptimConfig, TrainConfig
+import contrastive.data.feature_cache as fc
+import contrastive.models.locked_tower as lt
 from contrastive.data.captioned_shapes import TEXT_LEN, VOCAB_SIZE, CaptionedShapes
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import SIGLIP_INIT_BIAS, SIGLIP_INIT_TEMPERATURE
-from contrastive.optim import make_optimizer
-from contrastive.train_step import create_train_state, make_train_step, place_state
+from contrastive.step.optim import make_optimizer
+from contrastive.step.train_step import create_train_state, make_train_step, place_state
+from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
 # A few seconds (mostly compilation): enough to run every code path.
 FAST = lt.PretrainConfig(width=32, train_examples=256, test_examples=64, steps=20, batch_size=32)

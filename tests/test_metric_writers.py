@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from contrastive import metric_writers
-from contrastive.metric_writers import TensorBoardWriter, event_files, read_scalars
+from contrastive.run import metric_writers
+from contrastive.run.metric_writers import TensorBoardWriter, event_files, read_scalars
 
 
 def _loss(step: int, session: int = 0) -> float:

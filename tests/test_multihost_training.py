@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contrastive import loop
 from contrastive.configs import parse_config
 from contrastive.data import prepare_digits
+from contrastive.run import loop
 from tests import processes
 from tests.processes import free_port
 
@@ -128,7 +128,7 @@ def test_watchdog_ends_a_process_without_progress():
     one line on stderr."""
     code = """
 import time
-from contrastive.hosts import Watchdog
+from contrastive.run.hosts import Watchdog
 with Watchdog(1.0, "the probe") as dog:
     for _ in range(30):  # 3 s of beats: three times the timeout
         dog.beat()

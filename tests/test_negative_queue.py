@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import losses
 from contrastive.mesh import make_mesh
-from contrastive.negative_queue import (
+from contrastive.step.negative_queue import (
     QUEUE_ROWS,
     NegativeQueue,
     check_queue_length,
@@ -311,9 +311,9 @@ def test_queued_loss_fn_wraps_the_train_step_loss():
     with the model's temperature and bias, and aux carries this device's positives."""
     from flax import nnx
 
-    from contrastive.configs import LossConfig
     from contrastive.models import DualEncoder, MLPEncoder
-    from contrastive.train_step import make_loss_fn
+    from contrastive.step.train_step import make_loss_fn
+    from contrastive.step_configs import LossConfig
 
     n, b, steps, dim = 2, 3, 2, 6
     mesh = make_mesh(num_devices=n)

@@ -8,12 +8,12 @@ import pytest
 from flax import nnx
 
 import losses
-from contrastive.configs import LossConfig, OptimConfig, TrainConfig
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import DualEncoder, MLPEncoder
-from contrastive.negative_queue import init_queue
-from contrastive.optim import make_optimizer
-from contrastive.train_step import create_train_state, make_train_step, place_state
+from contrastive.step.negative_queue import init_queue
+from contrastive.step.optim import make_optimizer
+from contrastive.step.train_step import create_train_state, make_train_step, place_state
+from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
 N, B, D, K, F = 2, 8, 8, 2, 4
 

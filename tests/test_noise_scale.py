@@ -18,15 +18,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contrastive import loop
-from contrastive import noise_scale as ns
 from contrastive.configs import ConfigError, LossConfig, OptimConfig, TrainConfig, parse_config
 from contrastive.data import prepare_digits
+from contrastive.measure import noise_scale as ns
+from contrastive.measure import per_example_noise as pe
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import DualEncoder, MLPEncoder
-from contrastive.optim import make_optimizer
-from contrastive.step_loss import make_loss_fn
-from contrastive.train_step import (
+from contrastive.run import loop
+from contrastive.run.checkpoint_noise import measure_checkpoint
+from contrastive.step.optim import make_optimizer
+from contrastive.step.step_loss import make_loss_fn
+from contrastive.step.train_step import (
     create_train_state,
     local_loss_and_grads,
     make_train_step,
@@ -184,7 +186,7 @@ def test_per_example_split_sums_to_the_batch_gradient(loss, devices, chunk):
     graphdef, params = _dual_encoder(loss)
     cfg = TrainConfig(loss=LossConfig(loss), chunk_size=chunk)
     mesh = make_mesh(num_devices=devices)
-    c = ns.per_example_grads(
+    c = pe.per_example_grads(
         params, shard_batch((x, y), mesh), graphdef=graphdef, config=cfg, mesh=mesh
     )
     ref = _reference_grad(loss)
@@ -209,7 +211,7 @@ def test_per_example_contribution_is_the_gradient_of_its_own_tower_copy():
     graphdef, params = _dual_encoder("infonce")
     cfg = TrainConfig(loss=LossConfig("infonce"))
     mesh = make_mesh(num_devices=1)
-    c = ns.per_example_grads(
+    c = pe.per_example_grads(
         params, shard_batch((x, y), mesh), graphdef=graphdef, config=cfg, mesh=mesh
     )
     embed_x, embed_y = tower_fns(graphdef)
@@ -244,10 +246,10 @@ def test_per_example_noise_scale_is_the_spread_of_the_split():
     cfg = TrainConfig(loss=LossConfig("decoupled"), chunk_size=8)
     mesh = make_mesh(num_devices=2)
     batch = shard_batch((x, y), mesh)
-    est = ns.per_example_noise_scale(
+    est = pe.per_example_noise_scale(
         params, batch, graphdef=graphdef, config=cfg, mesh=mesh, rows_per_pass=2
     )
-    c = ns.per_example_grads(params, batch, graphdef=graphdef, config=cfg, mesh=mesh)
+    c = pe.per_example_grads(params, batch, graphdef=graphdef, config=cfg, mesh=mesh)
     g = ns.make_gradient_fn(graphdef, cfg, mesh)(params, batch)
     leaves_c, leaves_g = jax.tree_util.tree_leaves(c), jax.tree_util.tree_leaves(g)
     dev = sum(
@@ -358,19 +360,19 @@ def test_loop_meter_logs_the_fixed_batch_estimate_and_resumes_exactly(tmp_path):
             ra["noise_b_simple"], ra["noise_trace"] / ra["noise_g2"], rtol=1e-12
         )
     # The study's call at a checkpoint gives what the loop logged after that step.
-    est = ns.measure_checkpoint(whole, step=2, num_batches=4)
+    est = measure_checkpoint(whole, step=2, num_batches=4)
     np.testing.assert_allclose(est.variance, noise_a[0]["noise_variance"], rtol=1e-6)
     np.testing.assert_allclose(est.g2, noise_a[0]["noise_g2"], rtol=1e-6)
     # At another batch size: the same checkpoint, the run's data cut into batches of 16.
-    quarter = ns.measure_checkpoint(whole, step=2, num_batches=4, batch_size=16)
+    quarter = measure_checkpoint(whole, step=2, num_batches=4, batch_size=16)
     assert quarter.batch_size == 16 and len(quarter.terms) == 3 and quarter.variance > 0
     assert quarter.trace == 16 * quarter.variance and math.isfinite(quarter.g2)
     with pytest.raises(ConfigError, match="has no checkpoint 3"):
-        ns.measure_checkpoint(whole, step=3, num_batches=4)
+        measure_checkpoint(whole, step=3, num_batches=4)
     with pytest.raises(ConfigError, match="holds a run with other settings"):
-        ns.measure_checkpoint(whole.with_updates(learning_rate=0.5), step=2, num_batches=4)
+        measure_checkpoint(whole.with_updates(learning_rate=0.5), step=2, num_batches=4)
     with pytest.raises(ConfigError, match="holds no checkpoint to measure"):
-        ns.measure_checkpoint(whole.with_updates(workdir=str(tmp_path / "none")))
+        measure_checkpoint(whole.with_updates(workdir=str(tmp_path / "none")))
     assert not (tmp_path / "none").exists()
 
 
@@ -404,7 +406,7 @@ def test_noise_scale_flag_help_says_what_it_measures_and_costs():
         ),
         (lambda: ns.combine([]), "at least one NoiseEstimate"),
         (
-            lambda: ns.per_example_grads(
+            lambda: pe.per_example_grads(
                 _dual_encoder("infonce")[1],
                 (np.zeros((8, 6), np.float32), np.zeros((16, 5), np.float32)),
                 graphdef=_dual_encoder("infonce")[0],
@@ -414,7 +416,7 @@ def test_noise_scale_flag_help_says_what_it_measures_and_costs():
             "needs y with as many rows as x",
         ),
         (
-            lambda: ns.per_example_noise_scale(
+            lambda: pe.per_example_noise_scale(
                 _dual_encoder("infonce")[1],
                 _pairs(8),
                 graphdef=_dual_encoder("infonce")[0],
@@ -441,7 +443,7 @@ def test_docstring_examples():
     ("flag", "more"), [("--stream", ["--chunk-size", "8"]), ("--hard-batches", [])]
 )
 def test_meter_refuses_inputs_without_whole_random_batches(flag, more, tmp_path):
-    from contrastive.assemble import setup
+    from contrastive.run.assemble import setup
 
     argv = ["--workdir", str(tmp_path / "w"), "--batch-size", "32", flag, *more]
     with pytest.raises(ConfigError, match=f"{flag} does not combine with --noise-scale-every"):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastive import loop
 from contrastive.configs import parse_config
 from contrastive.data import own_pairs
+from contrastive.run import loop
 from experiments import prepare_pairs, train
 
 REPO = Path(__file__).resolve().parents[1]

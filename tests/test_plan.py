@@ -84,7 +84,7 @@ def _phase_sum(f: dict, phase: str, in_place: bool) -> int:
 )
 def test_streamed_phases_are_the_sums_of_their_named_terms(rows, n, d, itemsize, parts, in_place):
     # The table names a phase's largest term: the phases must be exactly those terms' sums.
-    from contrastive.streamed_step import streamed_footprint
+    from contrastive.step.streamed.step import streamed_footprint
     from experiments.common import streamed_plan as sp
 
     params, opt, acc, peak, inputs, ring, update = parts
@@ -152,7 +152,7 @@ def test_streamed_plan_counts_every_program_of_the_step():
 def _fake_streamed(ring_per_row: float):
     """build_streamed_step's stand-in: the footprint of made-up programs (no compile), with
     a ring that grows by ``ring_per_row`` per row and a 1 MiB step every 5 tiles."""
-    from contrastive.streamed_step import streamed_footprint
+    from contrastive.step.streamed.step import streamed_footprint
     from experiments.common import streamed_plan as sp
 
     def build(model, devices, *, chunk_rows, remat=False, shard_optimizer=False):

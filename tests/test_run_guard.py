@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from contrastive.run_guard import (
+from contrastive.run.run_guard import (
     MetricsLog,
     StopNow,
     StopSignals,
@@ -45,7 +45,7 @@ def test_lock_refuses_a_second_run_in_another_process(tmp_path):
         assert lock.taken_over_from is None
         p = _python(
             f"""
-            from contrastive.run_guard import WorkdirLock, WorkdirLockedError
+            from contrastive.run.run_guard import WorkdirLock, WorkdirLockedError
             try:
                 WorkdirLock({str(tmp_path)!r}, process_index=0).acquire()
             except WorkdirLockedError as e:
@@ -98,7 +98,7 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
     holder = _python(
         f"""
         import time
-        from contrastive.run_guard import WorkdirLock
+        from contrastive.run.run_guard import WorkdirLock
         WorkdirLock({str(tmp_path)!r}, process_index=0).acquire()
         print("locked", flush=True)
         time.sleep(120)
@@ -266,7 +266,7 @@ def test_second_signal_exits_the_process_at_once_with_one_line():
     p = _python(
         """
         import os, sys, time
-        from contrastive.run_guard import StopSignals
+        from contrastive.run.run_guard import StopSignals
         with StopSignals(on_second="exit") as stop:
             stop.checkpointed("/w/checkpoints/4")
             print("ready", flush=True)
@@ -301,7 +301,7 @@ def test_sigterm_in_a_child_ends_it_cleanly():
     p = _python(
         """
         import time
-        from contrastive.run_guard import StopSignals
+        from contrastive.run.run_guard import StopSignals
         with StopSignals() as stop:
             print("ready", flush=True)
             for step in range(1, 600):
@@ -330,8 +330,8 @@ def test_docstring_examples(tmp_path, monkeypatch):
     import doctest
     import tempfile
 
-    import contrastive.run_guard
+    import contrastive.run.run_guard
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() folders
-    result = doctest.testmod(contrastive.run_guard, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(contrastive.run.run_guard, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

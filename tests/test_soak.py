@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contrastive.metric_writers import TensorBoardWriter
+from contrastive.run.metric_writers import TensorBoardWriter
 from experiments import soak
 
 # --- the schedule ----------------------------------------------------------------------------

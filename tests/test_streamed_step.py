@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from contrastive import configs, models
 from contrastive import mesh as mesh_lib
-from contrastive import streamed_step as ss
-from contrastive import train_step as ts
-from contrastive.configs import OptimConfig
-from contrastive.optim import make_optimizer
+from contrastive.step import train_step as ts
+from contrastive.step.optim import make_optimizer
+from contrastive.step.streamed import step as ss
+from contrastive.step_configs import OptimConfig
 from tests.loss_cases import assert_close
 
 D_IN = 12
@@ -432,21 +432,21 @@ def test_rows_source_reads_a_pipelines_rows_like_the_batch_source():
 def test_checksum_sees_every_byte_shape_and_dtype():
     rng = np.random.default_rng(0)
     c = ss.Chunk(rng.normal(size=(4, 3)).astype(np.float32), {"t": np.arange(8).reshape(4, 2)})
-    base = ss._checksum(c)
-    assert base == ss._checksum(ss.Chunk(c.x.copy(), {"t": c.y["t"].copy()}))
+    base = ss.chunk_checksum(c)
+    assert base == ss.chunk_checksum(ss.Chunk(c.x.copy(), {"t": c.y["t"].copy()}))
     x = c.x.copy()
     x.view(np.uint8)[-1] ^= 0x80
-    assert ss._checksum(c._replace(x=x)) != base
-    assert ss._checksum(c._replace(x=c.x.reshape(3, 4))) != base
-    assert ss._checksum(c._replace(y={"t": c.y["t"].astype(np.int32)})) != base
-    assert ss._checksum(c._replace(ids=np.zeros(4, np.int32))) != base
+    assert ss.chunk_checksum(c._replace(x=x)) != base
+    assert ss.chunk_checksum(c._replace(x=c.x.reshape(3, 4))) != base
+    assert ss.chunk_checksum(c._replace(y={"t": c.y["t"].astype(np.int32)})) != base
+    assert ss.chunk_checksum(c._replace(ids=np.zeros(4, np.int32))) != base
     assert zlib.crc32(b"") == 0  # the empty seed the checksum starts from
 
 
 def test_hosts_agree_on_one_process():
     mesh = mesh_lib.make_mesh(num_devices=2)
-    assert ss._hosts_agree(True, mesh) is True
-    assert ss._hosts_agree(False, mesh) is False
+    assert ss.hosts_agree(True, mesh) is True
+    assert ss.hosts_agree(False, mesh) is False
 
 
 # ------------------------------------------------------------------------------ memory

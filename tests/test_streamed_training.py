@@ -19,12 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive import assemble, loop, streamed_inputs
 from contrastive.configs import ConfigError, parse_config
 from contrastive.data import CaptionedShapes, load_source, prepare_digits
 from contrastive.data.pipeline import TableSource, train_examples
-from contrastive.streamed_inputs import StepSource, StreamedInputs
-from contrastive.streamed_sources import example_rows
+from contrastive.run import assemble, loop
+from contrastive.step.streamed import inputs as streamed_inputs
+from contrastive.step.streamed.inputs import StepSource, StreamedInputs
+from contrastive.step.streamed.sources import example_rows
 from experiments import train as train_cli
 from tests import processes
 from tests.loss_cases import assert_close

@@ -223,12 +223,12 @@ def test_bad_study_flags_are_one_line_before_any_run(flags, message, tmp_path, c
 
 
 def _fake_train(calls: list):
-    """A stand-in for :func:`contrastive.loop.train` with known curves: on validation the rule's
+    """A stand-in for :func:`contrastive.run.loop.train` with known curves: on validation the rule's
     rate (2^0) learns fastest, on the test split 2^1 does; seed 3 at B = 32 is 100x slower.
     Logs what the loop logs at each evaluation of the geometric schedule and stops at its
     ``--stop-at`` target, as the loop does."""
     from contrastive.configs import parse_stop_at
-    from contrastive.loop import geometric_steps
+    from contrastive.run.loop import geometric_steps
 
     def train(cfg):
         r = cfg.run

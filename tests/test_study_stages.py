@@ -22,14 +22,14 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contrastive import loop
-from contrastive.assemble import build_model
 from contrastive.configs import Config, ConfigError, parse_config
 from contrastive.data import get_spec
-from contrastive.loop import geometric_steps
 from contrastive.mesh import make_mesh, place_params, shard_batch
-from contrastive.optim import make_optimizer
-from contrastive.train_step import create_train_state, make_train_step, place_state
+from contrastive.run import loop
+from contrastive.run.assemble import build_model
+from contrastive.run.loop import geometric_steps
+from contrastive.step.optim import make_optimizer
+from contrastive.step.train_step import create_train_state, make_train_step, place_state
 from experiments import batch_size_study, bench_locked_step, train
 from experiments.study import arms, stages
 from experiments.study import fixed_budget as budget
@@ -363,8 +363,8 @@ def test_bench_locked_step_imports_no_data_pipeline():
 @pytest.mark.parametrize("loss", ["infonce", "sigmoid"])  # decoupled: infonce's code path
 def test_bench_locked_step_is_the_librarys_step(loss):
     """The benchmark's towers and step are the library's: the same parameters and
-    embeddings as :func:`contrastive.assemble.build_model`'s locked model, and two steps give
-    the losses and parameters of :func:`contrastive.train_step.make_train_step`."""
+    embeddings as :func:`contrastive.run.assemble.build_model`'s locked model, and two steps give
+    the losses and parameters of :func:`contrastive.step.train_step.make_train_step`."""
     cfg = Config().with_updates(dataset="shapes", locked_image="pretrained", loss=loss,
                                 text_tower="bag-of-words", model="mlp", steps=10)  # fmt: skip
     ours = bench_locked_step.locked_model(loss)

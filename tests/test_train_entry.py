@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive import assemble, loop
 from contrastive.configs import ConfigError, parse_config
 from contrastive.data import prepare_digits
+from contrastive.run import assemble, loop
 from experiments import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_divergence_stops_before_saving_it(data_dir, tmp_path, capsys):
     step = int(re.search(r"step (\d+):", err).group(1))
     assert step <= 8
     assert re.search(r"(loss|grad_norm) = (nan|inf)|the new state", err), err
-    from contrastive.checkpoint import Checkpointer
+    from contrastive.run.checkpoint import Checkpointer
 
     s = assemble.setup(parse_config(argv))
     with Checkpointer(tmp_path, every=1) as ckpt:
@@ -318,7 +318,7 @@ def test_finished_run_with_a_damaged_log_gets_its_final_record_back(
 
 
 def test_busy_workdir_is_refused(data_dir, tmp_path, capsys):
-    from contrastive.run_guard import WorkdirLock
+    from contrastive.run.run_guard import WorkdirLock
 
     argv = ["--workdir", str(tmp_path), "--data-dir", data_dir, *FAST]
     with WorkdirLock(tmp_path, process_index=0):
@@ -347,8 +347,8 @@ def test_bad_paths_are_one_line(make, flags, message, tmp_path, capsys):
 
 
 def test_warmup_as_long_as_the_run_is_a_valid_schedule():
-    from contrastive.configs import OptimConfig
-    from contrastive.optim import make_schedule
+    from contrastive.step.optim import make_schedule
+    from contrastive.step_configs import OptimConfig
 
     sched = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=20, total_steps=20))
     np.testing.assert_allclose([sched(0), sched(10), sched(20)], [0.0, 0.5, 1.0], atol=1e-6)

@@ -12,9 +12,10 @@ from flax import nnx
 from optax import apply_updates as optax_apply
 
 import losses
-from contrastive import configs, gradcache, models, optim
+from contrastive import configs, models
 from contrastive import mesh as mesh_lib
-from contrastive import train_step as ts
+from contrastive.step import gradcache, optim
+from contrastive.step import train_step as ts
 from tests.loss_cases import assert_close
 from tests.test_gradcache import bf16_ulps
 

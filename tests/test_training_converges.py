@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from sklearn.datasets import load_digits
 
-from contrastive import configs, models, optim
+from contrastive import configs, models
 from contrastive import mesh as mesh_lib
-from contrastive import train_step as ts
+from contrastive.step import optim
+from contrastive.step import train_step as ts
 
 STEPS, BATCH, CHUNK = 300, 256, 64
 

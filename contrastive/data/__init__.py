@@ -10,7 +10,6 @@ code, with fine-grained negatives and a list of all its captions for zero-shot e
 from contrastive.data.augment import AugmentConfig, simclr_view
 from contrastive.data.captioned_shapes import CaptionedShapes, all_captions, expected_neighbours
 from contrastive.data.digits import SklearnDigits, prepare_digits
-from contrastive.data.hard_batches import HardBatchOrder, hard_negative_count, nearest_negative_rank
 from contrastive.data.pipeline import (
     DATASETS,
     BatchIterator,
@@ -30,7 +29,6 @@ __all__ = [
     "BatchIterator",
     "CaptionedShapes",
     "DatasetSpec",
-    "HardBatchOrder",
     "HashTokenizer",
     "SklearnDigits",
     "all_captions",
@@ -38,10 +36,8 @@ __all__ = [
     "eval_arrays",
     "expected_neighbours",
     "get_spec",
-    "hard_negative_count",
     "host_batch_size",
     "load_source",
-    "nearest_negative_rank",
     "prepare_digits",
     "simclr_view",
     "train_dataset",

@@ -17,347 +17,65 @@ classification.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import glob
-import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from contrastive.data import captioned_shapes, own_pairs
-from contrastive.data.augment import AugmentConfig, eval_view, random_resized_crop, simclr_view
-from contrastive.data.digits import NAME as DIGITS_TFDS_NAME
-from contrastive.data.digits import prepare_digits
+from contrastive.data import captioned_shapes
+from contrastive.data.augment import eval_view
+from contrastive.data.examples import (
+    TableSource,
+    first_caption,
+    image_text_transform,
+    load_source,
+    own_token_arrays,
+    own_token_batch,
+    to_float,
+    two_views_transform,
+)
+from contrastive.data.specs import (
+    DATASETS,
+    Batch,
+    DatasetSpec,
+    get_spec,
+    lower_is_better,
+    metric_names,
+    own_pairs_spec,
+    target_reached,
+)
 from contrastive.data.text import HashTokenizer
 
-Batch = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """How to read one dataset and what its examples become.
-
-    ``vocab_size`` and ``text_len`` are set for a data set that brings its own caption tokens
-    (``text: int32[text_len]`` with ids in ``[0, vocab_size)``, 0 = padding): the text tower
-    must use them, and any ``tokenizer`` passed to the pipeline is ignored. ``None``: captions
-    are strings, tokenized by the caller's :class:`HashTokenizer`. ``class_captions``: the
-    data set lists all its captions (:func:`class_captions`) and its examples carry
-    ``caption_id``, for zero-shot classification and duplicate-aware retrieval.
-    """
-
-    tfds_name: str
-    kind: Literal["image", "image_text"]
-    train_split: str
-    test_split: str
-    image_size: int  # side of the (square) images fed to the model
-    channels: int
-    num_classes: int = 0  # 0: no labels (image-text pairs)
-    augment: AugmentConfig = AugmentConfig()
-    vocab_size: int | None = None
-    text_len: int | None = None
-    class_captions: bool = False
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    # Digits are not mirror-symmetric (a flipped 2 looks like a 5): no flips, grey jitter only.
-    "digits": DatasetSpec(
-        DIGITS_TFDS_NAME,
-        "image",
-        "train",
-        "test",
-        16,
-        1,
-        10,
-        AugmentConfig(image_size=16, crop_scale=(0.4, 1.0), flip=False),
-    ),
-    "cifar10": DatasetSpec("cifar10", "image", "train", "test", 32, 3, 10, AugmentConfig(32)),
-    "cifar100": DatasetSpec("cifar100", "image", "train", "test", 32, 3, 100, AugmentConfig(32)),
-    # STL-10 is 96x96; 64 keeps CPU runs affordable (use --image-size 96 for the full size).
-    "stl10": DatasetSpec("stl10", "image", "train", "test", 64, 3, 10, AugmentConfig(64)),
-    # Explicit version: TFDS then reads the prepared files' metadata instead of running the
-    # builder code, whose feature spec needs TensorFlow.
-    "coco_captions": DatasetSpec(
-        "coco_captions/2014:1.1.0",
-        "image_text",
-        "train",
-        "val",
-        64,
-        3,
-        0,
-        AugmentConfig(64, crop_scale=(0.5, 1.0), flip=False, jitter_prob=0.0, grayscale_prob=0.0),
-    ),
-    # Generated on the fly, offline. No crop or flip: the caption names the position.
-    "shapes": DatasetSpec(
-        "captioned_shapes",
-        "image_text",
-        "train",
-        "test",
-        captioned_shapes.IMAGE_SIZE,
-        3,
-        0,
-        AugmentConfig(captioned_shapes.IMAGE_SIZE, flip=False, jitter_prob=0.0, grayscale_prob=0.0),
-        vocab_size=captioned_shapes.VOCAB_SIZE,
-        text_len=captioned_shapes.TEXT_LEN,
-        class_captions=True,
-    ),
-}
-
-
-def own_pairs_spec(directory: str) -> DatasetSpec:
-    """The spec of a directory of own pairs: image-text, captions tokenized by the run,
-    images at their prepared size, augmented as ``coco_captions`` (crops of at least half
-    the image, no flips or colour changes: a caption may name a side or a colour)."""
-    s = own_pairs.read_spec(directory)["image_size"]
-    return DatasetSpec(
-        os.path.abspath(os.path.expanduser(directory)),
-        "image_text",
-        "train",
-        "test",
-        s,
-        3,
-        0,
-        AugmentConfig(s, crop_scale=(0.5, 1.0), flip=False, jitter_prob=0.0, grayscale_prob=0.0),
-    )
-
-
-def metric_names(spec: DatasetSpec, *, validation: bool = False) -> list[str]:
-    """The evaluation metrics a run on ``spec`` reports (``val_*`` with a validation split)."""
-    if spec.kind == "image":
-        return ["linear_probe", "knn"]
-    if not spec.class_captions:
-        return [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    names = ["zero_shot_top1", "zero_shot_top1_novel", "zero_shot_xent"]
-    names += [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5)]
-    if validation:  # carved from the training split: no never-seen compositions
-        names += [f"val_{n}" for n in names if n != "zero_shot_top1_novel"]
-    return names
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (the cross-entropies): a target of it is
-    reached when the value falls to it or below, not when it rises to it."""
-    return metric.endswith("_xent")
-
-
-def target_reached(metric: str, value: float, target: float) -> bool:
-    """Whether ``value`` of ``metric`` has reached ``target`` (in the metric's direction)."""
-    return value <= target if lower_is_better(metric) else value >= target
-
-
-def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
-    """The spec of a known dataset or of a directory of own pairs
-    (:mod:`contrastive.data.own_pairs`), optionally at another image size."""
-    if name in DATASETS:
-        spec = DATASETS[name]
-    elif own_pairs.is_prepared(name):
-        spec = own_pairs_spec(name)
-    else:
-        raise ValueError(
-            f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, or a directory "
-            "prepared by python -m experiments.prepare_pairs"
-        )
-    if image_size is not None and image_size != spec.image_size:
-        if image_size < 4:
-            raise ValueError(f"image size must be at least 4, got {image_size}")
-        spec = dataclasses.replace(
-            spec,
-            image_size=image_size,
-            augment=dataclasses.replace(spec.augment, image_size=image_size),
-        )
-    return spec
-
-
-def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Sequence:
-    """Random-access source of ``split``; prepares the offline digits on first use.
-
-    ``shapes`` is generated (:class:`~contrastive.data.captioned_shapes.CaptionedShapes` with
-    its default sizes and seed 0; ``data_dir`` is not used). Nothing is downloaded: a missing
-    TFDS dataset is a ``ValueError`` saying how to fix it.
-    """
-    spec = get_spec(name)
-    data_dir = None if data_dir is None else os.fspath(data_dir)
-    if name not in DATASETS:  # own pairs: the run carves the test split (own_pairs.train_test)
-        if split != spec.train_split:
-            raise ValueError(
-                f"dataset {name!r} has one split, {spec.train_split!r}: its test split is the "
-                "last --eval-examples pairs (contrastive.data.own_pairs.train_test)"
-            )
-        return own_pairs.open_pairs(name)
-    if name == "shapes":
-        return captioned_shapes.CaptionedShapes(split)
-    if name == "digits":
-        return _readable(prepare_digits(data_dir).as_data_source(split=split), split)
-    # TFDS logs a warning (through absl) for every folder it looks into before it gives up;
-    # the one-line error below says all of it, so the warnings are held back meanwhile.
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        with _tfds_scratch():
-            source = tfds.data_source(
-                spec.tfds_name, split=split, data_dir=data_dir, download=False
-            )
-    except Exception as e:  # TFDS raises several types for "not there"; one message for all
-        where = data_dir or "the default TFDS data dir"
-        raise ValueError(
-            f"dataset {name!r} ({spec.tfds_name}, split {split!r}) is not prepared in {where}: "
-            f"prepare it with `tfds build {spec.tfds_name.split(':')[0]} --file_format="
-            f"array_record --data_dir DIR` and pass --data-dir DIR, or use --dataset digits "
-            f"(offline)"
-        ) from e
-    finally:
-        absl.setLevel(level)
-    return _readable(source, split)
-
-
-@contextlib.contextmanager
-def _tfds_scratch() -> Iterator[None]:
-    """Point ``tempfile`` at a folder removed on exit while TFDS opens a data set.
-
-    TFDS makes an empty ``tmp*tfds`` folder in the system temp dir each time it resolves a
-    data set and never removes it; a long sweep would leave hundreds. What it reads lives
-    in ``data_dir``, so nothing it keeps points into the scratch folder.
-    """
-    before = tempfile.tempdir
-    with tempfile.TemporaryDirectory(prefix="contrastive-tfds-") as scratch:
-        tempfile.tempdir = scratch
-        try:
-            yield
-        finally:
-            tempfile.tempdir = before
-
-
-FULL_CHECK_RECORDS = 20_000  # a split this small is read through once when it is opened
-
-
-def _readable(source: Any, split: str) -> Any:
-    """``source``, once its records read back: a truncated or corrupted data file is one line
-    naming it here, before training starts, not a traceback mid-run.
-
-    array_record files are riegeli files, whose blocks carry hashes that every read checks;
-    a split of at most ``FULL_CHECK_RECORDS`` records (the offline digits: 1,438 records in
-    0.2 s) is read through, so a flipped bit anywhere is found; a larger one only at its
-    first and last records (a cut-off file), the rest when training reads it."""
-    try:
-        n = len(source)
-        for i in range(n) if n <= FULL_CHECK_RECORDS else sorted({0, n - 1}) if n else ():
-            source[i]
-    except Exception as e:
-        info = getattr(source, "dataset_info", None)
-        files = (
-            sorted(glob.glob(os.path.join(info.data_dir, f"{info.name}-{split}.*")))
-            if info is not None
-            else []
-        )
-        reason = " ".join(str(e).split())[:160]
-        raise ValueError(
-            f"the {split} data file {', '.join(files) or '(unknown)'} cannot be read ({reason}): "
-            "it is truncated or corrupted; rebuild the data set (for digits: delete its folder)"
-        ) from None
-    return source
-
-
-def _to_float(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    return image.astype(np.float32) / 255.0
-
-
-def _first_caption(example: dict[str, Any]) -> Any:
-    return np.asarray(example["captions"]["text"]).reshape(-1)[0]
-
-
-def _two_views(spec: DatasetSpec):
-    def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
-        image = _to_float(example["image"])
-        return {
-            "view1": simclr_view(image, rng, spec.augment),
-            "view2": simclr_view(image, rng, spec.augment),
-            "label": np.int32(example["label"]),
-        }
-
-    return fn
-
-
-def _image_text(spec: DatasetSpec, tokenizer: HashTokenizer):
-    a = spec.augment
-
-    def fn(example: dict[str, Any], rng: np.random.Generator) -> Batch:
-        image = _to_float(example["image"])
-        texts = np.asarray(example["captions"]["text"]).reshape(-1)
-        caption = texts[rng.integers(len(texts))] if len(texts) else ""
-        view = random_resized_crop(image, rng, a.image_size, a.crop_scale, a.crop_ratio)
-        return {"image": view.astype(np.float32), "text": tokenizer(caption)}
-
-    return fn
-
-
-_OWN_TOKEN_KEYS = ("image", "text", "caption_id")
-
-
-def _own_token_arrays(spec: DatasetSpec, examples: Sequence[dict[str, Any]]) -> Batch:
-    """Stack examples with their own tokens: ``uint8`` images -> ``float32`` in [0, 1] at the
-    spec's size, converted once per batch; no augmentation."""
-    batch = {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in _OWN_TOKEN_KEYS}
-    image = batch["image"].astype(np.float32) / 255.0
-    if image.shape[1:3] != (spec.image_size, spec.image_size):
-        image = np.stack([eval_view(im, spec.image_size) for im in image])
-    return {
-        "image": image,
-        "text": batch["text"].astype(np.int32),
-        "caption_id": batch["caption_id"].astype(np.int32),
-    }
-
-
-def _own_token_batch(spec: DatasetSpec, source: Sequence):
-    """Indices ``int[b]`` -> the batch of a source with its own tokens.
-
-    Grain handles only the indices (sharding, shuffling, batching); the examples are read
-    here, which spares grain's per-element bookkeeping on the source (a third of the time
-    of a generated batch). A :class:`TableSource` gives its rows at once, as they are.
-    """
-
-    def fn(indices: np.ndarray) -> Batch:
-        if isinstance(source, TableSource):
-            return source.rows(np.asarray(indices))
-        return _own_token_arrays(spec, [source[int(i)] for i in indices])
-
-    return fn
-
-
-class TableSource:
-    """Equal-length arrays as a random-access source: ``src[i]`` is the dict of row ``i``,
-    ``src.rows(idx)`` the dict of the rows at ``idx`` (one gather per array).
-
-    What a run on precomputed inputs reads, e.g. a locked image tower's features beside the
-    caption tokens and ids: ``TableSource(image=features, text=tokens, caption_id=ids)``.
-    """
-
-    def __init__(self, **arrays: np.ndarray):
-        lengths = {k: len(v) for k, v in arrays.items()}
-        if not arrays or len(set(lengths.values())) != 1:
-            raise ValueError(f"a table needs arrays of one length, got {lengths}")
-        self.arrays = arrays
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[index] for k, v in self.arrays.items()}
-
-    def rows(self, indices: np.ndarray) -> Batch:
-        return {k: v[indices] for k, v in self.arrays.items()}
-
+# The entry of the data sets: what the specs and per-example readers define is named here too.
+__all__ = [
+    "DATASETS",
+    "BatchIterator",
+    "DatasetSpec",
+    "TableSource",
+    "TrainExamples",
+    "class_captions",
+    "eval_arrays",
+    "first_caption",
+    "get_spec",
+    "host_batch_size",
+    "image_text_transform",
+    "load_source",
+    "lower_is_better",
+    "metric_names",
+    "own_pairs_spec",
+    "own_token_batch",
+    "target_reached",
+    "to_float",
+    "train_dataset",
+    "train_examples",
+    "two_views_transform",
+]
 
 # Data sets with class captions -> the function that lists them.
 _CLASS_CAPTIONS = {"shapes": captioned_shapes.all_captions}
@@ -368,7 +86,7 @@ def class_captions(name: str) -> tuple[np.ndarray, np.ndarray]:
 
     Row ``k`` is the caption whose examples have ``caption_id == ids[k]`` (``ids`` is
     ``arange(K)``): embed the tokens with the text tower and pass them to
-    :func:`contrastive.evaluate.zero_shot_accuracy`. ``shapes``: ``K = 5184``, ``L = 16``.
+    :func:`contrastive.measure.evaluate.zero_shot_accuracy`. ``shapes``: ``K = 5184``, ``L = 16``.
     """
     if not get_spec(name).class_captions:
         raise ValueError(
@@ -413,7 +131,7 @@ class TrainExamples:
         batches()[s] == collate([examples[(s P + p) b + j] for j in range(b)])
 
     bit for bit: the in-memory pipeline is this view batched, and the streamed gradient
-    cache (:mod:`contrastive.streamed_inputs`) reads the rows of one chunk of a step at a
+    cache (:mod:`contrastive.step.streamed.inputs`) reads the rows of one chunk of a step at a
     time from ``examples``, never the whole host batch.
 
     >>> t = train_examples("shapes", global_batch_size=8, seed=0)  # doctest: +SKIP
@@ -427,7 +145,7 @@ class TrainExamples:
     global_batch_size: int
     process_index: int
     process_count: int
-    # Own tokens: the batches read their examples by index in one go (see _own_token_batch);
+    # Own tokens: the batches read their examples by index in one go (see own_token_batch);
     # ``order`` is the shuffled index sequence both views share.
     order: grain.MapDataset | None = None
     read_batch: Callable[[np.ndarray], Batch] | None = None
@@ -486,17 +204,17 @@ def train_examples(
         if isinstance(src, TableSource):  # rows as they are, e.g. locked features
             collate = _stack
         else:
-            collate = functools.partial(_own_token_arrays, spec)
+            collate = functools.partial(own_token_arrays, spec)
         examples = order.map(lambda i: src[int(i)])
         return TrainExamples(examples, collate, **sizes, order=order,
-                             read_batch=_own_token_batch(spec, src))  # fmt: skip
+                             read_batch=own_token_batch(spec, src))  # fmt: skip
     # shuffle before repeat: grain reshuffles every epoch and never mixes two epochs' order.
     examples = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
     if spec.kind == "image":
-        examples = examples.random_map(_two_views(spec), seed=seed + 1)
+        examples = examples.random_map(two_views_transform(spec), seed=seed + 1)
     else:
         examples = examples.random_map(
-            _image_text(spec, tokenizer or HashTokenizer()), seed=seed + 1
+            image_text_transform(spec, tokenizer or HashTokenizer()), seed=seed + 1
         )
     return TrainExamples(examples, _stack, **sizes)
 
@@ -616,18 +334,18 @@ def eval_arrays(
     n = len(src) if max_examples is None else min(len(src), max_examples)
     if spec.kind == "image_text" and spec.vocab_size is not None:
         examples = [src[i] for i in range(n)]
-        out = _own_token_arrays(spec, examples)
+        out = own_token_arrays(spec, examples)
         out["novel"] = np.asarray([ex["novel"] for ex in examples], bool)
         return out
     images, labels, texts = [], [], []
     tok = tokenizer or HashTokenizer()
     for i in range(n):
         ex = src[i]
-        images.append(eval_view(_to_float(ex["image"]), spec.image_size))
+        images.append(eval_view(to_float(ex["image"]), spec.image_size))
         if spec.kind == "image":
             labels.append(ex["label"])
         else:
-            texts.append(tok(_first_caption(ex)))
+            texts.append(tok(first_caption(ex)))
     out = {"image": np.stack(images).astype(np.float32)}
     if spec.kind == "image":
         out["label"] = np.asarray(labels, np.int32)

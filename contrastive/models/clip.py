@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contrastive.models.dual_encoder import CLIP_INIT_TEMPERATURE, DualEncoder
-from contrastive.models.towers import _Block, _conv_kernel_init
+from contrastive.models.towers import Block, conv_kernel_init
 
 Dtype = Any
 
@@ -93,8 +93,8 @@ class StackedBlocks(nnx.Module):
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(r: nnx.Rngs) -> _Block:
-            return _Block(width, heads, 0.0, dict(dtype=dtype, param_dtype=param_dtype, rngs=r))
+        def make(r: nnx.Rngs) -> Block:
+            return Block(width, heads, 0.0, dict(dtype=dtype, param_dtype=param_dtype, rngs=r))
 
         self.layers = make(rngs)
         self.depth = depth
@@ -143,7 +143,7 @@ class ClipImageTower(nnx.Module):
         p = patch_size
         self.patch = nnx.Conv(
             3, width, (p, p), strides=p, padding="VALID", use_bias=False,
-            kernel_init=_conv_kernel_init, **kw,
+            kernel_init=conv_kernel_init, **kw,
         )  # fmt: skip
         n = (image_size // p) ** 2 + 1
         init = nnx.initializers.normal(0.02)

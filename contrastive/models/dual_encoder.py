@@ -10,7 +10,7 @@ CLIP and SigLIP) and, for the sigmoid loss, the learnable bias. Two configuratio
 
 The training code sees the model only through its functional core: ``graphdef, params =
 nnx.split(model)``, then ``nnx.merge(graphdef, params).embed_x(inputs, key)`` (and
-``embed_y``) per tower (:func:`contrastive.train_step.tower_fns`).
+``embed_y``) per tower (:func:`contrastive.step.train_step.tower_fns`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contrastive.loss_registry import LOSSES
-from contrastive.models.towers import _fold
+from contrastive.models.towers import fold_key
 
 Dtype = Any
 
@@ -150,7 +150,7 @@ class DualEncoder(nnx.Module):
     def __call__(self, batch: tuple[Any, Any], key: jax.Array | None = None):
         """``(inputs_x, inputs_y)`` -> ``(x, y)``, both [B, D]; the views get distinct keys."""
         inputs_x, inputs_y = batch
-        return self.embed_x(inputs_x, _fold(key, 0)), self.embed_y(inputs_y, _fold(key, 1))
+        return self.embed_x(inputs_x, fold_key(key, 0)), self.embed_y(inputs_y, fold_key(key, 1))
 
     def temperature(self) -> jax.Array:
         """tau = exp(-log_inv_temperature), float32 scalar; with ``max_inverse_temperature``
@@ -170,7 +170,7 @@ def encode_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array | None], 
     """``f(params, (inputs_x, inputs_y), key) -> (x, y)``: both towers of the model at once.
 
     A convenience for evaluation and tests; the train step calls each tower on its own
-    (:func:`contrastive.train_step.tower_fns`), chunk by chunk.
+    (:func:`contrastive.step.train_step.tower_fns`), chunk by chunk.
     """
 
     def f(params: Any, batch: Any, key: jax.Array | None = None):

@@ -33,11 +33,11 @@ __all__ = [
 IMAGE_ENCODERS = ("mlp", "resnet", "vit")
 
 
-def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+def fold_key(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _conv_kernel_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32):
+def conv_kernel_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32):
     """LeCun normal for a conv kernel (kh, kw, c_in, c_out), drawn as a (kh*kw*c_in, c_out)
     matrix (the same fan-in, so the same distribution): XLA on CPU compiles the 2-D random
     draw several times faster, which makes building the bundled models quick."""
@@ -80,7 +80,7 @@ class MLPEncoder(nnx.Module):
         x = x.reshape(x.shape[0], -1)
         for i, (lin, norm) in enumerate(zip(self.linears, self.norms, strict=True)):
             x = lin(x)  # (B, F_in) · (F_in, width) -> (B, width)
-            x = dropout(jax.nn.gelu(norm(x)), self.dropout_rate, _fold(key, i))
+            x = dropout(jax.nn.gelu(norm(x)), self.dropout_rate, fold_key(key, i))
         return x
 
 
@@ -88,7 +88,7 @@ class _ResBlock(nnx.Module):
     """Basic residual block with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN + shortcut."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, *, kw: dict, groups: int):
-        kw = dict(kw, kernel_init=_conv_kernel_init)
+        kw = dict(kw, kernel_init=conv_kernel_init)
         self.conv1 = nnx.Conv(c_in, c_out, (3, 3), strides=stride, use_bias=False, **kw)
         norm_kw = {k: v for k, v in kw.items() if k != "kernel_init"}
         self.norm1 = nnx.GroupNorm(c_out, num_groups=min(groups, c_out), **norm_kw)
@@ -123,7 +123,7 @@ class ResNetEncoder(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = nnx.Conv(
-            in_channels, width, (3, 3), use_bias=False, kernel_init=_conv_kernel_init, **kw
+            in_channels, width, (3, 3), use_bias=False, kernel_init=conv_kernel_init, **kw
         )
         self.stem_norm = nnx.GroupNorm(width, num_groups=min(groups, width), **kw)
         blocks, c = [], width
@@ -144,7 +144,7 @@ class ResNetEncoder(nnx.Module):
         return dropout(x, self.dropout_rate, key)
 
 
-class _Block(nnx.Module):
+class Block(nnx.Module):
     """Pre-LN transformer block: x + attn(LN x); x + MLP(LN x); dropout on both branches."""
 
     def __init__(self, width: int, heads: int, dropout_rate: float, kw: dict):
@@ -182,10 +182,10 @@ class _Block(nnx.Module):
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         a = jnp.einsum("bhqk,bhkd->bhqd", p, v)  # (b, h, n, n) · (b, h, n, dh) -> (b, h, n, dh)
         a = self.out(a.transpose(0, 2, 1, 3).reshape(b, n, d))  # (b, n, d) · (d, d) -> (b, n, d)
-        x = x + dropout(a, self.dropout_rate, _fold(key, 0))
+        x = x + dropout(a, self.dropout_rate, fold_key(key, 0))
         h = jax.nn.gelu(self.fc1(self.ln2(x)))  # (b, n, d) · (d, 4d) -> (b, n, 4d)
         h = self.fc2(h)  # (b, n, 4d) · (4d, d) -> (b, n, d)
-        return x + dropout(h, self.dropout_rate, _fold(key, 1))
+        return x + dropout(h, self.dropout_rate, fold_key(key, 1))
 
 
 class ViTEncoder(nnx.Module):
@@ -215,14 +215,14 @@ class ViTEncoder(nnx.Module):
             (p, p),
             strides=p,
             padding="VALID",
-            kernel_init=_conv_kernel_init,
+            kernel_init=conv_kernel_init,
             **kw,
         )
         n = (image_size // p) ** 2 + 1
         init = nnx.initializers.normal(0.02)
         self.cls = nnx.Param(init(rngs.params(), (1, 1, width), param_dtype))
         self.pos = nnx.Param(init(rngs.params(), (1, n, width), param_dtype))
-        self.blocks = nnx.List([_Block(width, heads, dropout_rate, kw) for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, dropout_rate, kw) for _ in range(depth)])
         self.ln = nnx.LayerNorm(width, **kw)
         self.features = width
 
@@ -233,7 +233,7 @@ class ViTEncoder(nnx.Module):
         cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1])).astype(x.dtype)
         x = jnp.concatenate([cls, x], axis=1) + self.pos[...].astype(x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, None, _fold(key, i))
+            x = block(x, None, fold_key(key, i))
         return self.ln(x[:, 0])
 
 
@@ -258,7 +258,7 @@ class TextTransformer(nnx.Module):
         self.embed = nnx.Embed(vocab_size, width, **kw)
         init = nnx.initializers.normal(0.02)
         self.pos = nnx.Param(init(rngs.params(), (1, max_len, width), param_dtype))
-        self.blocks = nnx.List([_Block(width, heads, dropout_rate, kw) for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, dropout_rate, kw) for _ in range(depth)])
         self.ln = nnx.LayerNorm(width, **kw)
         self.pad_id = pad_id
         self.max_len = max_len
@@ -272,7 +272,7 @@ class TextTransformer(nnx.Module):
         x = self.embed(tokens)
         x = x + self.pos[...][:, :n].astype(x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, _fold(key, i))
+            x = block(x, mask, fold_key(key, i))
         x = self.ln(x).astype(jnp.float32)
         m = mask[..., None].astype(jnp.float32)
         return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)

@@ -3,7 +3,7 @@
 Every sweep builds its runs as :class:`~contrastive.configs.Config` updates of one base
 config (:func:`grid_runs`), checks all of them before the first starts (:func:`check_runs`:
 a bad one is one :class:`~contrastive.configs.ConfigError` line), trains them one after
-another through :func:`contrastive.loop.train` (:func:`run_grid`), each in its own work dir
+another through :func:`contrastive.run.loop.train` (:func:`run_grid`), each in its own work dir
 inside the run directory, and writes its report after every run (:func:`execute`). A work dir
 that holds a finished run is read back, not trained again, so a sweep cut short resumes where
 it stopped. The report's protocol is printed from the runs' own configs
@@ -26,11 +26,11 @@ from typing import Any
 import jax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
-from contrastive.assemble import evaluate_untrained
 from contrastive.configs import Config, ConfigError
-from contrastive.loop import RunError, train
 from contrastive.loss_registry import LOSS_NAMES
 from contrastive.models import IMAGE_ENCODERS
+from contrastive.run.assemble import evaluate_untrained
+from contrastive.run.loop import RunError, train
 from experiments.common import run_dir
 from experiments.common.cli import (
     int_list,

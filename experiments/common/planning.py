@@ -81,9 +81,9 @@ def abstract_clip(
 
     from contrastive import mesh as mesh_lib
     from contrastive import models
-    from contrastive import train_step as ts
-    from contrastive.configs import LossConfig, OptimConfig, TrainConfig
-    from contrastive.optim import make_optimizer
+    from contrastive.step import train_step as ts
+    from contrastive.step.optim import make_optimizer
+    from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 
     mesh = mesh_lib.make_mesh(jax.devices("cpu"), num_devices=devices)
     cfg = TrainConfig(

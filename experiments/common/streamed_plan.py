@@ -1,10 +1,10 @@
 """The streamed step's memory plan: ``python -m experiments.plan --stream``.
 
-The streamed gradient cache (:mod:`contrastive.streamed_step`) never holds the raw batch:
+The streamed gradient cache (:mod:`contrastive.step.streamed.step`) never holds the raw batch:
 each chunk of images and tokens is read from the host twice (embed, then pull back under
 ``jax.vjp``). What a device holds is then, per phase of the step, one compiled program's
 buffers plus what stays resident between programs. With ``b = B/n`` rows per device,
-embedding width ``D`` and float32 embeddings (:func:`contrastive.streamed_step.
+embedding width ``D`` and float32 embeddings (:func:`contrastive.step.streamed.step.
 streamed_footprint` adds the terms up):
 
     pass 1 = state + embeddings (2 b D 4) + one chunk's inputs + chunk peak
@@ -145,10 +145,11 @@ def build_streamed_step(
     """
     import jax
 
-    from contrastive import gradcache, models
     from contrastive import mesh as mesh_lib
-    from contrastive.streamed_step import make_streamed_step, streamed_footprint
-    from contrastive.train_step import state_shardings, tower_fns
+    from contrastive import models
+    from contrastive.step import gradcache
+    from contrastive.step.streamed.step import make_streamed_step, streamed_footprint
+    from contrastive.step.train_step import state_shardings, tower_fns
 
     setup = abstract_clip(
         model, devices, chunk_rows=chunk_rows, remat=remat, shard_optimizer=shard_optimizer
@@ -325,7 +326,7 @@ def markdown(records: list[dict], limit: int) -> str:
     from experiments.common.benchmarking import fmt_bytes
 
     lines = [
-        f"Largest global batch of the streamed gradient cache (`contrastive.streamed_step`: "
+        f"Largest global batch of the streamed gradient cache (`contrastive.step.streamed.step`: "
         f"raw inputs read from the host chunk by chunk, twice) whose per-device peak fits "
         f"{fmt_bytes(limit)}. Peak: the largest phase (pass 1, loss, pass 2, update) of the "
         "step's compiled programs (XLA:CPU buffer assignment, compile only) plus the buffers "

@@ -15,7 +15,7 @@ the tuning seed inside the means and a fit that hid its misses):
    validation split of 4,096 examples carved right after them, **all of them scored**.
 2. **Metric.** Validation zero-shot cross-entropy (``val_zero_shot_xent``): each validation
    image classified among all 5,184 class captions at a fixed temperature 0.05
-   (:func:`contrastive.evaluate.zero_shot_cross_entropy`). It moves smoothly and does not
+   (:func:`contrastive.measure.evaluate.zero_shot_cross_entropy`). It moves smoothly and does not
    depend on B; top-1 is kept as a second column. Evaluations at the steps ``ceil(1.05^k)``.
 3. **Optimiser.** AdamW (weight decay 1e-4, gradient norm clipped at 1), 10 warm-up steps,
    then constant. **Steps are counted after the warm-up** (``S = step - 10``).

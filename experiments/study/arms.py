@@ -20,7 +20,7 @@ false negatives, hence ``--skip-duplicate-negatives`` in this arm (the hard-batc
 give the loss the caption ids on ``shapes`` in any case; random batches of 64 or 256 hold
 about 0.4 and 6 same-caption pairs: the random arm, the committed protocol, keeps them). A
 refresh once an epoch: training takes a new clustering into use only at the start of an
-epoch (:mod:`contrastive.hard_batch_inputs`), so refreshing more often changes nothing, and
+epoch (:mod:`contrastive.inputs.hard_batch_inputs`), so refreshing more often changes nothing, and
 the first epoch is random batches whatever the setting: 1,024 steps at B = 64, 256 at
 B = 256. Inside the first epoch the arm differs from the random arm only by another random
 order and by its duplicate captions not being negatives: in the committed study B = 256
@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive.configs import ConfigError
-from contrastive.negative_queue import check_queue_length
+from contrastive.step.negative_queue import check_queue_length
 from experiments.common.cli import shared_module
 from experiments.common.reports import loss_label
 from experiments.study.fixed_budget import (
@@ -152,7 +152,7 @@ def check_arms(arms: Sequence[str], sizes: Sequence[int], s: ArmSettings) -> Non
                 "a multiple of it"
             )
     if "hard" in arms:  # what training would refuse mid-stage, refused before any run
-        from contrastive.hard_batch_inputs import check_hard_batches
+        from contrastive.inputs.hard_batch_inputs import check_hard_batches
 
         for b in sizes:
             check_hard_batches(num_examples=s.train_examples, batch_size=b,

@@ -1,7 +1,7 @@
 """One run of a study to its target, and the rates file of protocol version 1.
 
 A study run is one :class:`~contrastive.configs.Config` trained by
-:func:`contrastive.loop.train` until its validation metric first reaches the target it stops
+:func:`contrastive.run.loop.train` until its validation metric first reaches the target it stops
 at (``--stop-at``) or its step cap; the loop evaluates on a geometric schedule
 (``--eval-growth``), so the first step at which each target is reached is known to a few
 per cent. Every run keeps its own work dir inside the study's run directory; a finished one
@@ -20,7 +20,7 @@ from typing import Any
 
 from contrastive.configs import Config, ConfigError
 from contrastive.data.pipeline import get_spec, lower_is_better, metric_names
-from contrastive.loop import RunError, train
+from contrastive.run.loop import RunError, train
 from experiments.common.cli import shared_module
 
 __all__ = ["StudyRun", "StudyStopped", "run_to_target", "chosen_rates", "first_crossing"]

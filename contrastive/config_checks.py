@@ -1,0 +1,113 @@
+"""The cross-field checks of a run's config: what no single field can say about itself.
+
+Each field checks its own value (:func:`contrastive.settings.setting`) and each group its own
+fields; :func:`check_config`, run when a :class:`~contrastive.configs.Config` is made, checks
+what ties the groups together (chunk against batch size, a loss's options against the data
+set, ``--stop-at`` against the metrics the run measures, the temperature against its
+ceiling), each refusal one line that names the flags and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from contrastive.data.pipeline import get_spec, metric_names
+from contrastive.settings import field_name
+
+__all__ = ["check_config", "parse_stop_at"]
+
+
+def parse_stop_at(text: str | None) -> tuple[str, float] | None:
+    """``"val_zero_shot_top1=0.3"`` -> ``("val_zero_shot_top1", 0.3)``; ValueError if bad."""
+    if text is None:
+        return None
+    metric, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not metric.strip() or not math.isfinite(number):
+        raise ValueError(
+            f"--stop-at {text!r}: give METRIC=VALUE with a finite number, e.g. "
+            "val_zero_shot_top1=0.3"
+        )
+    return metric.strip(), number
+
+
+def check_config(cfg: Any) -> None:
+    """Raise ValueError (one line) when the groups of ``cfg`` do not fit together."""
+    r, t = cfg.run, cfg.train
+    if t.chunk_size is not None and t.chunk_size > r.batch_size:
+        raise ValueError(
+            f"{field_name(t, 'chunk_size')} {t.chunk_size} is larger than "
+            f"{field_name(r, 'batch_size')} {r.batch_size}: use a chunk size <= the batch "
+            "size, or drop it"
+        )
+    if r.stop_after is not None and r.stop_after > cfg.steps:
+        raise ValueError(
+            f"{field_name(r, 'stop_after')} must be between 1 and "
+            f"{field_name(t.optim, 'total_steps')}={cfg.steps}"
+        )
+    if get_spec(cfg.data.dataset).kind == "image_text" and t.loss.intra_view:
+        raise ValueError(
+            f"{field_name(t.loss, 'intra_view')} needs two views of one image, not image-text pairs"
+        )
+    spec = get_spec(cfg.data.dataset)
+    d, m = cfg.data, cfg.model
+    if d.validation_examples and not spec.class_captions:
+        raise ValueError(
+            f"{field_name(d, 'validation_examples')} needs a data set whose validation "
+            "metric does not depend on the batch (zero-shot over its captions): use "
+            "--dataset shapes"
+        )
+    if m.locked_image is not None and not (spec.kind == "image_text" and spec.vocab_size):
+        raise ValueError(
+            f"{field_name(m, 'locked_image')} needs an image-text data set with its own "
+            "caption tokens: use --dataset shapes"
+        )
+    target = parse_stop_at(r.stop_at)
+    if target is not None:
+        known = metric_names(spec, validation=bool(d.validation_examples))
+        if target[0] not in known and target[0] in metric_names(spec, validation=True):
+            raise ValueError(
+                f"{field_name(r, 'stop_at')}: {target[0]!r} is measured on a validation "
+                f"split, and this run has none: add {field_name(d, 'validation_examples')} "
+                "V (examples carved from the training split after --train-examples)"
+            )
+        if target[0] not in known:
+            raise ValueError(
+                f"{field_name(r, 'stop_at')}: unknown metric {target[0]!r} for "
+                f"{d.dataset}: use one of {', '.join(known)}"
+            )
+    if d.hard_batches:
+        c = d.cluster_size
+        if c > r.batch_size or r.batch_size % c:
+            raise ValueError(
+                f"{field_name(d, 'cluster_size')} {c} must divide "
+                f"{field_name(r, 'batch_size')} {r.batch_size} (each batch is whole "
+                "clusters): use a divisor of the batch size"
+            )
+    if t.stream and (d.hard_negatives or d.hard_batches):
+        flag = "hard_negatives" if d.hard_negatives else "hard_batches"
+        raise ValueError(
+            f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: drop one"
+        )
+    tau, ceiling = cfg.init_temperature, m.max_inverse_temperature
+    if ceiling is not None and 1 / tau > ceiling * (1 + 1e-9):
+        # The clip would hold the temperature at 1/ceiling from the first step on.
+        given = (
+            f"{field_name(m, 'temperature')} {tau:g}"
+            if m.temperature is not None
+            else f"the {t.loss.name} loss's default temperature {tau:g}"
+        )
+        raise ValueError(
+            f"{given} is below 1/{field_name(m, 'max_inverse_temperature')} = "
+            f"{1 / ceiling:g}, so the run would train at {1 / ceiling:g}: raise "
+            f"--max-inverse-temperature to at least {1 / tau:g}, or raise --temperature"
+        )
+    if cfg.model.bias is not None and not t.loss.spec.has_bias:
+        raise ValueError(
+            f"{field_name(cfg.model, 'bias')} is for a loss with a bias (sigmoid), not "
+            f"{t.loss.name}: drop it or set {field_name(t.loss, 'name')} sigmoid"
+        )

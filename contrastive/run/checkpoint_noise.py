@@ -1,0 +1,99 @@
+"""The gradient noise scale of a run at one of its checkpoints (its own batches, no update).
+
+:func:`measure_checkpoint` restores a checkpoint of a run, draws the batches the run would
+train on next and measures the fixed-batch noise scale
+(:func:`contrastive.measure.noise_scale.fixed_batch_noise_scale`) with the run's own gradient.
+It builds the run (:func:`contrastive.run.assemble.setup`) and reads its checkpoints, so it
+lives with the run, above the estimators it calls.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from contrastive.configs import ConfigError, differences
+from contrastive.measure.noise_scale import NoiseEstimate, fixed_batch_noise_scale, make_gradient_fn
+from contrastive.run.assemble import setup
+from contrastive.run.checkpoint import Checkpointer
+
+__all__ = ["measure_checkpoint"]
+
+
+def measure_checkpoint(
+    cfg: Any,
+    *,
+    num_batches: int = 32,
+    step: int | None = None,
+    batch_size: int | None = None,
+) -> NoiseEstimate:
+    """The fixed-batch noise scale of the run ``cfg`` at one of its checkpoints.
+
+    Restores checkpoint ``step`` of ``cfg.run.workdir`` (default: the newest; the run's
+    settings must match ``cfg``, as for a resume), draws the ``num_batches`` batches the run
+    would train on at the steps after it (``step + 1 .. step + m``: examples the checkpoint
+    has not trained on in this epoch, from the run's own input pipeline and seed), and
+    measures :func:`fixed_batch_noise_scale` with the run's gradient (cache, ring, loss,
+    negative queue). Nothing is written. ``batch_size``: measure at another ``B`` (the same
+    data, cut into batches of that size; e.g. ``B/4`` and ``4B`` to check that ``B V`` does
+    not move with ``B``). Cost: ``num_batches`` gradients of a batch.
+
+    Example (from the study, per run and checkpoint; then
+    :func:`~contrastive.measure.noise_scale.combine` over seeds)::
+
+        est = measure_checkpoint(run_config, step=200, num_batches=32)
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
+        raise ValueError(f"num_batches must be an integer >= 2, got {num_batches!r}")
+    if not os.path.isdir(os.path.join(cfg.run.workdir, "checkpoints")):
+        raise ConfigError(f"{cfg.run.workdir} holds no checkpoint to measure")
+    if batch_size is not None and batch_size != cfg.run.batch_size:
+        if cfg.train.negative_queue:
+            raise ConfigError(
+                "batch_size: a run with a negative queue is measured at its own batch size only"
+            )
+        probe_cfg = cfg.with_updates(batch_size=batch_size)
+    else:
+        probe_cfg = cfg
+    if probe_cfg.train.stream or probe_cfg.data.hard_batches:
+        raise ConfigError(
+            "measure_checkpoint draws whole random batches: not for --stream or --hard-batches"
+        )
+    ckpt = Checkpointer(cfg.run.workdir, every=1)
+    try:  # the checkpoint and its settings are checked before the run is built
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConfigError(f"{cfg.run.workdir} holds no checkpoint to measure")
+        at = steps[-1] if step is None else step
+        if at not in steps:
+            raise ConfigError(f"{cfg.run.workdir} has no checkpoint {at} (it has {steps})")
+        changed = differences(ckpt.read_meta(at).get("config") or {}, cfg.identity())
+        if changed:
+            raise ConfigError(
+                f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)})"
+            )
+        s = setup(probe_cfg)
+        restored, meta = ckpt.restore(at, {"train": s.state, "key": s.key})
+    finally:
+        ckpt.close()
+    state, key = restored["train"], restored["key"]
+    grad = make_gradient_fn(s.graphdef, probe_cfg.train, s.mesh)
+    inputs = s.make_inputs()
+    try:
+        first = int(meta.get("step", at)) + 1
+        b = probe_cfg.run.batch_size
+
+        def batches():
+            for t in range(first, first + num_batches):
+                yield t, inputs.for_step(t, state.params)[0]
+
+        def grad_fn(item):
+            t, batch = item
+            # The key the step would use for this batch (dropout), as train_step folds it.
+            return grad(state.params, batch, jax.random.fold_in(key, t - 1), state.queue)
+
+        return fixed_batch_noise_scale(grad_fn, batches(), batch_size=b, num_batches=num_batches)
+    finally:
+        inputs.close()
