@@ -3,7 +3,7 @@
 McCandlish et al. 2018 (arXiv 1812.06162, §2.2-2.3) predict the fitted critical batch size
 ``B_crit = E_min / S_min`` by the simple noise scale ``B_simple = tr(Σ) / |G|²``, measured
 during training. This stage measures ``B_simple`` with the fixed-batch estimator
-(:func:`contrastive.noise_scale.fixed_batch_noise_scale`: ``m`` independent batches of the
+(:func:`contrastive.measure.noise_scale.fixed_batch_noise_scale`: ``m`` independent batches of the
 run's own ``B`` at fixed parameters, valid for a contrastive loss whose value depends on
 ``B``) on the committed study's own runs, and sets it beside the study's fitted ``B_crit``.
 
