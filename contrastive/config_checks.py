@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from contrastive.data.pipeline import get_spec, metric_names
+from contrastive.loss_registry import STATEFUL_LOSSES
 from contrastive.settings import field_name
 
 __all__ = ["check_config", "parse_stop_at"]
@@ -88,6 +89,13 @@ def check_config(cfg: Any) -> None:
                 f"{field_name(r, 'batch_size')} {r.batch_size} (each batch is whole "
                 "clusters): use a divisor of the batch size"
             )
+    if t.loss.name in STATEFUL_LOSSES:
+        for flag in ("hard_negatives", "skip_duplicate_negatives", "hard_batches"):
+            if getattr(d, flag):
+                raise ValueError(
+                    f"{field_name(d, flag)} does not combine with {field_name(t.loss, 'name')} "
+                    f"{t.loss.name} yet (it needs each batch row's example id): drop it"
+                )
     if t.stream and (d.hard_negatives or d.hard_batches):
         flag = "hard_negatives" if d.hard_negatives else "hard_batches"
         raise ValueError(

@@ -35,6 +35,7 @@ from contrastive.settings import (
     walk,
 )
 from contrastive.step_configs import (
+    GLOBAL_SETTINGS,
     OPTIMIZERS,
     LossConfig,
     OptimConfig,
@@ -382,7 +383,10 @@ class Config:
         (logging, progress, paths, evaluation, ``--stop-after``) may change freely.
         """
         return {
-            flag_of(f): value for f, value, _ in walk(self) if f.metadata.get("changes_run", True)
+            flag_of(f): value
+            for f, value, _ in walk(self)
+            if f.metadata.get("changes_run", True)
+            and not (f.name in GLOBAL_SETTINGS and value == f.default)
         }
 
     def with_updates(self, **flags: Any) -> Config:

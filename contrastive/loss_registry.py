@@ -20,7 +20,7 @@ import jax
 
 import losses
 
-__all__ = ["LossSpec", "LOSSES", "LOSS_NAMES", "loss_spec"]
+__all__ = ["LossSpec", "LOSSES", "LOSS_NAMES", "STATEFUL_LOSSES", "TRAIN_LOSS_NAMES", "loss_spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +66,24 @@ LOSSES: dict[str, LossSpec] = {
 }
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 
+# Losses with per-example state (the train step keeps it: contrastive.step.example_states). Kept
+# apart from LOSSES, whose entries are plain functions of a batch that sweeps and benchmarks
+# iterate over; the training CLI takes both (TRAIN_LOSS_NAMES).
+STATEFUL_LOSSES: dict[str, LossSpec] = {
+    "global-infonce": LossSpec(
+        "global-infonce",
+        losses.global_infonce,
+        "global InfoNCE (SogCLR)",
+        ("symmetric", "intra_view", "gamma", "rho", "individual_temperature"),
+    )
+}
+TRAIN_LOSS_NAMES: tuple[str, ...] = LOSS_NAMES + tuple(STATEFUL_LOSSES)
+
 
 def loss_spec(name: str) -> LossSpec:
     """The :class:`LossSpec` of ``name``; a one-line ValueError naming the choices if unknown."""
+    if name in STATEFUL_LOSSES:
+        return STATEFUL_LOSSES[name]
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}: use one of {', '.join(LOSS_NAMES)}")
+        raise ValueError(f"unknown loss {name!r}: use one of {', '.join(TRAIN_LOSS_NAMES)}")
     return LOSSES[name]

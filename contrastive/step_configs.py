@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from contrastive.loss_registry import LOSS_NAMES, loss_spec
+from contrastive.loss_registry import STATEFUL_LOSSES, TRAIN_LOSS_NAMES, loss_spec
 from contrastive.settings import (
     check_fields,
     field_name,
@@ -19,6 +19,13 @@ from contrastive.settings import (
 
 OPTIMIZERS = ("adamw", "lamb", "lars")
 DEFAULT_WARMUP_STEPS = 20  # capped at the run's length: a short run needs no flag
+# The global loss's settings, added after runs were checkpointed: at their defaults they are
+# left out of a run's identity, so that those runs still resume.
+GLOBAL_SETTINGS = frozenset(
+    ("gamma", "rho", "individual_temperature", "temperature_lr", "min_temperature",
+     "max_temperature")
+)  # fmt: skip
+DEFAULT_GAMMA = 0.9  # SogCLR's γ (Yuan et al. 2022)
 
 
 # ------------------------------------------------------------------ the train step
@@ -30,9 +37,11 @@ class LossConfig:
 
     name: str = setting(
         "infonce",
-        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP) or decoupled (DCL/DCLW)",
+        "infonce (CLIP; NT-Xent with --intra-view), sigmoid (SigLIP), decoupled (DCL/DCLW) or "
+        "global-infonce (SogCLR: per-example moving averages; iSogCLR with "
+        "--individual-temperature)",
         flag="loss",
-        choices=LOSS_NAMES,
+        choices=TRAIN_LOSS_NAMES,
     )
     symmetric: bool = setting(True, "average both directions of the softmax losses")
     intra_view: bool = setting(
@@ -44,24 +53,59 @@ class LossConfig:
     block_size: int | None = setting(
         None, "similarity tile edge of the tiled losses; none: automatic", at_least=1
     )
+    # The global loss (contrastive.step.example_states); see GLOBAL_SETTINGS.
+    gamma: float | None = setting(
+        None,
+        "global-infonce: rate of each example's moving average u <- (1 - g) u + g g_batch, in "
+        "(0, 1]; none: 0.9",
+        positive=True,
+    )
+    rho: float = setting(0.0, "global-infonce: iSogCLR's DRO radius (adds rho tau_i)", at_least=0)
+    individual_temperature: bool = setting(
+        False,
+        "global-infonce: learn a temperature per example and direction (iSogCLR), by projected "
+        "SGD with --temperature-lr within [--min-temperature, --max-temperature]",
+    )
+    temperature_lr: float = setting(
+        1e-3, "learning rate of the individual temperatures", positive=True
+    )
+    min_temperature: float = setting(
+        0.01, "lower bound of the individual temperatures", positive=True
+    )
+    max_temperature: float = setting(
+        1.0, "upper bound of the individual temperatures", positive=True
+    )
 
     def __post_init__(self):
         check_fields(self)
         spec = loss_spec(self.name)
-        for option in ("sigma", "intra_view"):
+        for option in ("sigma", "intra_view", "gamma", "rho", "individual_temperature"):
             value = getattr(self, option)
             if value and option not in spec.options:
-                owners = [n for n in LOSS_NAMES if option in loss_spec(n).options]
+                owners = [n for n in TRAIN_LOSS_NAMES if option in loss_spec(n).options]
                 what = (
                     f"is an option of the {owners[0]} loss"
                     if len(owners) == 1
                     else "is for the softmax losses"
                 )
-                shown = f" {value!r}" if option == "sigma" else ""
+                shown = f" {value!r}" if option in ("sigma", "gamma", "rho") else ""
                 raise ValueError(
                     f"{field_name(self, option)}{shown} {what}: drop it or set "
                     f"{field_name(self, 'name')} {owners[0]}"
                 )
+        if self.gamma is not None and self.gamma > 1:
+            raise ValueError(f"{field_name(self, 'gamma')} must be in (0, 1], got {self.gamma}")
+        if self.min_temperature > self.max_temperature:
+            raise ValueError(
+                f"{field_name(self, 'min_temperature')} {self.min_temperature} is above "
+                f"{field_name(self, 'max_temperature')} {self.max_temperature}"
+            )
+        if self.individual_temperature and self.intra_view:
+            raise ValueError(
+                f"{field_name(self, 'individual_temperature')} does not combine with "
+                f"{field_name(self, 'intra_view')} (a same-view logit would need two "
+                "temperatures): drop one"
+            )
 
     @property
     def spec(self):
@@ -167,6 +211,17 @@ class TrainConfig:
             raise ValueError(
                 f"{field_name(self, 'stream')} does not combine with "
                 f"{field_name(self, 'negative_queue')} yet: drop one"
+            )
+        if self.negative_queue and self.loss.name in STATEFUL_LOSSES:
+            raise ValueError(
+                f"{field_name(self, 'negative_queue')} does not combine with "
+                f"{field_name(self.loss, 'name')} {self.loss.name} (its moving averages are over "
+                "the batch's own negatives): drop one"
+            )
+        if self.stream and self.loss.name in STATEFUL_LOSSES:
+            raise ValueError(
+                f"{field_name(self, 'stream')} does not combine with "
+                f"{field_name(self.loss, 'name')} {self.loss.name} yet: drop one"
             )
         if self.negative_queue and self.loss.intra_view:
             raise ValueError(

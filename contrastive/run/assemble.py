@@ -23,10 +23,12 @@ from contrastive.data import HashTokenizer, captioned_shapes, get_spec, text
 from contrastive.data.pipeline import DatasetSpec
 from contrastive.inputs.splits import run_data
 from contrastive.inputs.step_inputs import BatchInputs, StepInputs
+from contrastive.loss_registry import STATEFUL_LOSSES
 from contrastive.measure.evaluate import evaluate_model
 from contrastive.mesh import make_mesh, place_params
 from contrastive.models import DualEncoder, TextTransformer, make_image_encoder
 from contrastive.models.locked_tower import BagOfWordsText, LockedFeatures
+from contrastive.step.example_states import ExampleOrder, init_example_state, with_example_ids
 from contrastive.step.negative_queue import check_queue_length, init_queue
 from contrastive.step.optim import make_optimizer
 from contrastive.step.train_step import Batch, create_train_state, make_train_step, place_state
@@ -159,6 +161,12 @@ def setup(cfg: Config) -> Setup:
     if n_dev > len(devices):
         raise ConfigError(f"--num-devices {n_dev} but only {len(devices)} devices are present")
     cfg.check_devices(n_dev)
+    stateful = cfg.train.loss.name in STATEFUL_LOSSES  # per-example state (global-infonce)
+    if cfg.run.noise_scale_every and stateful:
+        raise ConfigError(
+            f"--loss {cfg.train.loss.name} does not combine with --noise-scale-every (the "
+            "meter's extra gradients would need the per-example state too); drop one"
+        )
     if cfg.run.noise_scale_every and (cfg.train.stream or cfg.data.hard_batches):
         flag = "--stream" if cfg.train.stream else "--hard-batches"
         raise ConfigError(
@@ -179,6 +187,9 @@ def setup(cfg: Config) -> Setup:
         raise ConfigError(str(e)) from e
     eval_data = data.eval
     make_batch = batch_builder(cfg, spec, mesh)
+    if stateful:  # each row's index in the training set, for the per-example state
+        order = ExampleOrder(data.num_train, cfg.run.seed, data.examples.order)
+        make_batch = with_example_ids(make_batch, order, cfg.run.batch_size)
     if d.hard_batches:  # one line before anything is built
         from contrastive.inputs.hard_batch_inputs import check_hard_batches
 
@@ -227,6 +238,11 @@ def setup(cfg: Config) -> Setup:
             raise ConfigError(str(e)) from None
         rows = cfg.run.batch_size // n_dev
         state = state._replace(queue=init_queue(k, rows, cfg.model.embed_dim, devices=n_dev))
+    if stateful:  # log u (and τ_i) per training example, rows split over the devices
+        examples = init_example_state(
+            data.num_train, cfg.train.loss, devices=n_dev, init_temperature=cfg.init_temperature
+        )
+        state = state._replace(examples=examples)
     key = jax.random.key(cfg.run.seed + 1)  # dropout; the step folds in the step number
 
     # --- shard -----------------------------------------------------------------------------

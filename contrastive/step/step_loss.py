@@ -57,7 +57,7 @@ def contrastive_loss(
     return spec(x, y, **kw)
 
 
-def _logit_stats(x, y, temperature, bias, axis_name) -> dict[str, jax.Array]:
+def logit_stats(x, y, temperature, bias, axis_name) -> dict[str, jax.Array]:
     """Mean positive and negative logits over the global batch, never forming B x B (O(B D))."""
     x = lax.stop_gradient(x).astype(jnp.float32)
     y = lax.stop_gradient(y).astype(jnp.float32)
@@ -96,7 +96,7 @@ def make_loss_fn(
         b = model.bias_value() if cfg.spec.has_bias else None
         loss = contrastive_loss(x, y, t, b, cfg, axis_name=axis_name, ids=ids, valid=valid)
         # The positives: the first rows of y (extra negatives follow them).
-        aux = {"temperature": t, **_logit_stats(x, y[: x.shape[0]], t, b, axis_name)}
+        aux = {"temperature": t, **logit_stats(x, y[: x.shape[0]], t, b, axis_name)}
         if b is not None:
             aux["bias"] = b
         return loss, aux

@@ -90,6 +90,7 @@ class TrainState(NamedTuple):
     params: Any  # nnx.State of the model's Params
     opt_state: Any
     queue: NegativeQueue | None = None  # past y embeddings as extra negatives, or None
+    examples: Any = None  # per-example state of the global loss (contrastive.step.example_states)
 
 
 def _strong(tree: Any) -> Any:
@@ -119,7 +120,8 @@ def state_shardings(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = Fa
         else jax.tree_util.tree_map(lambda _: rep, state.opt_state)
     )
     queue = None if state.queue is None else queue_shardings(mesh)
-    return TrainState(rep, jax.tree_util.tree_map(lambda _: rep, state.params), opt, queue)
+    rows = jax.tree_util.tree_map(lambda _: batch_sharding(mesh), state.examples)  # data axis
+    return TrainState(rep, jax.tree_util.tree_map(lambda _: rep, state.params), opt, queue, rows)
 
 
 def place_state(state: TrainState, mesh: Mesh, *, shard_optimizer: bool = False) -> TrainState:
@@ -136,6 +138,8 @@ class Batch(NamedTuple):
     loss ``ids`` [M] (int; equal ids are not negatives of each other) and ``valid`` [M]
     (bool; False drops a pair or a negative). Sharded over devices, each device holds B/n
     rows of ``x`` and M/n of ``y``, its own positives first (see ``losses.sharded``).
+    ``example_ids`` [B] (int): each pair's index in the training set, for a loss with
+    per-example state (``contrastive.step.example_states``).
 
     A plain tuple ``(x, y)`` or ``(x, y, ids)`` is accepted wherever a Batch is.
     """
@@ -144,6 +148,7 @@ class Batch(NamedTuple):
     y: Any
     ids: jax.Array | None = None
     valid: jax.Array | None = None
+    example_ids: jax.Array | None = None
 
 
 def as_batch(batch: Any) -> Batch:
@@ -179,6 +184,8 @@ def local_loss_and_grads(
     axis_name: str | None,
     keep_accumulator_dtype: bool = False,
     queue: NegativeQueue | None = None,
+    loss_fn: Any = None,
+    towers: Any = None,
 ) -> tuple[tuple[jax.Array, dict], Any]:
     """``((loss, aux), partial grads)`` of this device's rows, before any reduction.
 
@@ -194,10 +201,15 @@ def local_loss_and_grads(
     ``queue``: this device's negative queue; its rows are extra negatives of the loss, and
     ``aux[QUEUE_ROWS]`` returns this device's y positives to push (see
     :func:`contrastive.step.negative_queue.queued_loss_fn`).
+
+    ``loss_fn``, ``towers``: given, they replace the configured loss and the model's towers
+    (``params`` is then whatever they take; the global loss's ``(params, τ rows)``).
     """
     batch = as_batch(batch)
-    towers = tower_fns(graphdef)
-    if queue is None:
+    towers = tower_fns(graphdef) if towers is None else towers
+    if loss_fn is not None:
+        pass
+    elif queue is None:
         loss_fn = make_loss_fn(graphdef, config.loss, axis_name, batch.ids, batch.valid)
     else:
         make = functools.partial(make_loss_fn, graphdef, config.loss, axis_name)
@@ -344,6 +356,12 @@ def train_step(
     learning_rate, and ``finite`` (1.0 when every parameter and optimiser-state entry of
     the new state is finite: a run must never checkpoint a state where it is 0).
     """
+    if state.examples is not None:  # the global loss: per-example state
+        from contrastive.step.example_states import global_train_step
+
+        return global_train_step(
+            state, batch, key, graphdef=graphdef, config=config, tx=tx, mesh=mesh
+        )
     if key is not None:
         key = jax.random.fold_in(key, state.step)
     batch = as_batch(batch)
@@ -392,7 +410,7 @@ def make_train_step(
 
     def checked(state, batch, key):
         batch = as_batch(batch)
-        check_batch_divisible(batch.x, mesh)
+        check_batch_divisible((batch.x, batch.example_ids), mesh)
         check_batch_divisible((batch.y, batch.ids, batch.valid), mesh)
         return step(state, batch, key)
 
