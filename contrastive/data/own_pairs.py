@@ -21,8 +21,11 @@ file), so a killed preparation resumes where it stopped when rerun with the same
 and only the last step renames ``OUT.partial`` to ``OUT``: a directory named ``OUT`` with
 ``pairs.json`` is always complete.
 
-Reading: ``--dataset DIR`` (``get_spec``/``load_source`` of :mod:`contrastive.data.pipeline`)
-gives the pairs as image-text examples (``{"image": uint8[S, S, 3], "captions": {"text":
+The captions file is read and screened by :mod:`contrastive.data.caption_rows`.
+
+Reading is :mod:`contrastive.data.prepared_pairs` (its names are handed on here):
+``--dataset DIR`` (``get_spec``/``load_source`` of :mod:`contrastive.data.pipeline`) gives
+the pairs as image-text examples (``{"image": uint8[S, S, 3], "captions": {"text":
 [caption]}}``, the form of ``coco_captions``), so training goes through the same grain
 pipeline; a run holds out the last ``--eval-examples`` pairs (in file order) as its test
 split (:func:`train_test`) and reports image-to-text and text-to-image recall@1/5/10.
@@ -32,118 +35,55 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import hashlib
 import io
 import json
 import os
-import struct
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from contrastive.data.sources import Subrange
+from contrastive.data.caption_rows import read_rows, screen_rows
+from contrastive.data.prepared_pairs import (
+    FORMAT,
+    SPEC_FILE,
+    VERSION,
+    PairsSource,
+    data_digest,
+    decode_record,
+    encode_record,
+    is_prepared,
+    open_pairs,
+    read_spec,
+    sha256_file,
+    train_test,
+)
 
-SPEC_FILE = "pairs.json"
+# The reading side is contrastive.data.prepared_pairs; its names are handed on here, where
+# the pipeline and the commands have always found them.
+__all__ = [
+    "BAD_KINDS",
+    "BAD_ROWS_FILE",
+    "FORMAT",
+    "SPEC_FILE",
+    "VERSION",
+    "PairsSource",
+    "decode_record",
+    "encode_record",
+    "is_prepared",
+    "open_pairs",
+    "prepare",
+    "read_rows",
+    "read_spec",
+    "summary_line",
+    "train_test",
+]
+
 BAD_ROWS_FILE = "bad_rows.tsv"
-FORMAT = "contrastive-own-pairs"
-VERSION = 1
 BAD_KINDS = ("missing file", "unreadable image", "empty caption", "duplicate row")
 _SETTINGS_FILE = "settings.json"
-
-
-# ------------------------------------------------------------------------- records
-
-
-def encode_record(image: np.ndarray, caption: str) -> bytes:
-    """One pair as bytes: caption length (uint32, little-endian), UTF-8 caption, then the
-    ``uint8 [S, S, 3]`` pixels row-major."""
-    text = caption.encode("utf-8")
-    return struct.pack("<I", len(text)) + text + np.ascontiguousarray(image, np.uint8).tobytes()
-
-
-def decode_record(raw: bytes, image_size: int) -> dict[str, Any]:
-    """Bytes of :func:`encode_record` -> ``{"image": uint8[S, S, 3], "captions": {"text":
-    array([caption])}}`` (the example form of ``coco_captions``)."""
-    (n,) = struct.unpack_from("<I", raw)
-    caption = raw[4 : 4 + n].decode("utf-8")
-    pixels = np.frombuffer(raw, np.uint8, offset=4 + n)
-    if pixels.size != image_size * image_size * 3:
-        raise ValueError(
-            f"a record holds {pixels.size} pixel bytes, not {image_size}x{image_size}x3"
-        )
-    return {
-        "image": pixels.reshape(image_size, image_size, 3),
-        "captions": {"text": np.asarray([caption])},
-    }
-
-
-# ------------------------------------------------------------------------- reading rows
-
-
-def _format(path: str) -> str:
-    ext = Path(path).suffix.lower()
-    if ext in (".tsv", ".tab"):
-        return "tsv"
-    if ext in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    return "csv"
-
-
-def read_rows(path: str, image_column: str, caption_column: str) -> list[tuple[str, str]]:
-    """(image path, caption) of every row of a CSV, TSV (by the ``.tsv`` extension) or JSON
-    lines (``.jsonl``/``.json``) file with a header row (CSV/TSV) or one object per line.
-    A missing value reads as ``""``. ValueError (one line) for a missing column."""
-    fmt = _format(path)
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if fmt == "jsonl":
-                for k, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(
-                            f"--captions {path}: line {k} is not JSON ({e.msg})"
-                        ) from None
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"--captions {path}: line {k} is not a JSON object")
-                    rows.append(obj)
-                columns = set().union(*(r.keys() for r in rows)) if rows else set()
-            else:
-                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-                rows = list(reader)
-                columns = set(reader.fieldnames or ())
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--captions {path}: not UTF-8 text ({e.reason})") from None
-    flags = (("--image-column", image_column), ("--caption-column", caption_column))
-    # A CSV/TSV header names its columns even with no rows below it.
-    missing = [f"{col!r} ({flag})" for flag, col in flags if columns and col not in columns]
-    if missing:
-        raise ValueError(
-            f"--captions {path} has no column {' nor '.join(missing)}; it has "
-            f"{', '.join(sorted(map(str, columns)))}: name the right ones with those flags"
-        )
-    if not rows:
-        raise ValueError(f"--captions {path} holds no rows")
-
-    def text(v: Any) -> str:
-        return "" if v is None else str(v)
-
-    return [(text(r.get(image_column)), text(r.get(caption_column))) for r in rows]
-
-
-def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------- preparing
@@ -203,7 +143,7 @@ def _write_shard(task: _Task) -> dict[str, Any]:
         "shard": task.shard,
         "file": final.name,
         "count": count,
-        "sha256": _sha256_file(final),
+        "sha256": sha256_file(final),
         "inputs_sha256": inputs.hexdigest(),
         "unreadable": unreadable,
         "first_row": task.rows[0][0],
@@ -217,27 +157,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def _screen(
-    rows: Sequence[tuple[str, str]], images: str
-) -> tuple[list[tuple[int, str, str]], list[list[Any]]]:
-    """Rows that can be decoded, and the rows that cannot even be tried (missing file, empty
-    caption, duplicate row) as ``[row, path, kind, detail]``; rows count from 1 (the first
-    row after a CSV/TSV header, the first object of a JSON lines file)."""
-    good, bad, seen = [], [], {}
-    for row, (rel, caption) in enumerate(rows, 1):
-        key = (rel, caption.strip())
-        if not caption.strip():
-            bad.append([row, rel, "empty caption", ""])
-        elif key in seen:
-            bad.append([row, rel, "duplicate row", f"same image and caption as row {seen[key]}"])
-        elif not rel or not os.path.isfile(os.path.join(images, rel)):
-            bad.append([row, rel, "missing file", f"no file {os.path.join(images, rel)}"])
-        else:
-            seen[key] = row
-            good.append((row, rel, caption.strip()))
-    return good, bad
 
 
 def summary_line(counts: dict[str, int], total: int, kept: int) -> str:
@@ -289,19 +208,45 @@ def prepare(
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(f"--out {target} exists and is not empty: remove it or pass a new path")
     rows = read_rows(captions, image_column, caption_column)
-    good, bad = _screen(rows, images)
+    good, bad = screen_rows(rows, images)
     if strict and bad:  # before any image is decoded
         raise ValueError(_strict_message(bad, len(rows)))
     settings = {
         "format": FORMAT,
         "version": VERSION,
-        "captions_sha256": _sha256_file(captions),
+        "captions_sha256": sha256_file(captions),
         "images_dir": os.path.abspath(images),
         "image_size": image_size,
         "image_column": image_column,
         "caption_column": caption_column,
         "shard_size": shard_size,
     }
+    partial = _open_partial(target, settings)
+    markers = _write_shards(good, partial, settings, workers, progress)
+
+    unreadable = [[r, p, "unreadable image", why] for k in sorted(markers)
+                  for r, p, why in markers[k]["unreadable"]]  # fmt: skip
+    bad = sorted(bad + unreadable, key=lambda b: b[0])
+    kept = sum(m["count"] for m in markers.values())
+    line = summary_line(Counter(b[2] for b in bad), len(rows), kept)
+    if strict and bad:
+        raise ValueError(_strict_message(bad, len(rows)))
+    if kept == 0:
+        raise ValueError(f"--captions {captions}: no usable pair ({line})")
+    spec = _spec(partial, settings, markers, bad, rows_read=len(rows), captions=captions)
+    for name in os.listdir(partial):  # markers and settings: the spec now says it all
+        if name.endswith(".done.json") or name == _SETTINGS_FILE:
+            (partial / name).unlink()
+    _write_json(partial / SPEC_FILE, spec)
+    if target.exists():
+        target.rmdir()  # empty (checked above)
+    os.rename(partial, target)  # the one step that makes the data set appear, complete
+    return spec
+
+
+def _open_partial(target: Path, settings: dict[str, Any]) -> Path:
+    """``target.partial``: made with ``settings`` written in it, or an unfinished one of an
+    earlier run with the same settings (to resume); ValueError for one with other settings."""
     partial = target.with_name(target.name + ".partial")
     if partial.exists():
         try:
@@ -316,7 +261,19 @@ def prepare(
     else:
         partial.mkdir(parents=True)
         _write_json(partial / _SETTINGS_FILE, settings)
+    return partial
 
+
+def _write_shards(
+    good: list[tuple[int, str, str]],
+    partial: Path,
+    settings: dict[str, Any],
+    workers: int | None,
+    progress: bool,
+) -> dict[int, dict]:
+    """Every shard's marker, by shard: those an earlier, stopped run finished, read back; the
+    others written now (:func:`_run_tasks`)."""
+    shard_size = settings["shard_size"]
     chunks = [good[i : i + shard_size] for i in range(0, len(good), shard_size)]
     markers: dict[int, dict] = {}
     for k in range(len(chunks)):  # resume: shards finished by an earlier, stopped run
@@ -324,23 +281,27 @@ def prepare(
         if done.exists() and (partial / _shard_name(k)).exists():
             markers[k] = json.loads(done.read_text())
     tasks = [
-        _Task(k, chunk, os.path.abspath(images), image_size, str(partial))
+        _Task(k, chunk, settings["images_dir"], settings["image_size"], str(partial))
         for k, chunk in enumerate(chunks)
         if k not in markers
     ]
     _run_tasks(tasks, markers, workers, progress, total=len(good), done=len(good) - sum(
         len(t.rows) for t in tasks))  # fmt: skip
+    return markers
 
-    unreadable = [[r, p, "unreadable image", why] for k in sorted(markers)
-                  for r, p, why in markers[k]["unreadable"]]  # fmt: skip
-    bad = sorted(bad + unreadable, key=lambda b: b[0])
+
+def _spec(
+    partial: Path,
+    settings: dict[str, Any],
+    markers: dict[int, dict],
+    bad: list[list[Any]],
+    *,
+    rows_read: int,
+    captions: str,
+) -> dict[str, Any]:
+    """The spec of the finished shards; writes ``bad_rows.tsv`` and drops empty shards."""
     counts = Counter(b[2] for b in bad)
     kept = sum(m["count"] for m in markers.values())
-    line = summary_line(counts, len(rows), kept)
-    if strict and bad:
-        raise ValueError(_strict_message(bad, len(rows)))
-    if kept == 0:
-        raise ValueError(f"--captions {captions}: no usable pair ({line})")
     with open(partial / BAD_ROWS_FILE, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["row", "image", "problem", "detail"])
@@ -353,28 +314,20 @@ def prepare(
     inputs = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for i in sorted(markers):
         inputs.update(markers[i]["inputs_sha256"].encode())
-    spec = {
+    return {
         **{k: settings[k] for k in ("format", "version", "image_size", "image_column")},
-        "caption_column": caption_column,
+        "caption_column": settings["caption_column"],
         "channels": 3,
         "count": kept,
-        "rows_read": len(rows),
+        "rows_read": rows_read,
         "bad_rows": {k: counts.get(k, 0) for k in BAD_KINDS},
         "captions_file": os.path.abspath(captions),
         "images_dir": settings["images_dir"],
         "inputs_sha256": inputs.hexdigest(),
-        "data_sha256": _data_digest(shards),
+        "data_sha256": data_digest(shards),
         "shards": shards,
-        "summary": line,
+        "summary": summary_line(counts, rows_read, kept),
     }
-    for name in os.listdir(partial):  # markers and settings: the spec now says it all
-        if name.endswith(".done.json") or name == _SETTINGS_FILE:
-            (partial / name).unlink()
-    _write_json(partial / SPEC_FILE, spec)
-    if target.exists():
-        target.rmdir()  # empty (checked above)
-    os.rename(partial, target)  # the one step that makes the data set appear, complete
-    return spec
 
 
 def _run_tasks(
@@ -404,118 +357,3 @@ def _run_tasks(
                 bar.update(sizes[m["shard"]])
     finally:
         bar.close()
-
-
-def _data_digest(shards: Sequence[dict]) -> str:
-    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------- reading
-
-
-def is_prepared(name: str | os.PathLike) -> bool:
-    """Whether ``name`` is a directory written by :func:`prepare` (it holds ``pairs.json``)."""
-    return os.path.isfile(os.path.join(os.path.expanduser(os.fspath(name)), SPEC_FILE))
-
-
-def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``pairs.json`` of a prepared directory; ValueError (one line) if it is not one."""
-    path = os.path.join(os.path.expanduser(os.fspath(directory)), SPEC_FILE)
-    try:
-        spec = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"--dataset {directory}: no readable {SPEC_FILE} ({type(e).__name__}); prepare "
-            "it with python -m experiments.prepare_pairs"
-        ) from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"--dataset {directory}: {SPEC_FILE} is not a prepared pairs spec")
-    if spec.get("version") != VERSION:
-        raise ValueError(
-            f"--dataset {directory}: prepared with format version {spec.get('version')}, this "
-            f"library reads {VERSION}: prepare it again"
-        )
-    return spec
-
-
-class PairsSource:
-    """Random access to the pairs of a prepared directory: ``src[i]`` is pair ``i`` (in the
-    caption file's order, bad rows left out) as ``{"image", "captions"}``."""
-
-    def __init__(self, directory: str | os.PathLike, spec: dict[str, Any]):
-        from array_record.python import array_record_data_source
-
-        self.directory, self.spec = os.fspath(directory), spec
-        self.image_size = int(spec["image_size"])
-        paths = [os.path.join(self.directory, s["file"]) for s in spec["shards"]]
-        self._source = array_record_data_source.ArrayRecordDataSource(paths)
-        if len(self._source) != spec["count"]:
-            raise ValueError(
-                f"--dataset {directory}: {len(self._source)} records, the spec says "
-                f"{spec['count']}: prepare it again"
-            )
-
-    def __len__(self) -> int:
-        return int(self.spec["count"])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        return decode_record(self._source[int(index)], self.image_size)
-
-    def __repr__(self) -> str:
-        return f"PairsSource({self.directory!r}, {len(self)} pairs)"
-
-
-def open_pairs(directory: str | os.PathLike) -> PairsSource:
-    """The prepared pairs of ``directory``, once every shard matches the sha256 in its spec
-    (and ``data_sha256`` the shards): a changed, truncated or swapped file is one line here,
-    before training starts. The check reads every shard once per process."""
-    directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
-    spec = read_spec(directory)
-    stamps = tuple(
-        (s["file"], _stamp(os.path.join(directory, s["file"]), directory)) for s in spec["shards"]
-    )
-    _verify(directory, json.dumps(spec, sort_keys=True), stamps)
-    return PairsSource(directory, spec)
-
-
-def _stamp(path: str, directory: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise ValueError(
-            f"--dataset {directory}: shard {os.path.basename(path)} is missing: prepare the "
-            "data set again"
-        ) from None
-    return st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=16)
-def _verify(directory: str, spec_text: str, stamps: tuple) -> None:
-    # Cached by the files' sizes and times: a run opens its data set more than once.
-    spec = json.loads(spec_text)
-    if _data_digest(spec["shards"]) != spec.get("data_sha256"):
-        raise ValueError(
-            f"--dataset {directory}: {SPEC_FILE}'s data_sha256 does not match its shards: "
-            "prepare the data set again"
-        )
-    for s in spec["shards"]:
-        if _sha256_file(os.path.join(directory, s["file"])) != s["sha256"]:
-            raise ValueError(
-                f"--dataset {directory}: shard {s['file']} does not match its sha256 in "
-                f"{SPEC_FILE} (changed or corrupted): prepare the data set again"
-            )
-
-
-def train_test(directory: str | os.PathLike, eval_examples: int) -> tuple[Any, Any]:
-    """(training pairs, held-out pairs): the last ``eval_examples`` pairs are the test split
-    (``--eval-examples``), never trained on; the rest train."""
-    source = open_pairs(directory)
-    n = len(source)
-    if not 1 <= eval_examples < n:
-        raise ValueError(
-            f"--eval-examples {eval_examples} must leave training pairs of the {n} in "
-            f"{directory}: pass a number between 1 and {n - 1} (e.g. {max(1, n // 10)})"
-        )
-    return Subrange(source, 0, n - eval_examples), Subrange(source, n - eval_examples, n)
