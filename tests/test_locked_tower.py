@@ -1,5 +1,5 @@
 """Locked image towers: pre-training, the feature and parameter caches, user feature files,
-the locked dual encoder (LiT / SigLiT) and its bag-of-words text tower."""
+a dual encoder on locked features (LiT / SigLiT) and its bag-of-words text tower."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import contrastive.data.feature_cache as fc
 import contrastive.models.locked_tower as lt
 from contrastive.data.captioned_shapes import TEXT_LEN, VOCAB_SIZE, CaptionedShapes
 from contrastive.mesh import make_mesh, shard_batch
-from contrastive.models import SIGLIP_INIT_BIAS, SIGLIP_INIT_TEMPERATURE
+from contrastive.models import SIGLIP_INIT_BIAS, SIGLIP_INIT_TEMPERATURE, DualEncoder
 from contrastive.step.optim import make_optimizer
 from contrastive.step.train_step import create_train_state, make_train_step, place_state
 from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
@@ -330,43 +330,13 @@ def _locked_batch(n: int, features: int):
     return feats, tokens
 
 
-@pytest.mark.parametrize("train_head", [True, False])
-def test_locked_dual_encoder_trains_everything_it_holds(train_head):
-    f = 32  # = the text width: both heads have one shape (one initialiser compilation)
-    model = lt.locked_dual_encoder(
-        f,
-        lt.BagOfWordsText(VOCAB_SIZE, TEXT_LEN, width=32, rngs=nnx.Rngs(1)),
-        train_head=train_head,
-        embed_dim=16 if train_head else None,
-        rngs=nnx.Rngs(0),
-    )
-    assert jax.tree_util.tree_leaves(nnx.state(model.tower_x)) == []
-    assert (jax.tree_util.tree_leaves(nnx.state(model.head_x)) == []) != train_head
-    graphdef, params = nnx.split(model)
-    feats, tokens = _locked_batch(16, f)
-
-    def loss(p):
-        m = nnx.merge(graphdef, p)
-        x, y = m((jnp.asarray(feats), jnp.asarray(tokens)))
-        s = x @ y.T / m.temperature()  # (B, D) · (D, B) -> (B, B)
-        return jnp.mean(jax.nn.logsumexp(s, axis=1) - jnp.diag(s))
-
-    grads = jax.jit(jax.grad(loss))(params)
-    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        assert jnp.any(g != 0), jax.tree_util.keystr(path)
-    d = 16 if train_head else f
-    assert model.embed_x(jnp.asarray(feats)).shape == (16, d)
-    with pytest.raises(ValueError, match="embed_dim must equal features=32"):
-        lt.locked_dual_encoder(f, model.tower_y, train_head=False, embed_dim=8, rngs=nnx.Rngs(0))
-
-
 @pytest.mark.parametrize(("loss", "devices"), [("sigmoid", 2), ("infonce", 1)])
 def test_locked_model_trains_with_the_train_step(loss, devices):
     """SigLiT / LiT through the library's sharded step: the loss falls over 20 steps."""
     f, b = 32, 32
     siglip = loss == "sigmoid"
-    model = lt.locked_dual_encoder(
-        f,
+    model = DualEncoder(
+        lt.LockedFeatures(f),
         lt.BagOfWordsText(VOCAB_SIZE, TEXT_LEN, width=32, rngs=nnx.Rngs(1)),
         embed_dim=16,
         init_temperature=SIGLIP_INIT_TEMPERATURE if siglip else 0.07,

@@ -22,8 +22,8 @@ The pieces, in the order a study uses them:
    count and the data seed (:func:`tower_features` ties the two together).
    :func:`load_feature_file` reads a user's own features computed with any model.
 3. :class:`LockedFeatures`: an "image tower" whose input *is* the feature row; with
-   :class:`BagOfWordsText` as the text tower, :func:`locked_dual_encoder` builds the
-   :class:`~contrastive.models.DualEncoder` that trains on top of the locked features.
+   :class:`BagOfWordsText` as the text tower, a :class:`~contrastive.models.DualEncoder` of
+   the two trains on top of the locked features (its image side: the head alone).
 
 Example (the study's flow; a few seconds at this size)::
 
@@ -31,8 +31,8 @@ Example (the study's flow; a few seconds at this size)::
     pre = pretrained_image_tower(cfg, cache_dir="/tmp/lit")       # pre-trains once
     feats = tower_features(pre, split="train", num_examples=4096, cache_dir="/tmp/lit")
     tokens, _ = shapes_captions("train", 4096)                   # int32 [4096, 16]
-    model = locked_dual_encoder(
-        feats.shape[1], BagOfWordsText(VOCAB_SIZE, TEXT_LEN, rngs=nnx.Rngs(0)),
+    model = DualEncoder(
+        LockedFeatures(feats.shape[1]), BagOfWordsText(VOCAB_SIZE, TEXT_LEN, rngs=nnx.Rngs(0)),
         embed_dim=64, rngs=nnx.Rngs(0))
     # batches: (feats[idx], tokens[idx]) for the train step, as (inputs_x, inputs_y).
 """
@@ -71,8 +71,6 @@ from contrastive.data.feature_cache import (
     write_entry,
 )
 from contrastive.models import (
-    CLIP_INIT_TEMPERATURE,
-    DualEncoder,
     dropout,
 )
 from contrastive.models.tower_pretraining import (
@@ -100,7 +98,6 @@ __all__ = [
     "shapes_captions",
     "LockedFeatures",
     "BagOfWordsText",
-    "locked_dual_encoder",
 ]
 
 
@@ -356,56 +353,3 @@ class BagOfWordsText(nnx.Module):
         h = jax.nn.gelu(self.fc1(self.ln(e)))  # (B, width) · (width, hidden) -> (B, hidden)
         h = dropout(h, self.dropout_rate, key)
         return self.fc2(h)  # (B, hidden) · (hidden, width) -> (B, width)
-
-
-def locked_dual_encoder(
-    features: int,
-    text_tower: nnx.Module,
-    *,
-    train_head: bool = True,
-    normalize: bool = True,
-    embed_dim: int | None = None,
-    head_hidden: int | None = None,
-    init_temperature: float = CLIP_INIT_TEMPERATURE,
-    init_bias: float | None = None,
-    learn_temperature: bool = True,
-    rngs: nnx.Rngs,
-) -> DualEncoder:
-    """A :class:`~contrastive.models.DualEncoder` on locked image features and a text tower.
-
-    Its first input is the feature rows ``[B, features]`` (:class:`LockedFeatures`), its
-    second the text tower's input. What trains:
-
-    - ``train_head=True`` (default): the image-side projection head ``[F] -> [D]`` (linear,
-      or two layers with ``head_hidden``), the text tower and its head, the temperature and
-      the bias. The head is the only part of the image side that can adapt.
-      ``embed_dim`` None means D = 64.
-    - ``train_head=False``: LiT proper (Zhai et al. 2022, Section 3): no image head at all;
-      the image embedding is the L2-normalised locked feature, so ``D = features``
-      (``embed_dim`` None or equal to ``features``), and only the text side, temperature
-      and bias train.
-
-    Either way the model holds no image-tower parameters, so nothing frozen receives (or
-    could receive) a gradient, and the optimiser state covers only what trains.
-    """
-    if not train_head:
-        if embed_dim not in (None, features):
-            raise ValueError(
-                f"train_head=False uses the locked features as the image embedding, so "
-                f"embed_dim must equal features={features} (got {embed_dim}): drop embed_dim"
-            )
-        embed_dim = features
-    elif embed_dim is None:
-        embed_dim = 64
-    model = DualEncoder(
-        LockedFeatures(features, normalize=normalize),
-        text_tower,
-        embed_dim=embed_dim,
-        head_hidden=head_hidden,
-        init_temperature=init_temperature,
-        init_bias=init_bias,
-        learn_temperature=learn_temperature,
-        head_x=train_head,
-        rngs=rngs,
-    )
-    return model
