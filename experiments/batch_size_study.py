@@ -1,9 +1,10 @@
 """The batch-size study: steps to a target against batch size, with rates tuned per batch size.
 
-``python -m experiments.batch_size_study`` (the main job) trains seeds 1-5 of every (loss, B)
-of the committed reduced study again, at the learning rates that study chose (it tunes
-nothing), and prints its table beside the committed one: it reproduces within noise, or
-names the cells that do not. About 10 minutes on 2 cores.
+``python -m experiments.batch_size_study`` (the main job) trains seeds 1-3 (``--seeds``: others
+of the committed ones) of every (loss, B) of the committed reduced study again, at the
+learning rates that study chose (it tunes nothing), and prints its table beside the
+committed one: it reproduces within noise, or names the cells that do not; and how many
+cells took exactly the committed steps, seed by seed.
 
 ``--tune`` runs the reduced study (B = 64 .. 4,096) by the protocol, ``--full`` the full one
 (B = 32 .. 16,384; hours on 2 cores: split it over processes with ``--run-losses`` on one
@@ -36,7 +37,7 @@ from experiments.study import report, stages
 from experiments.study.harness import StudyStopped
 from experiments.study.noise_scale import noise_markdown, run_noise
 from experiments.study.settings import from_flags
-from experiments.study.steps_to_target import committed_cells, reproduce, run_study
+from experiments.study.steps_to_target import committed_cells, reproduce, rerun_seeds, run_study
 
 STEM = "batch_size_study"
 COMMITTED = run_dir.RESULTS_DIR / f"{STEM}.json"
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-exponents", type=int_list, default=None,
                    help="a toy study: the base rate grid's exponents k of 2^k")  # fmt: skip
     p.add_argument("--seeds", type=int_list, default=None,
-                   help="a toy study: the reported seeds (default 1-5)")  # fmt: skip
+                   help="a toy study: the reported seeds (default 1-5); the main job: which "
+                   "of the committed seeds it trains again (default 1-3)")  # fmt: skip
     p.add_argument("--feature-cache", type=directory, default=None,
                    help="locked tower and features cache; default: <out>/features")  # fmt: skip
     p.add_argument("--compile-cache", type=directory, default=None,
@@ -90,7 +92,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if args.noise_scale:
         stem = f"{STEM}_noise"
     if not tuning:  # the committed study must answer for every cell before any run
-        committed_cells(args.rates, s.run_losses, s.batch_sizes)
+        committed = committed_cells(args.rates, s.run_losses, s.batch_sizes)["study"]
+        if not args.noise_scale:
+            rerun_seeds(s, committed, args.rates)
     out = run_dir.create(stem, args.out)
     s = dataclasses.replace(s, out=out, feature_cache=s.feature_cache or str(out / "features"))
     print(f"run directory: {out}", file=sys.stderr, flush=True)

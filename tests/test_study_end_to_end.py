@@ -44,7 +44,7 @@ def test_a_toy_study_then_the_main_job_reproduces_it(tmp_path, capsys):
     again = json.loads((main_out / "batch_size_study_main.json").read_text())
     assert again["target"] == harder
     for c in again["comparison"]:  # one machine, one stack: the same steps, seed by seed
-        assert c["now"] == c["committed"] and c["z"] == 0.0
+        assert c["now"] == c["committed"] and c["z"] == 0.0 and c["identical"]
     out = capsys.readouterr().out
     assert "**Reproduces within noise:** all 2 cells." in out
     assert f"run directory: {main_out}" in out

@@ -204,6 +204,11 @@ def test_the_reproduction_check_counts_standard_errors():
         ),
         (["--rates", "{tmp}/study.json"], "not a tuned study of protocol version"),
         (["--rates", "{tmp}/missing.json"], "cannot read a study (FileNotFoundError)"),
+        (
+            ["--seeds", "2,7", "--batch-sizes", "64", "--rates", "{tmp}/v2.json"],
+            "--seeds 7 is not a seed of the",
+        ),
+        (["--noise-scale", "--seeds", "1", "--rates", "{tmp}/v2.json"], "add --tune"),
     ],
 )
 def test_bad_study_flags_are_one_line_before_any_run(flags, message, tmp_path, capsys):
@@ -222,7 +227,7 @@ def test_bad_study_flags_are_one_line_before_any_run(flags, message, tmp_path, c
     assert not out.exists()  # refused before the run directory exists
 
 
-def _fake_train(calls: list):
+def _fake_train(calls: list, pace: float = 1.0):
     """A stand-in for :func:`contrastive.run.loop.train` with known curves: on validation the rule's
     rate (2^0) learns fastest, on the test split 2^1 does; seed 3 at B = 32 is 100x slower.
     Logs what the loop logs at each evaluation of the geometric schedule and stops at its
@@ -235,7 +240,7 @@ def _fake_train(calls: list):
         b, lr, seed = r.batch_size, cfg.train.optim.learning_rate, r.seed
         k = round(math.log2(lr / P.rule_rate(b)))
         calls.append((b, k, seed))
-        speed = b / 32 * math.exp(-(k**2) / 2) * (0.01 if (b, seed) == (32, 3) else 1.0)
+        speed = pace * b / 32 * math.exp(-(k**2) / 2) * (0.01 if (b, seed) == (32, 3) else 1.0)
         test_speed = b / 32 * math.exp(-((k - 1) ** 2) / 2)
         wobble = 1 + 0.05 * ((seed * 7919) % 5 - 2) / 2  # a seed's own pace, within 5 %
         plateau = 3.0 + 64 / b  # small batches level off higher
@@ -386,3 +391,37 @@ def test_the_noise_stage_compares_the_checkpoint_nearest_each_target():
     }  # fmt: skip
     got = {c["target"]: c["measure"]["phase"] for c in _comparisons(summary, study)}
     assert got == {3.0: "at the harder target", 3.5: "middle"}  # 90 and 55 -> 60
+
+
+def test_the_main_job_reruns_seeds_1_to_3_and_checks_them_seed_by_seed(tmp_path, monkeypatch):
+    """The main job's default reruns the protocol's ``MAIN_JOB_SEEDS`` of a committed
+    five-seed study, compares each cell in units of the seeds' standard error and says whether
+    every rerun seed took exactly its committed steps; a trainer whose pace moved (another
+    machine) is still within noise but no longer identical."""
+    from experiments.study import runs
+
+    monkeypatch.setattr(runs, "train", _fake_train([]))
+    monkeypatch.setattr(P, "BOOTSTRAP_RESAMPLES", 50)
+    toy = ["--losses", "infonce", "--batch-sizes", "64,128", "--train-examples", "4096"]
+    tuned = tmp_path / "tuned"
+    argv = [*toy, "--tune", "--pilot-steps", "400", "--rate-exponents=-1,0,1",
+            "--seeds", "1,2,3,4,5", "--out", str(tuned)]  # fmt: skip
+    assert batch_size_study.main(argv) == 0
+    rates = str(tuned / "batch_size_study.json")
+    calls: list = []
+    monkeypatch.setattr(runs, "train", _fake_train(calls))
+    assert batch_size_study.main([*toy, "--rates", rates, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "batch_size_study_main.json").read_text())
+    assert record["seeds"] == list(P.MAIN_JOB_SEEDS) == [1, 2, 3]
+    assert sorted({seed for _, _, seed in calls}) == [1, 2, 3]
+    assert record["identical"] and record["reproduces"]
+    assert all(len(c["committed"]) == 5 and len(c["now"]) == 3 for c in record["comparison"])
+
+    # The same curves 10 % slower: another machine, whose seeds part from the committed ones.
+    monkeypatch.setattr(runs, "train", _fake_train([], pace=0.9))
+    argv = [*toy, "--rates", rates, "--seeds", "4,5", "--out", str(tmp_path / "b")]
+    assert batch_size_study.main(argv) == 0
+    record = json.loads((tmp_path / "b" / "batch_size_study_main.json").read_text())
+    assert record["seeds"] == [4, 5] and not record["identical"]
+    md = (tmp_path / "b" / "batch_size_study_main.md").read_text()
+    assert "cells took exactly the committed steps" in md

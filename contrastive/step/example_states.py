@@ -52,6 +52,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 import losses
 from contrastive.mesh import DATA_AXIS, batch_sharding, scatter_axes
+from contrastive.step.batch_grads import (
+    all_finite,
+    as_batch,
+    local_loss_and_grads,
+    reduce_grads,
+    tower_fns,
+)
 from contrastive.step.optim import make_schedule
 from contrastive.step.step_loss import logit_stats
 from contrastive.step_configs import DEFAULT_GAMMA, LossConfig, TrainConfig
@@ -193,7 +200,6 @@ def global_loss_fn(
 
 def _local_step(params, batch, key, rows, *, graphdef, config, scatter):
     """Inside ``shard_map``: ``((loss, aux), grads reduced, new log u rows, dL/dτ rows)``."""
-    from contrastive.step.train_step import local_loss_and_grads, reduce_grads, tower_fns
 
     params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
     if key is not None:
@@ -254,7 +260,6 @@ def global_train_step(
     the batch's ids are gathered, the loss's new ``log u`` (and the updated ``τ_i``) are
     scattered back. Metrics as there, plus ``tau_min/median/max`` with individual
     temperatures."""
-    from contrastive.step.train_step import TrainState, all_finite, as_batch
 
     if key is not None:
         key = jax.random.fold_in(key, state.step)
@@ -325,5 +330,7 @@ def global_train_step(
         "learning_rate": make_schedule(config.optim)(state.step),
         "finite": finite.astype(jnp.float32),
     }
-    new_state = TrainState(state.step + 1, params, opt_state, state.queue, examples)
+    new_state = state._replace(
+        step=state.step + 1, params=params, opt_state=opt_state, examples=examples
+    )
     return new_state, metrics

@@ -92,13 +92,14 @@ def run_noise(s: StudySettings, study: dict, record: dict[str, Any]) -> dict[str
     # The protocol's sizes; a toy study (its own --batch-sizes) measures at its own.
     sizes = s.batch_sizes if s.preset == "custom" else NOISE_BATCH_SIZES
     cells = _cells(study, s.run_losses, sizes)
+    seeds = study.get("seeds") or list(P.REPORTED_SEEDS)  # the committed study's own
     t0 = time.perf_counter()
     rows = []
     with loss_locks(s.out, s.run_losses):
         runs = Study(s.out, P.METRIC, study["targets"]["targets"])
         for (loss, b), p in cells.items():
             k, steps = schedule(p["steps_mean"])
-            for seed in s.seeds:
+            for seed in seeds:
                 cfg = s.base(None).with_updates(
                     loss=loss, batch_size=b, learning_rate=p["learning_rate"], seed=seed,
                     steps=steps, checkpoint_every=steps, noise_scale_every=k,
@@ -108,6 +109,7 @@ def run_noise(s: StudySettings, study: dict, record: dict[str, Any]) -> dict[str
                 rows.append(runs.run(run, every=k))
     summary = summarise_noise(rows, cells)
     record.update(
+        seeds=list(seeds),
         rows=rows,
         summary=summary,
         verdicts=[verdict(x, study) for x in _comparisons(summary, study)],
@@ -123,8 +125,8 @@ def pooled(traces: Sequence[float], g2s: Sequence[float], *, resamples: int = P.
     the direction is not resolved from the noise).
 
     >>> r = pooled([100.0, 120.0, 80.0], [1.0, 1.2, 0.8], resamples=200)
-    >>> r["b_simple"], r["interval"]
-    (100.0, (100.0, 100.0))
+    >>> r["b_simple"], [round(x, 6) for x in r["interval"]]  # every resample's ratio is 100
+    (100.0, [100.0, 100.0])
     """
     tr, g2 = np.asarray(traces, np.float64), np.asarray(g2s, np.float64)
     b_simple = float(tr.mean() / g2.mean()) if g2.mean() > 0 else None

@@ -48,6 +48,7 @@ RATE_EXPONENTS = tuple(range(-4, 3))  # 2^k times the rule's rate: 1/16 .. 4
 MAX_EXTENSIONS = 4  # the grid grows by at most this many factors of 2 beyond each end
 TUNING_SEED = 0  # chooses the rates; never in a reported mean
 REPORTED_SEEDS = (1, 2, 3, 4, 5)
+MAIN_JOB_SEEDS = (1, 2, 3)  # the main job reruns these of the committed seeds (its time limit)
 PILOT_SEED = 1000  # sets the targets; never reported
 PILOT_EPOCHS, PILOT_MIN_STEPS = 8, 500
 PLATEAU_SHARE = 0.3  # the plateau: the evaluations in the last 30 % of the pilot's steps

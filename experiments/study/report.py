@@ -220,6 +220,12 @@ def reproduction_markdown(record: dict) -> str:
         lines.append(f"**Does not reproduce within noise:** {'; '.join(bad)}.")
     else:
         lines.append(f"**Reproduces within noise:** all {len(record['comparison'])} cells.")
+    same = sum(c["identical"] for c in record["comparison"])
+    lines.append(
+        f"Seed by seed, {same} of {len(record['comparison'])} cells took exactly the committed "
+        "steps (expected on the machine and pinned stack that made the committed study; "
+        "elsewhere runs part by about the seeds' spread)."
+    )
     lines += ["", time_line(record)]
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,7 @@ class StudySettings:
     seeds: tuple[int, ...] = P.REPORTED_SEEDS
     rate_exponents: tuple[int, ...] = P.RATE_EXPONENTS
     pilot_steps: int | None = None  # None: the protocol's rule (a toy study shortens it)
+    main_seeds: tuple[int, ...] | None = None  # the main job's --seeds (None: the protocol's)
 
     def base(self, stop_at: float | None) -> Config:
         return P.base_config(
@@ -67,6 +68,8 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
     preset_name = "full" if args.full else "reduced"
     preset = P.PRESETS[preset_name]
     given = [f for f in TOY_ONLY if any(a == f or a.startswith(f + "=") for a in argv)]
+    main_job = not (tuning or getattr(args, "noise_scale", False))
+    given = [f for f in given if not (f == "--seeds" and main_job)]  # which seeds it reruns
     if given and not tuning:
         raise ConfigError(f"{given[0]} applies to a tuned study: add --tune (or drop it)")
     for flag, names in (("--losses", args.losses), ("--run-losses", args.run_losses or [])):
@@ -111,6 +114,7 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
         seeds=tuple(args.seeds or P.REPORTED_SEEDS),
         rate_exponents=tuple(args.rate_exponents or P.RATE_EXPONENTS),
         pilot_steps=args.pilot_steps,
+        main_seeds=None if tuning or args.seeds is None else tuple(args.seeds),
     )
     if args.update_results and not (tuning or getattr(args, "noise_scale", False)):
         raise ConfigError(

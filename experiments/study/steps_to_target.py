@@ -27,7 +27,7 @@ from experiments.study.settings import StudySettings
 from experiments.study.targets import choose_targets, margins, plateau
 from experiments.study.tuning import choose, end_status, next_exponent
 
-__all__ = ["run_study", "reproduce", "summarise", "cell_steps", "committed_cells"]
+__all__ = ["run_study", "reproduce", "rerun_seeds", "summarise", "cell_steps", "committed_cells"]
 
 WAIT_S, WAIT_LIMIT_S = 10.0, 24 * 3600.0
 
@@ -305,13 +305,29 @@ def committed_cells(path: str | os.PathLike, losses: Sequence[str], sizes: Seque
     return {"cells": out, "study": study}
 
 
+def rerun_seeds(s: StudySettings, committed: dict, rates_path: str) -> list[int]:
+    """The seeds the main job trains again: ``--seeds``, or the protocol's
+    ``MAIN_JOB_SEEDS`` that the committed study has; ConfigError (one line) for a seed the
+    committed study did not run."""
+    have = committed.get("seeds") or list(P.REPORTED_SEEDS)
+    if s.main_seeds is None:
+        return [x for x in P.MAIN_JOB_SEEDS if x in have] or list(have)
+    missing = [x for x in s.main_seeds if x not in have]
+    if missing:
+        raise ConfigError(
+            f"--seeds {missing[0]} is not a seed of the committed study ({rates_path} has "
+            f"seeds {', '.join(map(str, have))}): rerun some of those"
+        )
+    return list(s.main_seeds)
+
+
 def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict[str, Any]:
     """The main job: the committed study's seeds at its chosen rates for the harder target,
     each cell compared with the committed one in units of their standard error."""
     got = committed_cells(rates_path, s.run_losses, s.batch_sizes)
     cells, committed = got["cells"], got["study"]
     target = min(committed["targets"]["targets"])
-    seeds = committed.get("seeds") or list(P.REPORTED_SEEDS)  # the committed study's own
+    seeds = rerun_seeds(s, committed, rates_path)
     t0 = time.perf_counter()
     with loss_locks(s.out, s.run_losses), compile_cache(s.compile_cache or s.out / "compile_cache"):
         study = Study(s.out, P.METRIC, [target])
@@ -325,8 +341,12 @@ def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict
     comparison = []
     for (loss, b), c in cells.items():
         now = [cell_steps(r, target) for r in rows if (r["loss"], r["batch_size"]) == (loss, b)]
+        # Seed by seed: on the committed study's machine and stack a run is bit-for-bit
+        # deterministic, so its steps come out equal; elsewhere they part by the seeds' spread.
+        same = dict(zip(c["seeds"], c["steps"], strict=True))
         comparison.append({"loss": loss, "batch_size": b, "learning_rate": c["learning_rate"],
                            "committed": c["steps"], "now": now,
+                           "identical": [same[x] for x in seeds] == now,
                            **compare(c["steps"], now, c["cap"])})  # fmt: skip
     record.update(
         target=target,
@@ -334,6 +354,7 @@ def reproduce(s: StudySettings, rates_path: str, record: dict[str, Any]) -> dict
         rows=rows,
         comparison=comparison,
         reproduces=all(x["within_noise"] for x in comparison),
+        identical=all(x["identical"] for x in comparison),
         call_time_s=round(time.perf_counter() - t0, 1),
         train_time_s=round(sum(r.get("train_s") or 0 for r in rows), 1),
     )
