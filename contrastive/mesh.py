@@ -34,6 +34,7 @@ __all__ = [
     "check_batch_divisible",
     "shard_axis",
     "scatter_axes",
+    "mark_varying",
     "optimizer_shardings",
 ]
 
@@ -167,6 +168,14 @@ def shard_axis(shape: Sequence[int], devices: int) -> int | None:
 def scatter_axes(params: Any, devices: int) -> Any:
     """Per leaf of ``params``: the axis its gradient is reduce-scattered along, or None."""
     return jax.tree_util.tree_map(lambda p: shard_axis(np.shape(p), devices), params)
+
+
+def mark_varying(params: Any, axis_name: str = DATA_AXIS) -> Any:
+    """``params`` marked as varying over ``axis_name``, inside ``shard_map``, before anything
+    is differentiated: JAX transposes a replicated value into an all-reduce, so
+    differentiating the replicated parameters would reduce their gradient in every chunk's
+    backward pass, instead of once per step where the step reduces it."""
+    return jax.tree_util.tree_map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
 
 
 def optimizer_shardings(opt_state: Any, mesh: Mesh) -> Any:

@@ -29,6 +29,7 @@ import dataclasses
 import math
 import numbers
 import os
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -260,3 +261,17 @@ def flag_parser(
                 help=help_text,
             )
     return p
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why this process cannot write the directory ``path`` (None: it can; it is created if
+    missing). Tried, not inferred from permission bits: ``os.access`` says yes to root on a
+    read-only file system, and a path below a regular file fails only when something is
+    created."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None

@@ -25,6 +25,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from contrastive.settings import unwritable_reason
+
 __all__ = [
     "params_digest",
     "file_digest",
@@ -82,15 +84,9 @@ def check_cache_dir(cache_dir: str | os.PathLike, *, flag: str = "--feature-cach
     Raises :class:`CacheWriteError` (a ``ValueError``) in one line naming ``flag``.
     """
     path = Path(cache_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise CacheWriteError(
-            f"{flag} {path} cannot be written ({why}): pass a writable directory"
-        ) from None
+    why = unwritable_reason(path)
+    if why is not None:
+        raise CacheWriteError(f"{flag} {path} cannot be written ({why}): pass a writable directory")
 
 
 def json_digest(obj: Any, what: str) -> str:

@@ -6,6 +6,7 @@
   batches from the grain pipeline;
 - :mod:`contrastive.inputs.hard_batch_inputs`: hard batches, whole clusters of similar
   examples (:mod:`contrastive.inputs.hard_batches` the order,
+  :mod:`contrastive.inputs.batch_hardness` how hard a batch's negatives are,
   :mod:`contrastive.inputs.clustering` the clusters).
 
 The streamed cache's inputs live with its step (:mod:`contrastive.step.streamed.inputs`).

@@ -117,7 +117,7 @@ def per_example_grads(params: Any, batch: Any, *, graphdef: Any, config: Any, me
     of the parameters: for tests and small models; :func:`per_example_noise_scale` reduces
     chunk by chunk instead. Refuses extra negatives (``y`` longer than ``x``).
     """
-    from contrastive.mesh import DATA_AXIS
+    from contrastive.mesh import DATA_AXIS, mark_varying
     from contrastive.step.train_step import as_batch
 
     batch = as_batch(batch)
@@ -125,7 +125,7 @@ def per_example_grads(params: Any, batch: Any, *, graphdef: Any, config: Any, me
     n = mesh.shape[DATA_AXIS]
 
     def local(params, batch):
-        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
+        params = mark_varying(params)
         contrib, rows, _ = _per_example_parts(
             params, batch, graphdef=graphdef, config=config, axis_name=DATA_AXIS, devices=n
         )
@@ -164,7 +164,7 @@ def per_example_noise_scale(
     high on a small InfoNCE model at every B from 32 to 512; module docstring). Use
     :func:`fixed_batch_noise_scale` for B_simple; this is a diagnostic.
     """
-    from contrastive.mesh import DATA_AXIS
+    from contrastive.mesh import DATA_AXIS, mark_varying
     from contrastive.step.train_step import as_batch
     from contrastive.step_configs import local_chunk_size
 
@@ -181,7 +181,7 @@ def per_example_noise_scale(
     g_batch = make_gradient_fn(graphdef, config, mesh)(params, batch)
 
     def local(params, batch, g_ref):
-        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
+        params = mark_varying(params)
         contrib, rows, _ = _per_example_parts(
             params, batch, graphdef=graphdef, config=config, axis_name=DATA_AXIS, devices=n
         )

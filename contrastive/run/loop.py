@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -39,6 +38,7 @@ from contrastive.run.hosts import Watchdog, start
 from contrastive.run.metric_writers import TensorBoardWriter
 from contrastive.run.orbax_logs import one_line
 from contrastive.run.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
+from contrastive.settings import unwritable_reason
 from contrastive.step.streamed.sources import ChunkReadError
 
 __all__ = ["METRICS_FILE", "RunError", "train", "check_paths", "check_same_run", "summary_line"]
@@ -61,15 +61,9 @@ def _check_writable_dir(flag: str, path: str) -> None:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag} {path} is a file: pass a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise ConfigError(
-            f"{flag} {path} cannot be used ({why}): pass a writable directory"
-        ) from None
+    why = unwritable_reason(path)
+    if why is not None:
+        raise ConfigError(f"{flag} {path} cannot be used ({why}): pass a writable directory")
 
 
 def check_paths(cfg: Config) -> None:

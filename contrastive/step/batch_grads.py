@@ -21,6 +21,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from contrastive.mesh import (
     DATA_AXIS,
+    mark_varying,
     scatter_axes,
 )
 from contrastive.step import gradcache
@@ -190,10 +191,7 @@ def loss_and_grads(
     batch = as_batch(batch)
 
     def local(params, batch, key, queue=None):
-        # Mark the parameters as varying first: differentiating the replicated ones would
-        # all-reduce their gradient in every chunk's backward pass (JAX's rule for the
-        # transpose of a replicated value), instead of once below.
-        params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
+        params = mark_varying(params)  # the gradient is reduced once, below
         if key is not None:  # one dropout stream per device
             key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
         (loss, aux), grads = local_loss_and_grads(

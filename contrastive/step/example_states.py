@@ -51,7 +51,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 import losses
-from contrastive.mesh import DATA_AXIS, batch_sharding, scatter_axes
+from contrastive.mesh import DATA_AXIS, batch_sharding, mark_varying, scatter_axes
 from contrastive.step.batch_grads import (
     all_finite,
     as_batch,
@@ -201,7 +201,7 @@ def global_loss_fn(
 def _local_step(params, batch, key, rows, *, graphdef, config, scatter):
     """Inside ``shard_map``: ``((loss, aux), grads reduced, new log u rows, dL/dτ rows)``."""
 
-    params = jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
+    params = mark_varying(params)
     if key is not None:
         key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
     log_u, taus = (rows.log_u_x, rows.log_u_y), None

@@ -18,7 +18,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from contrastive.mesh import DATA_AXIS, batch_sharding, replicated, scatter_axes
+from contrastive.mesh import DATA_AXIS, batch_sharding, mark_varying, replicated, scatter_axes
 from contrastive.step import gradcache
 from contrastive.step.optim import make_schedule
 from contrastive.step.streamed.sources import local_device_positions
@@ -43,12 +43,6 @@ REP = PartitionSpec()
 
 def _local(mesh: Mesh, f, in_specs, out_specs):
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-
-
-def _varying(params: Any) -> Any:
-    # As in the in-memory step: differentiating replicated parameters inside shard_map
-    # would all-reduce their gradient in every chunk's transpose, not once per step.
-    return jax.tree_util.tree_map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), params)
 
 
 def _chunk_key(keys: jax.Array | None, k: jax.Array) -> jax.Array | None:
@@ -137,7 +131,7 @@ def chunk_programs(graphdef, config: TrainConfig, mesh: Mesh) -> _Programs:
 
     def loss_fn(params, ex, ey, side):
         def local(params, ex, ey, side):
-            params = _varying(params)
+            params = mark_varying(params)
             f = make_loss_fn(graphdef, config.loss, DATA_AXIS, side.get("ids"), side.get("valid"))
             (loss, aux), (g_params, (gx, gy)) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
                 params, (ex, ey)
@@ -165,7 +159,7 @@ def chunk_programs(graphdef, config: TrainConfig, mesh: Mesh) -> _Programs:
 
     def pull_fn(tower):
         def local(params, acc, g_buf, inputs, keys, k):
-            params = _varying(params)
+            params = mark_varying(params)
             r = jax.tree_util.tree_leaves(inputs)[0].shape[0]
             g = lax.dynamic_slice_in_dim(g_buf, k * cl, r, axis=0)  # this chunk's dL/de
             _, vjp = jax.vjp(lambda p: tower(p, inputs, _chunk_key(keys, k)), params)
