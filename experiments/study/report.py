@@ -232,8 +232,9 @@ def reproduction_markdown(record: dict) -> str:
 
 def time_line(record: dict) -> str:
     return (
-        f"This call: {record.get('call_time_s', 0) / 60:.1f} min; the runs' own training time "
-        f"(from their logs): {record.get('train_time_s', 0) / 60:.1f} min."
+        f"This call: {record.get('call_time_s', 0) / 60:.1f} min (runs already finished in its "
+        f"--out are read back, not trained again); the runs' own training time (from their "
+        f"logs): {record.get('train_time_s', 0) / 60:.1f} min."
     )
 
 
