@@ -1,7 +1,7 @@
 """The batch-size study: steps to a target against batch size, with rates tuned per batch size.
 
-``python -m experiments.batch_size_study`` (the main job) trains seeds 1-3 (``--seeds``: others
-of the committed ones) of every (loss, B) of the committed reduced study again, at the
+``python -m experiments.batch_size_study`` (the main job) trains seeds 1-5 (``--seeds``: some
+of them) of every (loss, B) of the committed reduced study again, at the
 learning rates that study chose (it tunes nothing), and prints its table beside the
 committed one: it reproduces within noise, or names the cells that do not; and how many
 cells took exactly the committed steps, seed by seed.
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a toy study: the base rate grid's exponents k of 2^k")  # fmt: skip
     p.add_argument("--seeds", type=int_list, default=None,
                    help="a toy study: the reported seeds (default 1-5); the main job: which "
-                   "of the committed seeds it trains again (default 1-3)")  # fmt: skip
+                   "of the committed seeds it trains again (default all, 1-5)")  # fmt: skip
     p.add_argument("--feature-cache", type=directory, default=None,
                    help="locked tower and features cache; default: <out>/features")  # fmt: skip
     p.add_argument("--compile-cache", type=directory, default=None,
