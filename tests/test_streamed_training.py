@@ -214,7 +214,11 @@ def test_stream_chunks_are_the_rows_of_the_in_memory_batch(kind, data_dir, tmp_p
                     [d * per + np.arange(k * cl, min((k + 1) * cl, per)) for d in range(n)]
                 )
                 chunk = source.read(step, k)
-                for name, got, want in zip(("x", "y", "ids", "valid"), chunk, batch, strict=True):
+                # A chunk holds x, y, ids and valid (a batch also example_ids, None here).
+                assert batch.example_ids is None
+                for name, got, want in zip(
+                    ("x", "y", "ids", "valid"), chunk, batch[:4], strict=True
+                ):
                     if want is None:
                         assert got is None, name
                         continue

@@ -61,10 +61,11 @@ class Batch(NamedTuple):
 def as_batch(batch: Any) -> Batch:
     if isinstance(batch, Batch):
         return batch
-    if not isinstance(batch, tuple | list) or not 2 <= len(batch) <= 4:
+    if not isinstance(batch, tuple | list) or not 2 <= len(batch) <= len(Batch._fields):
         raise ValueError(
-            "a batch is Batch(x, y, ids=None, valid=None) or a tuple (x, y) / (x, y, ids); "
-            f"got {type(batch).__name__}"
+            "a batch is Batch(x, y, ids=None, valid=None, example_ids=None) or a tuple (x, y) "
+            f"/ (x, y, ids) / ... in that order; got {type(batch).__name__}"
+            + (f" of {len(batch)}" if isinstance(batch, tuple | list) else "")
         )
     return Batch(*batch)
 

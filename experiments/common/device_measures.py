@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from experiments.common.cli import shared_module
 
 LOSS_NAMES = ("infonce", "sigmoid", "decoupled")
 DTYPES = ("bfloat16", "float32")
@@ -306,3 +309,7 @@ def check_streamed(sizes: Sizes, out: Path) -> dict:
     record = out / "streamed" / f"{bench_streamed.STEM}.json"
     write_json(record, {**json.loads(record.read_text()), "stack": stack_record()})
     return {"flags": argv, "rows": summary["rows"], "target": summary["target"]}
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.common.cli import shared_module
 from experiments.common.soak_runs import METRICS
 
 WALL_CLOCK = {"elapsed_s"}  # metrics that measure time, not the computation
@@ -128,3 +130,7 @@ def compare_event_files(ref: Path, soak: Path) -> tuple[list[str], int]:
             if not (twice or missing or clock or same):
                 problems.append(f"{rel}/{tag}: values differ from the uninterrupted run's")
     return problems, len(dirs)
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))

@@ -19,8 +19,11 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+from experiments.common.cli import shared_module
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("SIGKILL", "SIGTERM", "SIGINT+SIGINT")
@@ -262,3 +265,7 @@ def describe(i: int, n: int, a: Attempt) -> str:
         f"{a.exit_code} after {a.exit_after_signal_s:.2f} s{' (HUNG)' if a.hung else ''}; "
         f"logged to step {a.logged_to}, checkpoint {a.checkpoint}, {a.redone} step(s) to redo"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(shared_module(__name__))
