@@ -107,6 +107,7 @@ def test_empty_cluster_is_reseeded_with_the_worst_served_points():
 
 
 # Shapes from small sets (each new shape compiles); the data vary freely.
+@pytest.mark.slow  # a hypothesis sweep
 @settings(max_examples=20)
 @given(
     n=st.sampled_from([1, 37, 64]),

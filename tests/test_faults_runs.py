@@ -77,6 +77,7 @@ def _copy(stopped, tmp_path) -> tuple[Path, str]:
     return workdir, stopped[1]
 
 
+@pytest.mark.slow  # the stopped run's fixture: it trains and stops a locked-tower run
 @pytest.mark.parametrize("width", [8, 6], ids=["same shape, new values", "another width"])
 def test_features_changed_between_stop_and_resume_are_refused(stopped, tmp_path, capsys, width):
     """Issue 32.2 and 32.14: new values of the same shape were taken without a word; another
@@ -101,6 +102,7 @@ def test_features_changed_between_stop_and_resume_are_refused(stopped, tmp_path,
     assert not (workdir / "checkpoints_unusable").exists()
 
 
+@pytest.mark.slow  # the stopped run's fixture
 def test_another_device_count_names_the_one_the_checkpoints_were_written_on(stopped, tmp_path):
     """Issue 32.14: resumed on 4 devices (no --num-devices: all the machine has) a run written
     on 8 was told its checkpoints were unusable. A process of its own: the device count is
@@ -125,6 +127,7 @@ def test_check_same_run_passes_checkpoints_without_recorded_inputs():
                             {"devices": 4})  # fmt: skip
 
 
+@pytest.mark.slow  # the stopped run's fixture
 def test_a_finished_run_says_so_and_leaves_no_lock_and_one_naming(stopped, tmp_path, capsys):
     """Small snags of issue 32: the command of a finished run printed its summary again
     without saying it was finished; a clean exit left an empty ``run.lock.0``; TensorBoard's

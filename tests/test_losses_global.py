@@ -203,6 +203,7 @@ def _valid(seed: int, rows: int, use: bool):
     return v.at[0].set(True).at[1].set(True)  # at least two valid pairs
 
 
+@pytest.mark.slow  # a hypothesis sweep, like the other losses'; the fixed cases stay quick
 def test_tiled_matches_reference():
     """Drawn batches, extra negatives, masks, tilings (mostly ragged), temperatures
     (scalar and per anchor), rates and states against the float64 reference."""
@@ -289,6 +290,7 @@ def check_ring(n, local_batch, dim, block, temperature, seed, opts, per_anchor, 
     assert_matches((v, new, (dx, dy, dh)), (vr, newr, (dxr, dyr, dhr)), x, y_ring, hp, what)
 
 
+@pytest.mark.slow  # a hypothesis sweep (test_every_ring_size stays quick)
 def test_ring_matches_reference():
     """Drawn ring sizes, local batches, options and tilings of each device's block."""
     drawn = []

@@ -18,8 +18,13 @@ from contrastive.step_configs import LossConfig, OptimConfig, TrainConfig
 N, B, D, K, F = 2, 8, 8, 2, 4
 
 
-@pytest.mark.parametrize("chunk", [None, 4])
-@pytest.mark.parametrize("name", ["infonce", "sigmoid", "decoupled"])
+# Quick: each loss once, with and without the cache between them; the rest in the full run.
+_QUEUED = [("infonce", 4), ("sigmoid", None), ("decoupled", 4),
+           *(pytest.param(*c, marks=pytest.mark.slow)
+             for c in [("infonce", None), ("sigmoid", 4), ("decoupled", None)])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "chunk"), _QUEUED, ids=lambda v: str(v))
 def test_train_step_with_queue(name, chunk):
     mesh = make_mesh(num_devices=N)
     rngs = nnx.Rngs(0)

@@ -215,7 +215,7 @@ def test_stream_chunks_are_the_rows_of_the_in_memory_batch(kind, data_dir, tmp_p
                 )
                 chunk = source.read(step, k)
                 # A chunk holds x, y, ids and valid (a batch also example_ids, None here).
-                assert batch.example_ids is None
+                assert len(batch) == 5 and batch[4] is None  # example_ids
                 for name, got, want in zip(
                     ("x", "y", "ids", "valid"), chunk, batch[:4], strict=True
                 ):

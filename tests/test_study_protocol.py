@@ -268,6 +268,7 @@ def _fake_train(calls: list, pace: float = 1.0):
     return train
 
 
+@pytest.mark.slow  # a whole toy study with a stand-in trainer
 def test_the_whole_protocol_reads_validation_and_reports_censored_cells(tmp_path, monkeypatch):
     """The study end to end with a stand-in trainer whose validation and test metrics prefer
     different rates: the targets come from the pilots, the grid extends to bracket the best
@@ -393,6 +394,7 @@ def test_the_noise_stage_compares_the_checkpoint_nearest_each_target():
     assert got == {3.0: "at the harder target", 3.5: "middle"}  # 90 and 55 -> 60
 
 
+@pytest.mark.slow  # a toy study and two main jobs with a stand-in trainer
 def test_the_main_job_reruns_the_committed_seeds_and_checks_them_one_by_one(tmp_path, monkeypatch):
     """The main job's default reruns every seed of a committed five-seed study, compares each
     cell in units of the seeds' standard error and says whether every rerun seed took exactly

@@ -360,6 +360,7 @@ def test_bench_locked_step_imports_no_data_pipeline():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["infonce", "sigmoid"])  # decoupled: infonce's code path
 def test_bench_locked_step_is_the_librarys_step(loss):
     """The benchmark's towers and step are the library's: the same parameters and

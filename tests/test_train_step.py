@@ -83,8 +83,12 @@ def reference_loss_and_grads(params, batch, key, *, graphdef, config, mesh):
     return jax.value_and_grad(f, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
-@pytest.mark.parametrize("num_devices", [1, 8])
+# Quick: one device without dropout and eight with it; the other two pairs in the full run.
+_CACHED = [(1, False), (8, True), *(pytest.param(*c, marks=pytest.mark.slow)
+                                   for c in [(1, True), (8, False)])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("num_devices", "dropout"), _CACHED, ids=lambda v: str(v))
 @pytest.mark.parametrize("loss_name", list(LOSS_CONFIGS))
 def test_cached_gradients_equal_plain(loss_name, num_devices, dropout):
     """Same batch, same per-chunk keys: the cached step's loss and gradients are the plain ones.
