@@ -215,7 +215,7 @@ def test_two_tower_run_draws_whole_clusters_of_rendered_images(tmp_path):
     text tower, with two extra captions one attribute away per image (--hard-negatives 2):
     the loss gets every caption row's id, in the ring layout."""
     from contrastive.data.captioned_shapes import CaptionedShapes, caption_id, decode
-    from contrastive.data.pipeline import _own_token_arrays, get_spec
+    from contrastive.data.pipeline import get_spec, own_token_arrays
 
     rec = Recorder()
     argv = ["--workdir", str(tmp_path), *TWO_TOWER, "--cluster-tower", "text",
@@ -225,7 +225,7 @@ def test_two_tower_run_draws_whole_clusters_of_rendered_images(tmp_path):
     src = CaptionedShapes("train")
     for s in (2, 5):  # a random batch and a clustered one
         x, y, ids = rec.batches[s]
-        want = _own_token_arrays(get_spec("shapes"), [src[int(i)] for i in rec.rows[s]])
+        want = own_token_arrays(get_spec("shapes"), [src[int(i)] for i in rec.rows[s]])
         np.testing.assert_array_equal(x, want["image"])
         # 8 devices: each holds its 4 images' captions, then their 8 hard negatives.
         assert y.shape[0] == ids.shape[0] == 3 * 32
