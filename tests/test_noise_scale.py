@@ -25,7 +25,7 @@ from contrastive.measure import per_example_noise as pe
 from contrastive.mesh import make_mesh, shard_batch
 from contrastive.models import DualEncoder, MLPEncoder
 from contrastive.run import loop
-from contrastive.run.checkpoint_noise import measure_checkpoint
+from contrastive.run.noise_meter import measure_checkpoint
 from contrastive.step.optim import make_optimizer
 from contrastive.step.step_loss import make_loss_fn
 from contrastive.step.train_step import (

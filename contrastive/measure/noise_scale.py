@@ -73,12 +73,12 @@ single batches of 64, which does include the cross part, agreed with the fixed-b
 (405 +- 25 against 427 +- 13; the per-example estimate 511 +- 25). They agree only where
 the cross part is negligible (a loss without negatives); the split is kept as a diagnostic
 whose exact sum is tested, and the meter and
-:func:`~contrastive.run.checkpoint_noise.measure_checkpoint` use the fixed-batch
+:func:`~contrastive.run.noise_meter.measure_checkpoint` use the fixed-batch
 estimator.
 
 Example, at a checkpoint of a run (its own batches, no update)::
 
-    # measure_checkpoint: contrastive.run.checkpoint_noise; cfg: the run's Config
+    # measure_checkpoint: contrastive.run.noise_meter; cfg: the run's Config
     est = measure_checkpoint(cfg, num_batches=32)
     est.b_simple, est.variance, est.g2, est.variance_se
     combine([est_seed0, est_seed1, est_seed2]).b_simple  # averaged before dividing

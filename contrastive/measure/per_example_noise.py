@@ -5,7 +5,7 @@ The batch gradient of a contrastive loss is an exact sum of per-example contribu
 ``g_B = sum_i c_i`` (:func:`per_example_grads`); the spread of ``B c_i`` over one batch is a
 second estimate of ``tr(Sigma)`` (:func:`per_example_noise_scale`). It misses the cross part
 of each example's influence (the module docstring of :mod:`contrastive.measure.noise_scale`
-says why), so the meter and :func:`contrastive.run.checkpoint_noise.measure_checkpoint` use
+says why), so the meter and :func:`contrastive.run.noise_meter.measure_checkpoint` use
 the fixed-batch estimator; this one is kept as a diagnostic whose exact sum is tested.
 """
 

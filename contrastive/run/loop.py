@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
 from contrastive.data.pipeline import lower_is_better, target_reached
-from contrastive.measure.noise_scale import fixed_batch_noise_scale, make_gradient_fn
 from contrastive.run.assemble import Setup, setup
 from contrastive.run.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.run.hosts import Watchdog, start
 from contrastive.run.metric_writers import TensorBoardWriter
+from contrastive.run.noise_meter import NoiseMeter
 from contrastive.run.orbax_logs import one_line
 from contrastive.run.run_guard import MetricsLog, StopSignals, WorkdirLock, WorkdirLockedError
 from contrastive.settings import unwritable_reason
@@ -220,7 +220,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     end = start if meta.get("reached_target") else cfg.steps
     target = parse_stop_at(r.stop_at)
     evaluate_at = geometric_steps(r.eval_growth, cfg.steps)
-    noise = _NoiseMeter(cfg, s) if r.noise_scale_every else None
+    noise = NoiseMeter(cfg, s) if r.noise_scale_every else None
     inputs = s.make_inputs()
     if meta:
         inputs.set_state(meta["data"])
@@ -382,53 +382,6 @@ def geometric_steps(growth: float, total: int) -> frozenset[int]:
         steps.add(math.ceil(g - 1e-9))
         g *= growth
     return frozenset(steps)
-
-
-class _NoiseMeter:
-    """The gradient noise scale of a run (McCandlish et al. 2018, Appendix A), every K steps.
-
-    The fixed-batch estimator (:func:`contrastive.measure.noise_scale.fixed_batch_noise_scale`): at
-    the parameters after a measured step ``s``, the full gradients (before clipping; the
-    step's own gradient cache, ring and loss) of ``m = --noise-batches`` batches of the run's
-    batch size ``B``, those of steps ``s + 1 .. s + m`` (drawn from a second copy of the run's
-    input pipeline, so the training batches are untouched; not yet trained on), give
-    ``V = sum_j |g_j - gbar|^2 / (m - 1)``, ``|G|^2 = |gbar|^2 - V/m`` and
-    ``B_simple = B V / |G|^2``. Each measurement stands alone (a pure function of the step's
-    parameters, seed and step: a resumed run logs the same values, and
-    :func:`contrastive.run.checkpoint_noise.measure_checkpoint` at checkpoint ``s`` gives them too);
-    average ``noise_trace`` and ``noise_g2`` over measurements before dividing
-    (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
-    batch per measurement.
-    """
-
-    def __init__(self, cfg: Config, s: Setup):
-        self.grad = make_gradient_fn(s.graphdef, cfg.train, s.mesh)
-        self.inputs = s.make_inputs()
-        self.m, self.b = cfg.run.noise_batches, cfg.run.batch_size
-
-    def measure(self, step: int, state, key) -> dict[str, float]:
-        params, queue = state.params, state.queue
-
-        def batches():
-            for t in range(step + 1, step + 1 + self.m):
-                yield t, self.inputs.for_step(t, params)[0]
-
-        def grad(item):
-            t, batch = item  # the key the step of batch t folds in (its dropout)
-            return self.grad(params, batch, jax.random.fold_in(key, t - 1), queue)
-
-        est = fixed_batch_noise_scale(grad, batches(), batch_size=self.b, num_batches=self.m)
-        return {
-            "noise_batches": self.m,
-            "noise_variance": est.variance,
-            "noise_variance_se": est.variance_se,
-            "noise_g2": est.g2,
-            "noise_trace": est.trace,
-            "noise_b_simple": est.b_simple,
-        }
-
-    def close(self) -> None:
-        self.inputs.close()
 
 
 def _train_on_hosts(cfg: Config, on_second_signal: str) -> list[dict]:

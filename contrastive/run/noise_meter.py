@@ -1,4 +1,6 @@
-"""The gradient noise scale of a run at one of its checkpoints (its own batches, no update).
+"""The gradient noise scale of a run: every K steps while it trains (:class:`NoiseMeter`,
+``--noise-scale-every``) and at one of its checkpoints (:func:`measure_checkpoint`); its own
+batches, no update.
 
 :func:`measure_checkpoint` restores a checkpoint of a run, draws the batches the run would
 train on next and measures the fixed-batch noise scale
@@ -14,12 +16,12 @@ from typing import Any
 
 import jax
 
-from contrastive.configs import ConfigError, differences
+from contrastive.configs import Config, ConfigError, differences
 from contrastive.measure.noise_scale import NoiseEstimate, fixed_batch_noise_scale, make_gradient_fn
-from contrastive.run.assemble import setup
+from contrastive.run.assemble import Setup, setup
 from contrastive.run.checkpoint import Checkpointer
 
-__all__ = ["measure_checkpoint"]
+__all__ = ["NoiseMeter", "measure_checkpoint"]
 
 
 def measure_checkpoint(
@@ -97,3 +99,50 @@ def measure_checkpoint(
         return fixed_batch_noise_scale(grad_fn, batches(), batch_size=b, num_batches=num_batches)
     finally:
         inputs.close()
+
+
+class NoiseMeter:
+    """The gradient noise scale of a run (McCandlish et al. 2018, Appendix A), every K steps.
+
+    The fixed-batch estimator (:func:`contrastive.measure.noise_scale.fixed_batch_noise_scale`): at
+    the parameters after a measured step ``s``, the full gradients (before clipping; the
+    step's own gradient cache, ring and loss) of ``m = --noise-batches`` batches of the run's
+    batch size ``B``, those of steps ``s + 1 .. s + m`` (drawn from a second copy of the run's
+    input pipeline, so the training batches are untouched; not yet trained on), give
+    ``V = sum_j |g_j - gbar|^2 / (m - 1)``, ``|G|^2 = |gbar|^2 - V/m`` and
+    ``B_simple = B V / |G|^2``. Each measurement stands alone (a pure function of the step's
+    parameters, seed and step: a resumed run logs the same values, and
+    :func:`measure_checkpoint` at checkpoint ``s`` gives them too);
+    average ``noise_trace`` and ``noise_g2`` over measurements before dividing
+    (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
+    batch per measurement.
+    """
+
+    def __init__(self, cfg: Config, s: Setup):
+        self.grad = make_gradient_fn(s.graphdef, cfg.train, s.mesh)
+        self.inputs = s.make_inputs()
+        self.m, self.b = cfg.run.noise_batches, cfg.run.batch_size
+
+    def measure(self, step: int, state, key) -> dict[str, float]:
+        params, queue = state.params, state.queue
+
+        def batches():
+            for t in range(step + 1, step + 1 + self.m):
+                yield t, self.inputs.for_step(t, params)[0]
+
+        def grad(item):
+            t, batch = item  # the key the step of batch t folds in (its dropout)
+            return self.grad(params, batch, jax.random.fold_in(key, t - 1), queue)
+
+        est = fixed_batch_noise_scale(grad, batches(), batch_size=self.b, num_batches=self.m)
+        return {
+            "noise_batches": self.m,
+            "noise_variance": est.variance,
+            "noise_variance_se": est.variance_se,
+            "noise_g2": est.g2,
+            "noise_trace": est.trace,
+            "noise_b_simple": est.b_simple,
+        }
+
+    def close(self) -> None:
+        self.inputs.close()
