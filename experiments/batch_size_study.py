@@ -37,6 +37,14 @@ from experiments.study import report, stages
 from experiments.study.harness import StudyStopped
 from experiments.study.noise_scale import noise_markdown, run_noise
 from experiments.study.settings import from_flags
+from experiments.study.small_batches import (
+    ARM_SIZES,
+    ARMS,
+    BUDGET_EXAMPLES,
+    check_small_batches,
+    run_small_batches,
+    small_batches_markdown,
+)
 from experiments.study.steps_to_target import committed_cells, reproduce, rerun_seeds, run_study
 
 STEM = "batch_size_study"
@@ -52,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="measure the gradient noise scale B_simple on the committed study's "
                       "runs (B = 256 and 1,024, seeds 1-5, m = 32 batches at three "
                       "checkpoints) and set it beside the fitted B_crit")  # fmt: skip
+    mode.add_argument("--small-batches", action="store_true",
+                      help="SogCLR and iSogCLR (global-infonce) against InfoNCE, its queue and "
+                      "a larger InfoNCE batch at B = 64 and 256: rates tuned on seed 0, seeds "
+                      "1-5 at a fixed budget (experiments/study/small_batches.py)")  # fmt: skip
+    p.add_argument("--small-batch-arms", type=name_list, default=list(ARMS),
+                   help="--small-batches: the arms to train (processes on one --out may split "
+                   "them; a last call with every arm reads their runs back and writes the "
+                   "whole report)")  # fmt: skip
+    p.add_argument("--budget-examples", type=int, default=BUDGET_EXAMPLES,
+                   help="--small-batches: training examples of every seed run")  # fmt: skip
     p.add_argument("--rates", default=str(COMMITTED), type=path,
                    help="the committed tuned study that the main job and --noise-scale read "
                    "(its rates, steps and fits)")  # fmt: skip
@@ -91,9 +109,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     stem = f"{STEM}_full" if args.full else STEM if tuning else f"{STEM}_main"
     if args.noise_scale:
         stem = f"{STEM}_noise"
+    if args.small_batches:
+        stem = f"{STEM}_small_batches"
+        sizes = s.batch_sizes if s.preset == "custom" else ARM_SIZES
+        check_small_batches(args.small_batch_arms, sizes, s.train_examples, args.budget_examples)
     if not tuning:  # the committed study must answer for every cell before any run
         committed = committed_cells(args.rates, s.run_losses, s.batch_sizes)["study"]
-        if not args.noise_scale:
+        if not (args.noise_scale or args.small_batches):
             rerun_seeds(s, committed, args.rates)
     out = run_dir.create(stem, args.out)
     s = dataclasses.replace(s, out=out, feature_cache=s.feature_cache or str(out / "features"))
@@ -121,13 +143,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
         record = run_noise(s, study, {**record, "rates": str(args.rates)})
         text = noise_markdown(record)
         names = [f"{stem}.{ext}" for ext in ("json", "md")]
+    elif args.small_batches:
+        study = committed_cells(args.rates, ["infonce"], [])["study"]
+        record = run_small_batches(s, study, args.small_batch_arms, args.budget_examples,
+                                   {**record, "rates": str(args.rates)})  # fmt: skip
+        text = small_batches_markdown(record)
+        names = [f"{stem}.{ext}" for ext in ("json", "md")]
     else:
         record = reproduce(s, args.rates, {**record, "rates": str(args.rates)})
         text = report.reproduction_markdown(record)
         names = [f"{stem}.{ext}" for ext in ("json", "md")]
     (out / f"{stem}.md").write_text(text)
     write_json(out / f"{stem}.json", record)
-    if args.update_results and (tuning or args.noise_scale):
+    if args.update_results and (tuning or args.noise_scale or args.small_batches):
         run_dir.publish(out, names)
     print(text)
     print(f"run directory: {out}")

@@ -36,7 +36,8 @@ import numpy as np
 from experiments.study import protocol as P
 from experiments.study.protocol import INTERVAL, RESIDUAL_FLAG
 
-__all__ = ["fit_log", "model_steps", "geometric_mean", "resampled_geomean", "fit_cells", "interval"]
+__all__ = ["fit_log", "model_steps", "geometric_mean", "resampled_geomean", "small_sample_scale",
+           "fit_cells", "interval"]  # fmt: skip
 
 
 def model_steps(fit: dict[str, Any], batch_size: float) -> float:
@@ -126,11 +127,13 @@ def resampled_geomean(steps: Sequence[float], rng: np.random.Generator) -> float
     logs = np.log(np.asarray(steps, np.float64))
     n = len(logs)
     pick = logs[rng.integers(0, n, size=n)]
-    return float(np.exp(logs.mean() + _small_sample_scale(n) * (pick.mean() - logs.mean())))
+    return float(np.exp(logs.mean() + small_sample_scale(n) * (pick.mean() - logs.mean())))
 
 
 @functools.cache
-def _small_sample_scale(n: int) -> float:
+def small_sample_scale(n: int) -> float:
+    """The factor by which a bootstrap resample's deviation is widened for ``n`` seeds (see
+    :func:`resampled_geomean`): ``sqrt(n / (n - 1)) t_{n-1} / z``."""
     if n < 2:
         return 1.0
     from scipy import stats

@@ -65,12 +65,14 @@ class StudySettings:
 def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
     """The typed settings of a call; ConfigError (one line) for any that cannot run."""
     tuning = args.tune or args.full
+    # The small-batches stage tunes its arms' rates and trains seeds: a toy one may shorten both.
+    toy_ok = tuning or getattr(args, "small_batches", False)
     preset_name = "full" if args.full else "reduced"
     preset = P.PRESETS[preset_name]
     given = [f for f in TOY_ONLY if any(a == f or a.startswith(f + "=") for a in argv)]
-    main_job = not (tuning or getattr(args, "noise_scale", False))
+    main_job = not (toy_ok or getattr(args, "noise_scale", False))
     given = [f for f in given if not (f == "--seeds" and main_job)]  # which seeds it reruns
-    if given and not tuning:
+    if given and not toy_ok:
         raise ConfigError(f"{given[0]} applies to a tuned study: add --tune (or drop it)")
     for flag, names in (("--losses", args.losses), ("--run-losses", args.run_losses or [])):
         unknown = [x for x in names if x not in LOSS_NAMES]
@@ -116,7 +118,7 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
         pilot_steps=args.pilot_steps,
         main_seeds=None if tuning or args.seeds is None else tuple(args.seeds),
     )
-    if args.update_results and not (tuning or getattr(args, "noise_scale", False)):
+    if args.update_results and not (toy_ok or getattr(args, "noise_scale", False)):
         raise ConfigError(
             "--update-results: the main job publishes nothing (it checks the committed "
             "study); use it with --tune, --full or --noise-scale"
