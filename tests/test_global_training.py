@@ -253,3 +253,20 @@ def test_a_batch_without_example_ids_is_refused():
     x = np.zeros((B, F), np.float32)
     with pytest.raises(ValueError, match="needs each row's example id"):
         step(state, shard_batch(Batch(x, x), mesh), None)
+
+
+@pytest.mark.parametrize("individual", [False, True])
+def test_a_run_on_one_device_trains(data_dir, tmp_path, individual):
+    # On one device placing the state keeps its buffers as they are: two fields that shared
+    # one (both directions' u, or τ) were donated twice and the first step failed.
+    flags = [f for f in TINY if f not in ("--individual-temperature",)]
+    flags = flags[: flags.index("--num-devices")]
+    args = ["--workdir", str(tmp_path / "w"), "--data-dir", data_dir, *flags,
+            "--num-devices", "1", "--steps", "2", "--checkpoint-every", "2"]  # fmt: skip
+    if individual:
+        args.append("--individual-temperature")
+    else:
+        args = [a for a in args if a not in ("--rho", "0.1", "--temperature-lr", "0.01")]
+    records = loop.train(parse_config(args))
+    assert [r["step"] for r in records if "loss" in r][-1] == 2
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)

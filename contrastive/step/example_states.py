@@ -103,13 +103,18 @@ def init_example_state(
     """The state before any step: ``log u = LOG_U_EMPTY`` (``u = 0``), ``τ_i`` the initial
     temperature (clipped to the bounds)."""
     rows = -(-num_examples // devices) * devices
-    log_u = jnp.full((rows,), LOG_U_EMPTY, jnp.float32)
-    tau = None
-    if cfg.individual_temperature:
-        t0 = min(max(init_temperature, cfg.min_temperature), cfg.max_temperature)
-        tau = jnp.full((rows,), t0, jnp.float32)
+    t0 = min(max(init_temperature, cfg.min_temperature), cfg.max_temperature)
+
+    # One buffer per field: the step donates the state, and a buffer two fields shared
+    # (placing it on one device keeps it shared) would be donated twice.
+    def log_u() -> jax.Array:
+        return jnp.full((rows,), LOG_U_EMPTY, jnp.float32)
+
+    def tau() -> jax.Array | None:
+        return jnp.full((rows,), t0, jnp.float32) if cfg.individual_temperature else None
+
     both = cfg.symmetric
-    return ExampleState(log_u, log_u if both else None, tau, tau if both else None)
+    return ExampleState(log_u(), log_u() if both else None, tau(), tau() if both else None)
 
 
 def example_shardings(state: ExampleState, mesh: Mesh) -> ExampleState:

@@ -186,8 +186,7 @@ def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], bu
             if arm == "infonce":
                 rates[(arm, b)] = {"learning_rate": cells[b]["learning_rate"], "from": "committed"}
                 continue
-            cap = max(r["cap"] for r in committed["rows"]
-                      if (r["loss"], r["batch_size"]) == ("infonce", b))  # fmt: skip
+            cap = cells[b]["cap"]  # the committed InfoNCE cell's (its pilot's rule)
             rows = _tune(s, study, arm, b, [harder], cap)
             tuning += rows
             pick = choose(rows, [harder])[str(harder)]
