@@ -38,12 +38,12 @@ from experiments.study.harness import StudyStopped
 from experiments.study.noise_scale import noise_markdown, run_noise
 from experiments.study.settings import from_flags
 from experiments.study.small_batches import (
-    ARM_SIZES,
     ARMS,
     BUDGET_EXAMPLES,
     check_small_batches,
     run_small_batches,
     small_batches_markdown,
+    stage_sizes,
 )
 from experiments.study.steps_to_target import committed_cells, reproduce, rerun_seeds, run_study
 
@@ -111,7 +111,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         stem = f"{STEM}_noise"
     if args.small_batches:
         stem = f"{STEM}_small_batches"
-        sizes = s.batch_sizes if s.preset == "custom" else ARM_SIZES
+        sizes, _ = stage_sizes(s)
         check_small_batches(args.small_batch_arms, sizes, s.train_examples, args.budget_examples)
     if not tuning:  # the committed study must answer for every cell before any run
         committed = committed_cells(args.rates, s.run_losses, s.batch_sizes)["study"]

@@ -75,3 +75,38 @@ def test_a_toy_study_then_the_main_job_reproduces_it(tmp_path, capsys):
     assert {v["answer"] for v in noise["verdicts"]} <= {
         "within 2x", "not within 2x", "not resolved at this precision"}  # fmt: skip
     assert "## The gradient noise scale beside the critical batch size" in capsys.readouterr().out
+
+    # The small-batches stage on the same toy study: arms at B = 32, InfoNCE's large batch
+    # 128; the arms' rates tuned on seed 0, seeds 1-2 at a budget of 2,048 examples.
+    small_out = tmp_path / "small"
+    argv = ["--small-batches", *toy, "--rates", str(tuned / "batch_size_study.json"),
+            "--rate-exponents=0,1", "--seeds", "1,2", "--budget-examples", "2048",
+            "--out", str(small_out)]  # fmt: skip
+    assert batch_size_study.main(argv) == 0
+    small = json.loads((small_out / "batch_size_study_small_batches.json").read_text())
+    assert small["batch_sizes"] == [32] and small["large_batch"] == 128
+    rates = {(r["arm"], r["batch_size"]): r for r in small["rates"]}
+    assert rates[("infonce", 32)]["learning_rate"] == chosen[32]["learning_rate"]
+    assert rates[("infonce", 128)]["learning_rate"] == chosen[128]["learning_rate"]
+    for arm in ("queue", "sogclr", "isogclr"):  # tuned on seed 0 by the study's rule
+        r = rates[(arm, 32)]
+        assert r["from"] == "tuned" and r["exponent"] in r["grid"]
+        assert r["learning_rate"] == pytest.approx(P.rate(32, r["exponent"]))
+    assert {t["seed"] for t in small["tuning"]} == {P.TUNING_SEED}
+    assert {r["seed"] for r in small["rows"]} == {1, 2}  # the tuning seed is in no mean
+    for r in small["rows"]:
+        assert r["cap"] == 2048 // r["batch_size"] and r["final_step"] == r["cap"]
+        assert r["loss"] == ("global-infonce" if "sogclr" in r["arm"] else "infonce")
+    for p in small["summary"]:
+        mine = sorted((r for r in small["rows"] if (r["arm"], r["batch_size"]) ==
+                       (p["arm"], p["batch_size"])), key=lambda r: r["seed"])  # fmt: skip
+        acc = [r["zero_shot_top1"] for r in mine]
+        assert p["accuracy"]["mean"] == pytest.approx(sum(acc) / len(acc))
+        for t, st in p["steps"].items():
+            each = [max(1, r["steps_to"][t] - P.WARMUP_STEPS) if r["steps_to"][t] else None
+                    for r in mine]  # fmt: skip
+            assert st["values"] == each
+            if st.get("geomean") is not None:
+                assert st["examples"] == pytest.approx(st["geomean"] * p["batch_size"])
+    assert {v["answer"] for v in small["verdicts"]} <= {"better", "worse", "not resolved"}
+    assert "Small batch does not harm performance" in capsys.readouterr().out

@@ -124,6 +124,14 @@ def run_to_target(
          "variance_se": r["noise_variance_se"], "b_simple": r["noise_b_simple"]}
         for r in records if "noise_trace" in r
     ]  # fmt: skip
+    if getattr(cfg.run, "adaptive_batch", False):  # the batch path, and what the meter read
+        row["batch_path"] = [
+            [r["step"], r["batch_size"], r["examples"]] for r in records if "examples" in r
+        ]
+        row["meter"] = [
+            [r["step"], r["batch_size"], cfg.run.noise_batches] for r in records
+            if "noise_trace" in r
+        ]  # fmt: skip
     row["time_s"] = round(time.perf_counter() - t0, 1)  # reading a finished run back: seconds
     # The run's own training time from its log (the same whether trained now or read back).
     row["train_s"] = final.get("elapsed_s")

@@ -80,7 +80,7 @@ from experiments.study.settings import StudySettings
 from experiments.study.steps_to_target import cell_steps
 from experiments.study.tuning import choose, end_status, next_exponent
 
-__all__ = ["ARMS", "ARM_SIZES", "BUDGET_EXAMPLES", "LARGE_BATCH", "arm_settings",
+__all__ = ["ARMS", "ARM_SIZES", "stage_sizes", "BUDGET_EXAMPLES", "LARGE_BATCH", "arm_settings",
            "check_small_batches", "run_small_batches", "summarise_arms", "accuracy_match",
            "verdicts", "small_batches_markdown"]  # fmt: skip
 
@@ -114,6 +114,17 @@ def arm_settings(arm: str, batch_size: int, queue_negatives: int = QUEUE_NEGATIV
     if arm == "isogclr":
         return "global-infonce", dict(ISOGCLR)
     raise ConfigError(f"unknown arm {arm!r}: use {', '.join(ARMS)}")
+
+
+def stage_sizes(s: StudySettings) -> tuple[tuple[int, ...], int]:
+    """``(arm batch sizes, InfoNCE's large batch)``: the protocol's, or for a toy study
+    (``--batch-sizes``) all of its sizes but the largest, and the largest."""
+    if s.preset != "custom":
+        return ARM_SIZES, LARGE_BATCH
+    if len(s.batch_sizes) < 2:
+        raise ConfigError("--small-batches with --batch-sizes: give two or more (the arms' and "
+                          "the large batch, the largest)")  # fmt: skip
+    return tuple(s.batch_sizes[:-1]), s.batch_sizes[-1]
 
 
 def check_small_batches(arms: Sequence[str], sizes: Sequence[int], train_examples: int,
@@ -170,10 +181,9 @@ def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], bu
                       record: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Tune the arms' rates, train the seeds at the budget (or read them back), summarise."""
     targets = committed["targets"]["targets"]
-    sizes = s.batch_sizes if s.preset == "custom" else ARM_SIZES
-    large = max(sizes) * 4 if s.preset == "custom" else LARGE_BATCH
+    sizes, large = stage_sizes(s)
     check_small_batches(arms, sizes, s.train_examples, budget)
-    if budget % large or budget // large < 1:
+    if budget % large:
         raise ConfigError(f"--budget-examples {budget} is not a multiple of B = {large}")
     harder = min(targets)
     cells = {b: _committed(committed, b) for b in sorted({*sizes, large})}
