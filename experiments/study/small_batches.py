@@ -30,7 +30,10 @@ Its rules, fixed on 2026-12-07 before any of its runs:
    other arm at each ``B``: the study's rule on the tuning seed 0 (``2^k`` times
    ``4e-3 sqrt(B / 256)``, ``k = -4 .. 2``, the grid extended while the choice sits at an
    end; the fewest steps to the harder target; runs capped at the committed InfoNCE
-   cell's cap).
+   cell's cap). Added the same day, after the queue at ``B = 64`` missed the harder
+   target at every rate of its tuning grid and before any of its seed runs: where no rate
+   reaches the harder target, the rate is chosen for the easier one (the report says so);
+   where none reaches either, the arm is left out at that ``B``.
 4. **Seeds and budget.** Seeds 1-5 (never 0) train every arm at its rate for a fixed budget
    of ``E = 262,144`` examples (4 epochs of the 65,536): ``E / B`` steps, 4,096 at
    ``B = 64``, 1,024 at 256; InfoNCE also at ``B = 1,024`` (256 steps, the committed rate),
@@ -177,6 +180,20 @@ def _tune(s: StudySettings, study: Study, arm: str, b: int, targets: Sequence[fl
     return rows
 
 
+def _chosen(arm: str, b: int, rows: Sequence[dict], targets: Sequence[float]) -> dict:
+    """Rule 3's choice: the rate with the fewest steps to the harder target; where no rate
+    reached it, to the easier one (said in the report); where none reached either, no rate
+    (the arm is left out at that ``B``, and the report says so)."""
+    for t in sorted(targets):
+        k = choose(rows, [t])[str(t)]["exponent"]
+        if k is not None:
+            return {"learning_rate": P.rate(b, k), "exponent": k, "from": "tuned",
+                    "chosen_for": t, "grid": sorted(r["exponent"] for r in rows),
+                    "end_status": end_status(rows, [t])[str(t)]}  # fmt: skip
+    return {"learning_rate": None, "from": "tuned", "grid": sorted(r["exponent"] for r in rows),
+            "chosen_for": None}  # fmt: skip
+
+
 def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], budget: int,
                       record: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Tune the arms' rates, train the seeds at the budget (or read them back), summarise."""
@@ -185,7 +202,6 @@ def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], bu
     check_small_batches(arms, sizes, s.train_examples, budget)
     if budget % large:
         raise ConfigError(f"--budget-examples {budget} is not a multiple of B = {large}")
-    harder = min(targets)
     cells = {b: _committed(committed, b) for b in sorted({*sizes, large})}
     t0 = time.perf_counter()
     study = Study(s.out, P.METRIC, targets)
@@ -197,16 +213,14 @@ def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], bu
                 rates[(arm, b)] = {"learning_rate": cells[b]["learning_rate"], "from": "committed"}
                 continue
             cap = cells[b]["cap"]  # the committed InfoNCE cell's (its pilot's rule)
-            rows = _tune(s, study, arm, b, [harder], cap)
+            for t in sorted(targets):  # the harder first; the easier only if it was missed
+                rows = _tune(s, study, arm, b, [t], cap)  # (runs done already are read back)
+                if choose(rows, [t])[str(t)]["exponent"] is not None:
+                    break
             tuning += rows
-            pick = choose(rows, [harder])[str(harder)]
-            k = pick["exponent"]
-            if k is None:
-                raise ConfigError(f"no tuned rate of {arm} at B = {b} reached {harder:g} within "
-                                  f"its cap {cap}: the stage cannot compare it")  # fmt: skip
-            rates[(arm, b)] = {"learning_rate": P.rate(b, k), "exponent": k, "from": "tuned",
-                               "grid": sorted(r["exponent"] for r in rows),
-                               "end_status": end_status(rows, [harder])[str(harder)]}  # fmt: skip
+            rates[(arm, b)] = _chosen(arm, b, rows, targets)
+    skipped = {k: r for k, r in rates.items() if r.get("learning_rate") is None}
+    rates = {k: r for k, r in rates.items() if k not in skipped}
     if "infonce" in arms:
         rates[("infonce", large)] = {"learning_rate": cells[large]["learning_rate"],
                                      "from": "committed"}  # fmt: skip
@@ -225,6 +239,7 @@ def run_small_batches(s: StudySettings, committed: dict, arms: Sequence[str], bu
         targets=list(targets), seeds=list(s.seeds), isogclr=ISOGCLR,
         queue_negatives=QUEUE_NEGATIVES,
         rates=[{"arm": a, "batch_size": b, **r} for (a, b), r in rates.items()],
+        left_out=[{"arm": a, "batch_size": b, **r} for (a, b), r in skipped.items()],
         tuning=tuning, rows=rows, summary=summary, committed_curve=curve,
         steps_matches=[{"target": float(t), "arm": a, "batch_size": b, "matched_batch": m}
                        for t, ms in matches.items() for (a, b), m in ms.items()],
@@ -458,12 +473,18 @@ def small_batches_markdown(record: dict) -> str:
         "Rates (learning rate; tuned on seed 0 for the harder target, or the committed study's):",
         "",
     ]
+    harder = min(record["targets"])
     for r in record["rates"]:
         how = ("committed" if r["from"] == "committed"
                else f"tuned, 2^{r['exponent']} of the rule's, grid {r['grid']}, "
                f"{r['end_status']}")  # fmt: skip
+        if r.get("chosen_for") not in (None, harder):
+            how += f"; no rate reached {harder:g} within the cap: chosen for {r['chosen_for']:g}"
         lines.append(f"- {ARM_LABELS[r['arm']]}, B = {r['batch_size']}: "
                      f"{r['learning_rate']:.3g} ({how})")  # fmt: skip
+    for r in record.get("left_out", []):
+        lines.append(f"- {ARM_LABELS[r['arm']]}, B = {r['batch_size']}: no rate of the grid "
+                     f"{r['grid']} reached either target within the cap: left out")  # fmt: skip
     match_by = {(m["target"], m["arm"], m["batch_size"]): m["matched_batch"]
                 for m in record["steps_matches"]}  # fmt: skip
     for t in record["targets"]:
