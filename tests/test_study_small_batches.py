@@ -96,3 +96,15 @@ def test_bad_small_batch_flags_are_one_line_before_any_run(flags, message, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rate_is_chosen_for_the_easier_target_only_when_none_reached_the_harder():
+    rows = [{"exponent": k, "steps_to": {"3.0": None, "3.5": s}}
+            for k, s in [(-1, 120), (0, 99), (1, 110)]]  # fmt: skip
+    r = sb._chosen("queue", 64, rows, [3.0, 3.5])
+    assert r["chosen_for"] == 3.5 and r["exponent"] == 0
+    assert r["learning_rate"] == pytest.approx(P.rate(64, 0))
+    rows[2]["steps_to"]["3.0"] = 200  # one rate reached the harder target: that one
+    assert sb._chosen("queue", 64, rows, [3.0, 3.5])["exponent"] == 1
+    missed = [{"exponent": k, "steps_to": {"3.0": None, "3.5": None}} for k in (0, 1)]
+    assert sb._chosen("queue", 64, missed, [3.0, 3.5])["learning_rate"] is None
