@@ -115,23 +115,30 @@ class NoiseMeter:
     :func:`measure_checkpoint` at checkpoint ``s`` gives them too);
     average ``noise_trace`` and ``noise_g2`` over measurements before dividing
     (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
-    batch per measurement.
+    batch per measurement (``m / K`` per step on average).
+
+    With ``--adaptive-batch`` the estimate also decides when the batch grows
+    (:mod:`contrastive.run.adaptive_batch`); the meter then measures at the batch size of the
+    phase it is built for (``s.batch_size``), on the batches that phase trains on next.
     """
 
     def __init__(self, cfg: Config, s: Setup):
         self.grad = make_gradient_fn(s.graphdef, cfg.train, s.mesh)
         self.inputs = s.make_inputs()
-        self.m, self.b = cfg.run.noise_batches, cfg.run.batch_size
+        self.m, self.b = cfg.run.noise_batches, s.batch_size or cfg.run.batch_size
 
-    def measure(self, step: int, state, key) -> dict[str, float]:
+    def measure(self, step: int, state, key, data_step: int | None = None) -> dict[str, float]:
+        """The estimate after loop step ``step``, whose batch was input step ``data_step``
+        (default ``step``; they differ once an adaptive batch has grown)."""
         params, queue = state.params, state.queue
+        first = step if data_step is None else data_step
 
         def batches():
-            for t in range(step + 1, step + 1 + self.m):
-                yield t, self.inputs.for_step(t, params)[0]
+            for j in range(1, 1 + self.m):
+                yield step + j, self.inputs.for_step(first + j, params)[0]
 
         def grad(item):
-            t, batch = item  # the key the step of batch t folds in (its dropout)
+            t, batch = item  # the key loop step t folds in (its dropout)
             return self.grad(params, batch, jax.random.fold_in(key, t - 1), queue)
 
         est = fixed_batch_noise_scale(grad, batches(), batch_size=self.b, num_batches=self.m)
