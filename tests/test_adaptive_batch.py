@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from contrastive.configs import Config, ConfigError, build_parser, differences, parse_config
+from contrastive.data import prepare_digits
 from contrastive.data.pipeline import TableSource, train_examples
 from contrastive.run import adaptive_batch as ab
 from contrastive.run import loop
@@ -184,6 +185,17 @@ def test_refused_combinations_are_one_line_before_training(flags, message, tmp_p
     out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and re.search(message, out[0]), out
     assert not (tmp_path / "w").exists()
+
+
+def test_a_max_batch_beyond_the_training_split_is_one_line_before_training(tmp_path, capsys):
+    data_dir = tmp_path / "tfds"
+    prepare_digits(data_dir)  # 1438 training examples (no --train-examples to check early)
+    argv = ["--workdir", str(tmp_path / "w"), "--data-dir", str(data_dir), "--batch-size", "16",
+            *ADAPTIVE[:-1], "2048", "--model", "mlp", "--no-progress"]  # fmt: skip
+    assert train.main(argv) == 2
+    out = capsys.readouterr().err.strip().splitlines()
+    assert len(out) == 1 and "--max-batch-size 2048 is more than the 1438 training" in out[0]
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 # --------------------------------------------------------------------------- real runs
