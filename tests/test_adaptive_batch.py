@@ -22,6 +22,7 @@ from contrastive.data.pipeline import TableSource, train_examples
 from contrastive.run import adaptive_batch as ab
 from contrastive.run import loop
 from contrastive.run.checkpoint import Checkpointer
+from contrastive.run.noise_meter import measure_checkpoint
 from contrastive.step.optim import make_schedule
 from experiments import train
 
@@ -278,3 +279,14 @@ def test_resume_across_a_growth_gives_identical_losses(whole, features, tmp_path
     assert [[r.get(k) for k in keys] for r in resumed] == [
         [r.get(k) for k in keys] for r in reference
     ]
+
+
+@pytest.mark.slow  # about 10 s
+def test_a_checkpoint_after_a_growth_is_measured_at_its_own_batch(whole):
+    cfg, records = whole
+    logged = next(r for r in records if r["step"] == 6)
+    est = measure_checkpoint(cfg, step=6, num_batches=2)  # what the meter measured after 6
+    assert est.batch_size == 32 == logged["batch_size"]
+    np.testing.assert_allclose(est.variance, logged["noise_variance"], rtol=1e-6)
+    np.testing.assert_allclose(est.g2, logged["noise_g2"], rtol=1e-6)
+    assert measure_checkpoint(cfg, step=4, num_batches=2).batch_size == 16  # before the growth
