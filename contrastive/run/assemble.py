@@ -274,7 +274,7 @@ def setup(cfg: Config) -> Setup:
         step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
     inputs = {"devices": int(mesh.devices.size), **data.inputs}
     resize = None
-    if not (stateful or cfg.train.stream or d.hard_batches):
+    if not (stateful or k or cfg.train.stream or d.hard_batches):  # else B is built in
 
         def resize(batch_size: int, learning_rate: float) -> Setup:
             # The same examples in the same order, cut into batches of the new size.
