@@ -101,6 +101,7 @@ def check_config(cfg: Any) -> None:
         raise ValueError(
             f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: drop one"
         )
+    _check_adaptive(cfg)
     tau, ceiling = cfg.init_temperature, m.max_inverse_temperature
     if ceiling is not None and 1 / tau > ceiling * (1 + 1e-9):
         # The clip would hold the temperature at 1/ceiling from the first step on.
@@ -119,3 +120,51 @@ def check_config(cfg: Any) -> None:
             f"{field_name(cfg.model, 'bias')} is for a loss with a bias (sigmoid), not "
             f"{t.loss.name}: drop it or set {field_name(t.loss, 'name')} sigmoid"
         )
+
+
+def _check_adaptive(cfg: Any) -> None:
+    """``--adaptive-batch``: its settings, and what it cannot grow (what depends on ``B`` from
+    the start)."""
+    r, t, d = cfg.run, cfg.train, cfg.data
+    adaptive = field_name(r, "adaptive_batch")
+    if not r.adaptive_batch:
+        for option, default in (("max_batch_size", None), ("adaptive_factor", 1.0),
+                                ("adaptive_lr", "sqrt")):  # fmt: skip
+            if getattr(r, option) != default:
+                raise ValueError(
+                    f"{field_name(r, option)} is a setting of {adaptive}: add it, or drop "
+                    f"{field_name(r, option)}"
+                )
+        return
+    b, top = r.batch_size, r.max_batch_size
+    if not r.noise_scale_every:
+        raise ValueError(
+            f"{adaptive} grows the batch after the noise scale's measurements: add "
+            f"{field_name(r, 'noise_scale_every')} K (e.g. 10)"
+        )
+    if top is None:
+        raise ValueError(
+            f"{adaptive} needs {field_name(r, 'max_batch_size')}: add it "
+            f"({field_name(r, 'batch_size')} {b} times a power of 2, e.g. {4 * b})"
+        )
+    n = d.train_examples
+    if n is not None and top > n:  # (setup checks a whole split's size)
+        raise ValueError(
+            f"{field_name(r, 'max_batch_size')} {top} is more than the "
+            f"{field_name(d, 'train_examples')} {n}: lower it"
+        )
+    if top <= b or top % b or (top // b) & (top // b - 1):
+        raise ValueError(
+            f"{field_name(r, 'max_batch_size')} {top} must be {field_name(r, 'batch_size')} "
+            f"{b} times a power of 2 (at least 2), e.g. {2 * b} or {4 * b}"
+        )
+    refused = [
+        (t.negative_queue, field_name(t, "negative_queue"), "its queue holds B rows a step"),
+        (t.stream, field_name(t, "stream"), "the streamed inputs are built for one B"),
+        (d.hard_batches, field_name(d, "hard_batches"), "its batches are whole clusters of one B"),
+        (t.loss.name in STATEFUL_LOSSES, f"{field_name(t.loss, 'name')} {t.loss.name}",
+         "the noise meter cannot measure it"),
+    ]  # fmt: skip
+    for on, flag, why in refused:
+        if on:
+            raise ValueError(f"{adaptive} does not combine with {flag} ({why}): drop one")

@@ -61,6 +61,11 @@ __all__ = [
 ]
 
 TEXT_TOWERS = ("transformer", "bag-of-words")
+# The adaptive batch's settings, added after runs were checkpointed: at their defaults they
+# are left out of a run's identity (as GLOBAL_SETTINGS), so that those runs still resume.
+ADAPTIVE_SETTINGS = frozenset(
+    ("adaptive_batch", "max_batch_size", "adaptive_factor", "adaptive_lr")
+)
 # ------------------------------------------------------------------ data, model, run, hosts
 
 
@@ -246,7 +251,8 @@ class RunConfig:
         "m batches of the run's batch size B at the step's parameters give their variance V, "
         "|G|^2 = |mean|^2 - V/m and B_simple = B V / |G|^2 (metrics noise_variance, noise_g2, "
         "noise_trace = B V, noise_b_simple); costs m extra gradient computations per "
-        "measurement; 0: off",
+        "measurement (m/K extra per step on average); with --adaptive-batch the estimate "
+        "also decides when the batch grows; 0: off",
         at_least=0,
         changes_run=False,
     )
@@ -255,6 +261,36 @@ class RunConfig:
         "batches m per noise-scale measurement (at least 2; 32 or more: V within about 25 %%)",
         at_least=2,
         changes_run=False,
+    )
+    adaptive_batch: bool = setting(
+        False,
+        "grow the global batch while the run trains: after a --noise-scale-every measurement "
+        "whose B_simple is at least --adaptive-factor f times the batch B, B becomes B 2^k "
+        "(the largest k >= 1 with B 2^k <= min(--max-batch-size, B_simple / f)), from the "
+        "first step where the examples trained on are a multiple of the new batch (the data "
+        "order stays the same), and the learning rate follows --adaptive-lr; resumes exactly "
+        "across a change",
+    )
+    max_batch_size: int | None = setting(
+        None,
+        "adaptive batch: the largest global batch, --batch-size times a power of 2 (at most "
+        "the training examples)",
+        at_least=2,
+    )
+    adaptive_factor: float = setting(
+        1.0,
+        "adaptive batch: grow when the measured B_simple >= f times the batch. McCandlish et "
+        "al. 2018 predict the critical batch B_crit ~ B_simple (f = 1); our study measured "
+        "B_simple 5-10x below the fitted B_crit for InfoNCE and DCL, so f below 1 (e.g. 0.2) "
+        "grows earlier",
+        positive=True,
+    )
+    adaptive_lr: str = setting(
+        "sqrt",
+        "adaptive batch: the peak learning rate on a growth B -> B': sqrt multiplies it by "
+        "sqrt(B'/B) (the study's tuned rates follow 4e-3 sqrt(B/256) within a factor 2 up to "
+        "B = 1024), linear by B'/B, constant keeps it",
+        choices=("sqrt", "linear", "constant"),
     )
     feature_cache: str | None = setting(
         None,
@@ -382,12 +418,16 @@ class Config:
         A resumed run must agree with its checkpoints on all of these; the others
         (logging, progress, paths, evaluation, ``--stop-after``) may change freely.
         """
-        return {
+        later = GLOBAL_SETTINGS | ADAPTIVE_SETTINGS
+        identity = {
             flag_of(f): value
             for f, value, _ in walk(self)
-            if f.metadata.get("changes_run", True)
-            and not (f.name in GLOBAL_SETTINGS and value == f.default)
+            if f.metadata.get("changes_run", True) and not (f.name in later and value == f.default)
         }
+        if self.run.adaptive_batch:  # the measurements decide when the batch grows
+            identity["--noise-scale-every"] = self.run.noise_scale_every
+            identity["--noise-batches"] = self.run.noise_batches
+        return identity
 
     def with_updates(self, **flags: Any) -> Config:
         """A copy with some settings changed, by flag name (``learning_rate=1e-3``)."""

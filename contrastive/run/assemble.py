@@ -135,6 +135,17 @@ class Setup:
     # What the checkpoints must agree on beyond the settings: the device count and the
     # digests of the inputs the run did not compute (RunData.inputs).
     inputs: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 0  # the global batch make_inputs and step_fn are built for
+    # (batch size, peak learning rate) -> this run at another batch and rate (--adaptive-batch)
+    _resize: Callable[[int, float], Setup] | None = None
+
+    def resize(self, batch_size: int, learning_rate: float) -> Setup:
+        """This run with its inputs and step for another global batch and peak learning
+        rate: the same model, data order, evaluation and state (the optimiser's state fits
+        both), a step compiled for the new shapes (``--adaptive-batch``)."""
+        if self._resize is None:
+            raise ValueError("this run's inputs are built for one batch size")
+        return self._resize(batch_size, learning_rate)
 
     def evaluate(self, params: Any, only: str | None = None) -> dict[str, float]:
         """The evaluation metrics of the model with ``params`` (see ``evaluate_model``)."""
@@ -186,6 +197,11 @@ def setup(cfg: Config) -> Setup:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     eval_data = data.eval
+    if cfg.run.adaptive_batch and cfg.run.max_batch_size > data.num_train:
+        raise ConfigError(
+            f"--max-batch-size {cfg.run.max_batch_size} is more than the {data.num_train} "
+            "training examples: lower it"
+        )
     make_batch = batch_builder(cfg, spec, mesh)
     if stateful:  # each row's index in the training set, for the per-example state
         order = ExampleOrder(data.num_train, cfg.run.seed, data.examples.order)
@@ -257,9 +273,27 @@ def setup(cfg: Config) -> Setup:
     else:
         step_fn = make_train_step(graphdef, cfg.train, mesh, tx=tx)
     inputs = {"devices": int(mesh.devices.size), **data.inputs}
-    return Setup(
-        mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset, inputs
-    )
+    resize = None
+    if not (stateful or k or cfg.train.stream or d.hard_batches):  # else B is built in
+
+        def resize(batch_size: int, learning_rate: float) -> Setup:
+            # The same examples in the same order, cut into batches of the new size.
+            examples = dataclasses.replace(data.examples, global_batch_size=batch_size)
+            optim = dataclasses.replace(cfg.train.optim, learning_rate=learning_rate)
+            train_cfg = dataclasses.replace(cfg.train, optim=optim)
+            new_tx = make_optimizer(optim)
+            return dataclasses.replace(
+                built,
+                make_inputs=lambda: BatchInputs(examples.batches(), make_batch, mesh),
+                step_fn=make_train_step(graphdef, train_cfg, mesh, tx=new_tx),
+                batch_size=batch_size,
+            )
+
+    built = Setup(
+        mesh, spec, make_inputs, eval_data, graphdef, state, key, step_fn, d.dataset, inputs,
+        batch_size=cfg.run.batch_size, _resize=resize,
+    )  # fmt: skip
+    return built
 
 
 def evaluate_untrained(cfg: Config) -> dict[str, float]:

@@ -11,6 +11,12 @@ are a pure function of (seed, step) and, with ``--hard-batches``, of the cluster
 checkpoint holds, and the checkpoint holds the parameters, optimiser state, PRNG key, step
 and data position.
 
+Every record says the step's global ``batch_size`` and the ``examples`` trained on so far.
+With ``--adaptive-batch`` the batch grows after a noise-scale measurement says so, at an
+aligned step, in the same data order (:mod:`contrastive.run.adaptive_batch`: the rule, and
+the phases the checkpoints hold, so that a resume is exact across a change of batch size);
+the loop then trains with the run's inputs and step for the new size (:meth:`Setup.resize`).
+
 >>> from contrastive.configs import Config
 >>> records = train(Config().with_updates(workdir="/tmp/run", steps=2))  # doctest: +SKIP
 >>> records[-1]["linear_probe"]  # doctest: +SKIP
@@ -31,6 +37,7 @@ from tqdm import tqdm
 
 from contrastive.configs import Config, ConfigError, differences, parse_stop_at
 from contrastive.data.pipeline import lower_is_better, target_reached
+from contrastive.run.adaptive_batch import BatchPhases
 from contrastive.run.assemble import Setup, setup
 from contrastive.run.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpointError
 from contrastive.run.hosts import Watchdog, start
@@ -220,8 +227,10 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     end = start if meta.get("reached_target") else cfg.steps
     target = parse_stop_at(r.stop_at)
     evaluate_at = geometric_steps(r.eval_growth, cfg.steps)
-    noise = NoiseMeter(cfg, s) if r.noise_scale_every else None
-    inputs = s.make_inputs()
+    phases = BatchPhases(cfg, meta)  # the batch sizes so far (--adaptive-batch)
+    part = _part_for(s, phases.at(start + 1).batch_size, phases.at(start + 1).learning_rate)
+    noise = NoiseMeter(cfg, part) if r.noise_scale_every else None
+    inputs = part.make_inputs()
     if meta:
         inputs.set_state(meta["data"])
     log = MetricsLog.open(os.path.join(r.workdir, METRICS_FILE), upto_step=start, write=lead)
@@ -259,6 +268,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
             return  # the inputs' state (a clustering with hard batches) costs to encode
         meta = {"step": step, "data": inputs.get_state(), "config": cfg.identity()}
         meta["inputs"] = s.inputs
+        meta.update(phases.meta())
         if reached:
             meta["reached_target"] = True
         tree = {"train": state, "key": key}
@@ -277,8 +287,16 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
     bar = tqdm(total=cfg.steps, initial=start, disable=not (r.progress and lead), desc="train")
     try:
         for step in range(start + 1, end + 1):  # `step` counts completed steps
+            phase = phases.at(step)
+            if phase.batch_size != part.batch_size:  # a grown batch from this step on
+                inputs.close()
+                part = _part_for(s, phase.batch_size, phase.learning_rate)
+                inputs = part.make_inputs()
+                if noise is not None:
+                    noise.close()
+                    noise = NoiseMeter(cfg, part)
             try:
-                batch, input_metrics = inputs.for_step(step, state.params)
+                batch, input_metrics = inputs.for_step(phases.data_step(step), state.params)
             except jax.errors.JaxRuntimeError:
                 raise  # a collective or a refresh on the devices: train() says what happened
             except Exception as e:  # a data file that cannot be read: one line, nothing lost
@@ -290,7 +308,7 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
                 ) from None
             measure = noise is not None and step % r.noise_scale_every == 0
             try:
-                state, m = s.step_fn(state, batch, key)
+                state, m = part.step_fn(state, batch, key)
             except ChunkReadError as e:  # --stream: a chunk unreadable or changed; no update
                 last = ckpt.latest_step()
                 raise RunError(
@@ -315,11 +333,14 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
             last = step == cfg.steps
             do_eval = last or (r.eval_every and step % r.eval_every == 0) or step in evaluate_at
             reached = False
-            if do_eval or measure or step % r.log_every == 0 or step == 1:
-                rec = {"step": step, **values}
+            if do_eval or measure or step % r.log_every == 0 or step == 1 or phases.starts(step):
+                rec = {"step": step, **values, **phases.record(step)}
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
-                if measure:
-                    rec.update(noise.measure(step, state, key))  # the state after this step
+                if measure:  # the state after this step; with --adaptive-batch, maybe a growth
+                    rec.update(noise.measure(step, state, key, phases.data_step(step)))
+                    rec.update(phases.after_measurement(step, rec["noise_b_simple"]))
+                    if "next_batch_size" in rec and lead:
+                        tqdm.write(_growth_line(rec, cfg))
                 if do_eval:
                     # Between the full evaluations, a run stopping at a target checks the
                     # target's metric alone (the geometric schedule's many small checks).
@@ -363,6 +384,21 @@ def _train(cfg: Config, s: Setup, stop: StopSignals, beat, lead: bool) -> list[d
         if tb is not None:
             tb.close()
     return log.records()
+
+
+def _part_for(s: Setup, batch_size: int, learning_rate: float) -> Setup:
+    """The run's inputs and step for a phase: ``s`` itself at its own batch size."""
+    return s if batch_size == s.batch_size else s.resize(batch_size, learning_rate)
+
+
+def _growth_line(rec: dict, cfg: Config) -> str:
+    r = cfg.run
+    return (
+        f"step {rec['step']}: B_simple {rec['noise_b_simple']:.4g} >= {r.adaptive_factor:g} x "
+        f"the batch {rec['batch_size']}: the batch grows to {rec['next_batch_size']} from step "
+        f"{rec['next_batch_from_step']} (peak learning rate {rec['next_learning_rate']:.4g}, "
+        f"--adaptive-lr {r.adaptive_lr})"
+    )
 
 
 def geometric_steps(growth: float, total: int) -> frozenset[int]:

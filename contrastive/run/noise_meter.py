@@ -18,10 +18,16 @@ import jax
 
 from contrastive.configs import Config, ConfigError, differences
 from contrastive.measure.noise_scale import NoiseEstimate, fixed_batch_noise_scale, make_gradient_fn
+from contrastive.run import adaptive_batch as ab
 from contrastive.run.assemble import Setup, setup
 from contrastive.run.checkpoint import Checkpointer
 
 __all__ = ["NoiseMeter", "measure_checkpoint"]
+
+# An adaptive run's settings turned off: a probe of one of its checkpoints at one batch size.
+FIXED_BATCH = dict(
+    adaptive_batch=False, max_batch_size=None, adaptive_factor=1.0, adaptive_lr="sqrt"
+)
 
 
 def measure_checkpoint(
@@ -42,6 +48,10 @@ def measure_checkpoint(
     data, cut into batches of that size; e.g. ``B/4`` and ``4B`` to check that ``B V`` does
     not move with ``B``). Cost: ``num_batches`` gradients of a batch.
 
+    A run whose batch grew (``--adaptive-batch``) is measured at the batch of the
+    checkpoint's phase, on the examples after the checkpoint (what its meter measured after
+    that step); ``batch_size`` cuts those examples at another size.
+
     Example (from the study, per run and checkpoint; then
     :func:`~contrastive.measure.noise_scale.combine` over seeds)::
 
@@ -51,15 +61,11 @@ def measure_checkpoint(
         raise ValueError(f"num_batches must be an integer >= 2, got {num_batches!r}")
     if not os.path.isdir(os.path.join(cfg.run.workdir, "checkpoints")):
         raise ConfigError(f"{cfg.run.workdir} holds no checkpoint to measure")
-    if batch_size is not None and batch_size != cfg.run.batch_size:
-        if cfg.train.negative_queue:
-            raise ConfigError(
-                "batch_size: a run with a negative queue is measured at its own batch size only"
-            )
-        probe_cfg = cfg.with_updates(batch_size=batch_size)
-    else:
-        probe_cfg = cfg
-    if probe_cfg.train.stream or probe_cfg.data.hard_batches:
+    if batch_size is not None and batch_size != cfg.run.batch_size and cfg.train.negative_queue:
+        raise ConfigError(
+            "batch_size: a run with a negative queue is measured at its own batch size only"
+        )
+    if cfg.train.stream or cfg.data.hard_batches:
         raise ConfigError(
             "measure_checkpoint draws whole random batches: not for --stream or --hard-batches"
         )
@@ -71,11 +77,19 @@ def measure_checkpoint(
         at = steps[-1] if step is None else step
         if at not in steps:
             raise ConfigError(f"{cfg.run.workdir} has no checkpoint {at} (it has {steps})")
-        changed = differences(ckpt.read_meta(at).get("config") or {}, cfg.identity())
+        written = ckpt.read_meta(at)
+        changed = differences(written.get("config") or {}, cfg.identity())
         if changed:
             raise ConfigError(
                 f"{cfg.run.workdir} holds a run with other settings ({'; '.join(changed)})"
             )
+        phases = ab.BatchPhases(cfg, written)  # one phase unless the batch grew
+        b = phases.at(at).batch_size if batch_size is None else batch_size
+        probe_cfg = cfg
+        if phases.adaptive:  # a run at one batch size, the checkpoint's or the one asked for
+            probe_cfg = cfg.with_updates(batch_size=b, **FIXED_BATCH)
+        elif b != cfg.run.batch_size:
+            probe_cfg = cfg.with_updates(batch_size=b)
         s = setup(probe_cfg)
         restored, meta = ckpt.restore(at, {"train": s.state, "key": s.key})
     finally:
@@ -84,12 +98,14 @@ def measure_checkpoint(
     grad = make_gradient_fn(s.graphdef, probe_cfg.train, s.mesh)
     inputs = s.make_inputs()
     try:
-        first = int(meta.get("step", at)) + 1
-        b = probe_cfg.run.batch_size
+        done = int(meta.get("step", at))
+        # The input step after the checkpoint: the next examples, cut at b (adaptive), or
+        # the run's next step at b (the batch never changes: as the study measured).
+        first = ab.examples_after(phases.phases, done) // b if phases.adaptive else done
 
         def batches():
-            for t in range(first, first + num_batches):
-                yield t, inputs.for_step(t, state.params)[0]
+            for j in range(1, 1 + num_batches):
+                yield done + j, inputs.for_step(first + j, state.params)[0]
 
         def grad_fn(item):
             t, batch = item
@@ -115,23 +131,30 @@ class NoiseMeter:
     :func:`measure_checkpoint` at checkpoint ``s`` gives them too);
     average ``noise_trace`` and ``noise_g2`` over measurements before dividing
     (:func:`contrastive.measure.noise_scale.combine`). Cost: ``m`` extra gradient computations of a
-    batch per measurement.
+    batch per measurement (``m / K`` per step on average).
+
+    With ``--adaptive-batch`` the estimate also decides when the batch grows
+    (:mod:`contrastive.run.adaptive_batch`); the meter then measures at the batch size of the
+    phase it is built for (``s.batch_size``), on the batches that phase trains on next.
     """
 
     def __init__(self, cfg: Config, s: Setup):
         self.grad = make_gradient_fn(s.graphdef, cfg.train, s.mesh)
         self.inputs = s.make_inputs()
-        self.m, self.b = cfg.run.noise_batches, cfg.run.batch_size
+        self.m, self.b = cfg.run.noise_batches, s.batch_size or cfg.run.batch_size
 
-    def measure(self, step: int, state, key) -> dict[str, float]:
+    def measure(self, step: int, state, key, data_step: int | None = None) -> dict[str, float]:
+        """The estimate after loop step ``step``, whose batch was input step ``data_step``
+        (default ``step``; they differ once an adaptive batch has grown)."""
         params, queue = state.params, state.queue
+        first = step if data_step is None else data_step
 
         def batches():
-            for t in range(step + 1, step + 1 + self.m):
-                yield t, self.inputs.for_step(t, params)[0]
+            for j in range(1, 1 + self.m):
+                yield step + j, self.inputs.for_step(first + j, params)[0]
 
         def grad(item):
-            t, batch = item  # the key the step of batch t folds in (its dropout)
+            t, batch = item  # the key loop step t folds in (its dropout)
             return self.grad(params, batch, jax.random.fold_in(key, t - 1), queue)
 
         est = fixed_batch_noise_scale(grad, batches(), batch_size=self.b, num_batches=self.m)
