@@ -13,6 +13,12 @@ metric (validation zero-shot cross-entropy), targets every batch size clears wit
 rates pinned inside a self-extending grid, five seeds that did not tune, log-space fits with
 seed-bootstrap intervals, verdicts only where intervals separate.
 
+Stages on the committed study (its targets, rates and runs), each with its rules fixed
+before its runs in its module: ``--noise-scale`` (B_simple beside B_crit,
+:mod:`experiments.study.noise_scale`), ``--small-batches`` (SogCLR and iSogCLR against
+InfoNCE, :mod:`experiments.study.small_batches`), ``--adaptive-batch`` (a batch that grows
+with B_simple against fixed ones, :mod:`experiments.study.adaptive_batch`).
+
 ``--stage fixed-budget|arms`` runs a stage at protocol version 1's rates
 (:mod:`experiments.study.stages`, its own flags).
 
@@ -34,6 +40,7 @@ from experiments.common.cli import command_parser, directory, int_list, name_lis
 from experiments.common.reports import stack_record, write_json
 from experiments.study import protocol as P
 from experiments.study import report, stages
+from experiments.study.adaptive_batch import adaptive_markdown, run_adaptive
 from experiments.study.harness import StudyStopped
 from experiments.study.noise_scale import noise_markdown, run_noise
 from experiments.study.settings import from_flags
@@ -64,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SogCLR and iSogCLR (global-infonce) against InfoNCE, its queue and "
                       "a larger InfoNCE batch at B = 64 and 256: rates tuned on seed 0, seeds "
                       "1-5 at a fixed budget (experiments/study/small_batches.py)")  # fmt: skip
+    mode.add_argument("--adaptive-batch", action="store_true",
+                      help="an adaptive batch size (B = 64 growing to 4,096 by the measured "
+                      "B_simple, two growth factors, seeds 1-5) against the committed fixed "
+                      "batch sizes (experiments/study/adaptive_batch.py)")  # fmt: skip
     p.add_argument("--small-batch-arms", type=name_list, default=list(ARMS),
                    help="--small-batches: the arms to train (processes on one --out may split "
                    "them; a last call with every arm reads their runs back and writes the "
@@ -109,13 +120,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     stem = f"{STEM}_full" if args.full else STEM if tuning else f"{STEM}_main"
     if args.noise_scale:
         stem = f"{STEM}_noise"
+    if args.adaptive_batch:
+        stem = f"{STEM}_adaptive"
     if args.small_batches:
         stem = f"{STEM}_small_batches"
         sizes, _ = stage_sizes(s)
         check_small_batches(args.small_batch_arms, sizes, s.train_examples, args.budget_examples)
     if not tuning:  # the committed study must answer for every cell before any run
         committed = committed_cells(args.rates, s.run_losses, s.batch_sizes)["study"]
-        if not (args.noise_scale or args.small_batches):
+        if not (args.noise_scale or args.small_batches or args.adaptive_batch):
             rerun_seeds(s, committed, args.rates)
     out = run_dir.create(stem, args.out)
     s = dataclasses.replace(s, out=out, feature_cache=s.feature_cache or str(out / "features"))
@@ -143,6 +156,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
         record = run_noise(s, study, {**record, "rates": str(args.rates)})
         text = noise_markdown(record)
         names = [f"{stem}.{ext}" for ext in ("json", "md")]
+    elif args.adaptive_batch:
+        study = committed_cells(args.rates, ["infonce"], [])["study"]
+        record = run_adaptive(s, study, {**record, "rates": str(args.rates)})
+        text = adaptive_markdown(record)
+        names = [f"{stem}.{ext}" for ext in ("json", "md")]
     elif args.small_batches:
         study = committed_cells(args.rates, ["infonce"], [])["study"]
         record = run_small_batches(s, study, args.small_batch_arms, args.budget_examples,
@@ -155,7 +173,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         names = [f"{stem}.{ext}" for ext in ("json", "md")]
     (out / f"{stem}.md").write_text(text)
     write_json(out / f"{stem}.json", record)
-    if args.update_results and (tuning or args.noise_scale or args.small_batches):
+    stage = args.noise_scale or args.small_batches or args.adaptive_batch
+    if args.update_results and (tuning or stage):
         run_dir.publish(out, names)
     print(text)
     print(f"run directory: {out}")

@@ -162,7 +162,8 @@ def _verdicts(entry: dict) -> list[str]:
             else:
                 answer = "not resolved"
             label = "fewest steps" if name == "fewest_steps" else "fewest examples"
-            out.append(f"{what} to {entry['target']:g}: {answer} than fixed B = "
+            against = "against" if answer == "not resolved" else "than"
+            out.append(f"{what} to {entry['target']:g}: {answer} {against} fixed B = "
                        f"{f['batch_size']} (the {label})")  # fmt: skip
     return out
 

@@ -66,7 +66,9 @@ def from_flags(args: argparse.Namespace, argv: Sequence[str]) -> StudySettings:
     """The typed settings of a call; ConfigError (one line) for any that cannot run."""
     tuning = args.tune or args.full
     # The small-batches stage tunes its arms' rates and trains seeds: a toy one may shorten both.
-    toy_ok = tuning or getattr(args, "small_batches", False)
+    toy_ok = (
+        tuning or getattr(args, "small_batches", False) or getattr(args, "adaptive_batch", False)
+    )
     preset_name = "full" if args.full else "reduced"
     preset = P.PRESETS[preset_name]
     given = [f for f in TOY_ONLY if any(a == f or a.startswith(f + "=") for a in argv)]
