@@ -102,6 +102,7 @@ def check_config(cfg: Any) -> None:
             f"{field_name(t, 'stream')} does not combine with {field_name(d, flag)} yet: drop one"
         )
     _check_adaptive(cfg)
+    _check_global_temperature(cfg)
     tau, ceiling = cfg.init_temperature, m.max_inverse_temperature
     if ceiling is not None and 1 / tau > ceiling * (1 + 1e-9):
         # The clip would hold the temperature at 1/ceiling from the first step on.
@@ -168,3 +169,32 @@ def _check_adaptive(cfg: Any) -> None:
     for on, flag, why in refused:
         if on:
             raise ValueError(f"{adaptive} does not combine with {flag} ({why}): drop one")
+
+
+def _check_global_temperature(cfg: Any) -> None:
+    """The global loss's temperature can only be learned with a DRO radius ``ρ > 0``.
+
+    Its objective ``τ log ĝ_i`` (``ĝ_i`` the mean of ``exp((h_ij − h_ii)/τ)`` over the
+    negatives) falls as ``τ`` rises: its ``τ``-gradient is ``H(p_i) − log N_i + ρ``, with
+    ``H(p_i) ≤ log N_i`` the entropy of the softmax over the ``N_i`` negatives. At ``ρ = 0``
+    a learned global temperature grows without bound (measured: 0.1 to 28,000 in 2,700
+    steps) and every individual ``τ_i`` climbs to its upper bound; ``ρ > 0`` gives them an
+    equilibrium where ``H(p_i) = log N_i − ρ``. SogCLR itself fixes ``τ``.
+    """
+    t, m = cfg.train, cfg.model
+    if t.loss.name not in STATEFUL_LOSSES or t.loss.rho > 0:
+        return
+    if t.loss.individual_temperature:
+        raise ValueError(
+            f"{field_name(t.loss, 'individual_temperature')} needs {field_name(t.loss, 'rho')} "
+            "> 0: at rho 0 the global loss falls as a temperature rises (its gradient "
+            "H(p_i) - log N_i <= 0), so every tau_i climbs to "
+            f"{field_name(t.loss, 'max_temperature')}; set --rho (iSogCLR's DRO radius, e.g. 1)"
+        )
+    if m.learn_temperature:
+        raise ValueError(
+            f"{field_name(t.loss, 'name')} {t.loss.name} cannot learn its temperature at "
+            f"{field_name(t.loss, 'rho')} 0: the loss falls as the temperature rises (its "
+            "gradient H(p_i) - log N_i <= 0), so it would grow without bound; fix it as "
+            "SogCLR does (--no-learn-temperature, --temperature 0.1), or set --rho > 0"
+        )

@@ -227,8 +227,11 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(data_dir, tmp_path)
         (["--loss", "global-infonce", "--dataset", "shapes", "--hard-batches"], "example id"),
         (["--loss", "global-infonce", "--dataset", "shapes", "--skip-duplicate-negatives"],
          "example id"),
-        (["--loss", "global-infonce", "--individual-temperature", "--intra-view"],
+        (["--loss", "global-infonce", "--individual-temperature", "--intra-view", "--rho", "1"],
          "does not combine with --intra-view"),
+        (["--loss", "global-infonce"], "cannot learn its temperature at --rho 0: the loss falls"),
+        (["--loss", "global-infonce", "--individual-temperature"],
+         "--individual-temperature needs --rho > 0"),
     ],
 )  # fmt: skip
 def test_incompatible_options_are_one_line_errors(flags, words):
@@ -265,8 +268,9 @@ def test_a_run_on_one_device_trains(data_dir, tmp_path, individual):
             "--num-devices", "1", "--steps", "2", "--checkpoint-every", "2"]  # fmt: skip
     if individual:
         args.append("--individual-temperature")
-    else:
+    else:  # SogCLR: a fixed temperature
         args = [a for a in args if a not in ("--rho", "0.1", "--temperature-lr", "0.01")]
+        args.append("--no-learn-temperature")
     records = loop.train(parse_config(args))
     assert [r["step"] for r in records if "loss" in r][-1] == 2
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
