@@ -180,7 +180,9 @@ def run_adaptive(s: StudySettings, committed: dict, record: dict[str, Any]) -> d
     for run in runs:
         row = study.run(run, factor=run.config.run.adaptive_factor)
         rows.append(row)
-    record.update(losses=list(losses), start_batch=start, max_batch=largest,
+    fixed = [{"loss": p["loss"], "target": p["target"], **_fixed(p)}
+             for p in committed["summary"] if p["loss"] in losses and p.get("geomean")]  # fmt: skip
+    record.update(losses=list(losses), start_batch=start, max_batch=largest, fixed_cells=fixed,
                   factors=list(FACTORS), every=EVERY, noise_batches=NOISE_BATCHES,
                   seeds=list(s.seeds), rows=rows,
                   summary=summarise_adaptive(rows, committed, start),
@@ -226,6 +228,13 @@ def adaptive_markdown(record: dict) -> str:
             meter = f"{e['meter_examples']:,.0f}"
         lines.append(f"| {loss_label(e['loss'])} | {e['factor']:g} | {e['target']:g} | {steps} | "
                      f"{examples} | {path} | {meter} | {fixed_s} | {fixed_e} |")  # fmt: skip
+    lines += ["", "The committed fixed batch sizes (steps and examples after the warm-up, "
+              "geometric means [90 %]):", "", "| loss | target | B | steps | examples |",
+              "|---|---:|---:|---|---|"]  # fmt: skip
+    for f in sorted(record.get("fixed_cells", []),
+                    key=lambda f: (f["loss"], f["target"], f["batch_size"])):  # fmt: skip
+        lines.append(f"| {loss_label(f['loss'])} | {f['target']:g} | {f['batch_size']} | "
+                     f"{_cell_text(f['steps'])} | {_cell_text(f['examples'])} |")  # fmt: skip
     lines += ["", "Verdicts (only where 90 % intervals separate):", ""]
     for e in record["summary"]:
         for v in e["verdicts"]:
