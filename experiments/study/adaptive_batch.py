@@ -239,7 +239,10 @@ def adaptive_markdown(record: dict) -> str:
     for e in record["summary"]:
         for v in e["verdicts"]:
             lines.append(f"- {loss_label(e['loss'])}, factor {e['factor']:g}: {v}")
-    lines.append(f"\nTotal time {record.get('call_time_s', 0) / 60:.1f} min.")
+    trained = sum(r.get("train_s") or 0 for r in record["rows"])
+    lines.append(f"\nTraining time, the runs' own (evaluations and meter included): "
+                 f"{trained / 60:.1f} min; this call {record.get('call_time_s', 0) / 60:.1f} "
+                 "min (finished runs are read back).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

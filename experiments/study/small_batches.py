@@ -527,7 +527,10 @@ def small_batches_markdown(record: dict) -> str:
                      f"{v['against']}: {v['answer']}")  # fmt: skip
     lines += ["", "**Small batch does not harm performance (Yuan et al. 2022)?** "
               + "; ".join(headline(record) or ["no comparison finished"]) + "."]  # fmt: skip
-    lines.append(f"\nTotal time {record.get('call_time_s', 0) / 60:.1f} min.")
+    trained = sum(r.get("train_s") or 0 for r in [*record["rows"], *record.get("tuning", [])])
+    lines.append(f"\nTraining time, the runs' own (evaluations and meter included): "
+                 f"{trained / 60:.1f} min; this call {record.get('call_time_s', 0) / 60:.1f} "
+                 "min (finished runs are read back).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
