@@ -110,3 +110,21 @@ def test_a_toy_study_then_the_main_job_reproduces_it(tmp_path, capsys):
                 assert st["examples"] == pytest.approx(st["geomean"] * p["batch_size"])
     assert {v["answer"] for v in small["verdicts"]} <= {"better", "worse", "not resolved"}
     assert "Small batch does not harm performance" in capsys.readouterr().out
+
+    # The adaptive-batch stage on the same toy study: from B = 32 up to 128, both factors.
+    adaptive_out = tmp_path / "adaptive"
+    argv = ["--adaptive-batch", *toy, "--rates", str(tuned / "batch_size_study.json"),
+            "--seeds", "1,2", "--out", str(adaptive_out)]  # fmt: skip
+    assert batch_size_study.main(argv) == 0
+    adaptive = json.loads((adaptive_out / "batch_size_study_adaptive.json").read_text())
+    assert adaptive["start_batch"] == 32 and adaptive["max_batch"] == 128
+    assert {(r["factor"], r["seed"]) for r in adaptive["rows"]} == {
+        (f, s) for f in (1.0, 0.125) for s in (1, 2)}  # fmt: skip
+    for r in adaptive["rows"]:
+        assert r["learning_rate"] == chosen[32]["learning_rate"]
+        sizes = [b for _, b, _ in r["batch_path"]]
+        assert sizes[0] == 32 and max(sizes) <= 128 and sizes == sorted(sizes)
+        for s, b, e in r["batch_path"]:  # every step trained at 32 .. 128 pairs
+            assert 32 * s <= e <= 128 * s and (b > 32 or e == 32 * s)
+        assert [m[0] for m in r["meter"]] == list(range(10, 10 * len(r["meter"]) + 1, 10))
+    assert "## An adaptive batch size against fixed ones" in capsys.readouterr().out
