@@ -43,7 +43,7 @@ from experiments.common.cli import shared_module
 from experiments.common.reports import loss_label
 from experiments.study import protocol as P
 from experiments.study.fitting import geometric_mean, interval, resampled_geomean
-from experiments.study.harness import Study, StudyRun
+from experiments.study.harness import Study, StudyRun, time_line
 from experiments.study.settings import StudySettings
 
 __all__ = ["LOSSES", "FACTORS", "START_BATCH", "MAX_BATCH", "EVERY", "adaptive_runs",
@@ -239,10 +239,7 @@ def adaptive_markdown(record: dict) -> str:
     for e in record["summary"]:
         for v in e["verdicts"]:
             lines.append(f"- {loss_label(e['loss'])}, factor {e['factor']:g}: {v}")
-    trained = sum(r.get("train_s") or 0 for r in record["rows"])
-    lines.append(f"\nTraining time, the runs' own (evaluations and meter included): "
-                 f"{trained / 60:.1f} min; this call {record.get('call_time_s', 0) / 60:.1f} "
-                 "min (finished runs are read back).")  # fmt: skip
+    lines.append("\n" + time_line(record["rows"], record.get("call_time_s", 0)))
     return "\n".join(lines) + "\n"
 
 

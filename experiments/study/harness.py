@@ -28,7 +28,7 @@ from contrastive.configs import ConfigError
 from experiments.common.reports import write_json
 from experiments.study.runs import StudyRun, StudyStopped, run_to_target
 
-__all__ = ["Study", "StudyRun", "StudyStopped", "loss_locks", "read_rows"]
+__all__ = ["Study", "StudyRun", "StudyStopped", "loss_locks", "read_rows", "time_line"]
 
 
 @contextlib.contextmanager
@@ -112,3 +112,12 @@ class Study:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def time_line(rows: Sequence[dict], call_time_s: float) -> str:
+    """A stage report's last line: its runs' own training time (from their logs, the same
+    whether trained now or read back) and this call's."""
+    trained = sum(r.get("train_s") or 0 for r in rows)
+    return (f"Training time, the runs' own (evaluations and meter included): "
+            f"{trained / 60:.1f} min; this call {call_time_s / 60:.1f} min (finished runs are "
+            "read back).")  # fmt: skip

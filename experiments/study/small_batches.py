@@ -82,7 +82,7 @@ from experiments.study.fitting import (
     resampled_geomean,
     small_sample_scale,
 )
-from experiments.study.harness import Study, StudyRun
+from experiments.study.harness import Study, StudyRun, time_line
 from experiments.study.settings import StudySettings
 from experiments.study.steps_to_target import cell_steps
 from experiments.study.tuning import choose, end_status, next_exponent
@@ -527,10 +527,8 @@ def small_batches_markdown(record: dict) -> str:
                      f"{v['against']}: {v['answer']}")  # fmt: skip
     lines += ["", "**Small batch does not harm performance (Yuan et al. 2022)?** "
               + "; ".join(headline(record) or ["no comparison finished"]) + "."]  # fmt: skip
-    trained = sum(r.get("train_s") or 0 for r in [*record["rows"], *record.get("tuning", [])])
-    lines.append(f"\nTraining time, the runs' own (evaluations and meter included): "
-                 f"{trained / 60:.1f} min; this call {record.get('call_time_s', 0) / 60:.1f} "
-                 "min (finished runs are read back).")  # fmt: skip
+    runs = [*record["rows"], *record.get("tuning", [])]
+    lines.append("\n" + time_line(runs, record.get("call_time_s", 0)))
     return "\n".join(lines) + "\n"
 
 
