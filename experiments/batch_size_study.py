@@ -34,9 +34,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from contrastive.configs import ConfigError
 from contrastive.loss_registry import LOSS_NAMES
 from experiments.common import run_dir
-from experiments.common.cli import command_parser, directory, int_list, name_list, path, run_main
+from experiments.common.cli import (
+    command_parser,
+    directory,
+    int_list,
+    name_list,
+    path,
+    positive_int,
+    run_main,
+)
 from experiments.common.reports import stack_record, write_json
 from experiments.study import protocol as P
 from experiments.study import report, stages
@@ -56,6 +65,7 @@ from experiments.study.steps_to_target import committed_cells, reproduce, rerun_
 
 STEM = "batch_size_study"
 COMMITTED = run_dir.RESULTS_DIR / f"{STEM}.json"
+SMALL_BATCH_FLAGS = ("--small-batch-arms", "--budget-examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--small-batches: the arms to train (processes on one --out may split "
                    "them; a last call with every arm reads their runs back and writes the "
                    "whole report)")  # fmt: skip
-    p.add_argument("--budget-examples", type=int, default=BUDGET_EXAMPLES,
+    p.add_argument("--budget-examples", type=positive_int, default=BUDGET_EXAMPLES,
                    help="--small-batches: training examples of every seed run")  # fmt: skip
     p.add_argument("--rates", default=str(COMMITTED), type=path,
                    help="the committed tuned study that the main job and --noise-scale read "
@@ -115,6 +125,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if any(a == "--stage" or a.startswith("--stage=") for a in argv):
         return stages.main(argv)
     args = build_parser().parse_args(argv)
+    for flag in SMALL_BATCH_FLAGS:  # a setting of one stage is never silently ignored
+        if not args.small_batches and any(a == flag or a.startswith(f"{flag}=") for a in argv):
+            raise ConfigError(f"{flag} is a setting of --small-batches: add it, or drop {flag}")
     s = from_flags(args, argv)
     tuning = args.tune or args.full
     stem = f"{STEM}_full" if args.full else STEM if tuning else f"{STEM}_main"

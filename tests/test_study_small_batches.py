@@ -85,7 +85,7 @@ def test_examples_in_the_module_run():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--small-batch-arms", "sogclr,nope"], "unknown arm 'nope'"),
+        (["--small-batch-arms", "sogclr,nope"], "--small-batch-arms: unknown arm 'nope'"),
         (["--budget-examples", "1000"], "--budget-examples 1000 is not a multiple of B = 64"),
         (["--batch-sizes", "64"], "--small-batches with --batch-sizes: give two or more"),
     ],
@@ -108,3 +108,29 @@ def test_a_rate_is_chosen_for_the_easier_target_only_when_none_reached_the_harde
     assert sb._chosen("queue", 64, rows, [3.0, 3.5])["exponent"] == 1
     missed = [{"exponent": k, "steps_to": {"3.0": None, "3.5": None}} for k in (0, 1)]
     assert sb._chosen("queue", 64, missed, [3.0, 3.5])["learning_rate"] is None
+
+
+def test_a_small_batches_setting_without_the_stage_is_one_line(tmp_path, capsys):
+    argv = ["--budget-examples", "4096", "--out", str(tmp_path / "out")]
+    assert batch_size_study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --budget-examples is a setting of --small-batches: add it, or drop "
+                   "--budget-examples")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arm", sb.ARMS)
+@pytest.mark.parametrize("batch_size", sb.ARM_SIZES)
+def test_every_arm_builds_a_valid_run_config(arm, batch_size):
+    # What the stage trains: the study's base config with the arm's loss and settings.
+    loss, updates = sb.arm_settings(arm, batch_size)
+    cfg = P.base_config(65536, "/tmp/features", stop_at=3.0).with_updates(
+        loss=loss, batch_size=batch_size, learning_rate=1e-3, seed=1, steps=10, **updates
+    )
+    assert cfg.train.loss.name == loss
+    if arm == "queue":
+        assert cfg.train.negative_queue == sb.QUEUE_NEGATIVES // batch_size - 1
+    if arm == "sogclr":
+        assert not cfg.model.learn_temperature and cfg.model.temperature == 0.1
+    if arm == "isogclr":
+        assert cfg.train.loss.individual_temperature and cfg.train.loss.rho == 1.0

@@ -54,7 +54,10 @@ cells that do not.
 Modules: :mod:`~experiments.study.protocol` (the constants and rules),
 :mod:`~experiments.study.harness` (a study's run directory, record, lock and runs),
 :mod:`~experiments.study.targets`, :mod:`~experiments.study.tuning`,
-:mod:`~experiments.study.fitting`, :mod:`~experiments.study.report`; the stages run at a
+:mod:`~experiments.study.fitting`, :mod:`~experiments.study.report`; the stages on the
+committed study's targets and rates, each with its own rules fixed before its runs
+(:mod:`~experiments.study.noise_scale`, :mod:`~experiments.study.small_batches`,
+:mod:`~experiments.study.adaptive_batch`); the stages run at a version-1
 study's rates (:mod:`~experiments.study.stages`: fixed budget, arms, rate edges, on the
 rates of protocol version 1; see their modules).
 """

@@ -141,7 +141,8 @@ def check_small_batches(arms: Sequence[str], sizes: Sequence[int], train_example
     if not arms:
         raise ConfigError(f"--small-batch-arms: give at least one of {', '.join(ARMS)}")
     for arm in arms:
-        arm_settings(arm, 64)
+        if arm not in ARMS:
+            raise ConfigError(f"--small-batch-arms: unknown arm {arm!r}: use {', '.join(ARMS)}")
     for b in sizes:
         if budget % b:
             raise ConfigError(f"--budget-examples {budget} is not a multiple of B = {b}")
