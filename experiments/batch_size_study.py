@@ -58,9 +58,9 @@ from experiments.study.small_batches import (
     BUDGET_EXAMPLES,
     check_small_batches,
     run_small_batches,
-    small_batches_markdown,
     stage_sizes,
 )
+from experiments.study.small_batches_report import small_batches_markdown
 from experiments.study.steps_to_target import committed_cells, reproduce, rerun_seeds, run_study
 
 STEM = "batch_size_study"

@@ -12,6 +12,7 @@ import pytest
 from experiments import batch_size_study
 from experiments.study import protocol as P
 from experiments.study import small_batches as sb
+from experiments.study.small_batches_report import headline
 
 
 def _row(arm: str, b: int, seed: int, step3: int | None, step35: int, acc: float) -> dict:
@@ -55,13 +56,13 @@ def test_verdicts_and_headline_follow_the_intervals():
     assert got[("accuracy", "infonce", "InfoNCE at B = 1024", None)] == "worse"
     assert ("steps", "queue", "InfoNCE at B = 64", 3.0) not in got  # one seed missed
     record = {"large_batch": 1024, "batch_sizes": [64], "verdicts": v}
-    (line,) = sb.headline(record)
+    (line,) = headline(record)
     assert line.startswith("reproduces at B = 64")
     # SogCLR below the large batch: the claim does not reproduce.
     worse = [r if r["arm"] != "sogclr" else {**r, "zero_shot_top1": r["zero_shot_top1"] - 0.2}
              for r in _rows()]  # fmt: skip
     v = sb.verdicts(sb.summarise_arms(worse, [3.0]), [64], 1024, [3.0])
-    (line,) = sb.headline({**record, "verdicts": v})
+    (line,) = headline({**record, "verdicts": v})
     assert line.startswith("does not reproduce at B = 64")
 
 
